@@ -1,0 +1,389 @@
+"""The HTTP layer: Bottle routes that validate requests, call the store or the hub, and
+shape replies. Every error leaves as JSON {"error": "..."} with its status code."""
+
+import datetime
+import json
+import math
+import re
+import time
+from importlib import resources
+
+import bottle
+from bottle import HTTPError, HTTPResponse, request, response
+
+from . import __version__
+from .live import sse_frame
+from .store import StoreBusy, StoreFull
+
+CHANNEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+AGENT_ID_MAX = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+LIMIT_DEFAULT = 50
+LIMIT_MAX = 1000
+STREAM_BACKLOG_PAGE = 500
+# Reads naming an agent refresh its last-seen at most this often (per worker).
+TOUCH_INTERVAL = 1.0
+
+
+def _bad_request(text):
+    return HTTPError(400, text)
+
+
+def validate_channel(channel):
+    if not CHANNEL_PATTERN.match(channel):
+        raise _bad_request(
+            "invalid channel name: use 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return channel
+
+
+def validate_agent_id(value, what):
+    if not isinstance(value, str):
+        raise _bad_request(f"{what} must be a string")
+    if not value or len(value) > AGENT_ID_MAX or _CONTROL.search(value):
+        raise _bad_request(f"{what} must be 1 to {AGENT_ID_MAX} characters, without control characters")
+    _require_unicode(value, what)
+    return value
+
+
+def _require_unicode(value, what):
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad_request(f"{what} is not valid Unicode (lone surrogate)") from None
+
+
+def _int_param(name, low, high=None):
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        raise _bad_request(f"{name} must be a whole number {bound}")
+    return value
+
+
+def parse_timestamp(raw, name="since"):
+    """Unix seconds as a number, or an ISO 8601 time (naive means UTC, as the seed's were)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            moment = datetime.datetime.fromisoformat(raw.strip())
+        except ValueError:
+            raise _bad_request(f"{name} must be unix seconds (e.g. 1732406400.5) or an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        return moment.timestamp()
+    if not math.isfinite(value) or value < 0:
+        raise _bad_request(f"{name} must be a finite number of 0 or more")
+    return value
+
+
+def _wait_param(max_wait):
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise _bad_request("wait must be a number of seconds, 0 or more")
+    return min(value, max_wait)
+
+
+def read_json_body(max_body):
+    """The request body parsed as JSON, within the size limit."""
+    length = request.content_length
+    if length > max_body:
+        raise HTTPError(413, f"request body is over the limit of {max_body} bytes")
+    stream = request.environ["wsgi.input"]
+    raw = stream.read(length) if length >= 0 else stream.read(max_body + 1)
+    if len(raw) > max_body:
+        raise HTTPError(413, f"request body is over the limit of {max_body} bytes")
+    if not raw.strip():
+        raise _bad_request('request body is empty: send JSON {"sender": "...", "message": "..."}')
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise _bad_request(f"request body is not valid JSON: {error}") from None
+
+
+def validate_post(item, where=""):
+    if not isinstance(item, dict):
+        raise _bad_request(f'{where}must be a JSON object {{"sender": "...", "message": "..."}}')
+    if "sender" not in item:
+        raise _bad_request(f"{where}missing field: sender")
+    if "message" not in item:
+        raise _bad_request(f"{where}missing field: message")
+    sender = validate_agent_id(item["sender"], f"{where}sender")
+    text = item["message"]
+    if not isinstance(text, str):
+        raise _bad_request(f"{where}message must be a string")
+    if not text:
+        raise _bad_request(f"{where}message must not be empty")
+    _require_unicode(text, f"{where}message")
+    return sender, text
+
+
+def _json_error(res):
+    """Bottle's default error page, as JSON; never a traceback."""
+    response.content_type = "application/json"
+    if res.status_code >= 500 and res.status_code not in (503, 507):
+        body = "internal server error"
+    else:
+        body = res.body if isinstance(res.body, str) and res.body else res.status_line[4:].lower()
+    if res.status_code == 404 and body.startswith("Not found:"):
+        body = f"no such route: {request.method} {request.path}"
+    elif res.status_code == 405:
+        body = f"method {request.method} is not allowed on {request.path}; allowed: {res.headers.get('Allow', '')}"
+    return json.dumps({"error": body})
+
+
+class StoreErrorsPlugin:
+    """Turns the store's refusals into JSON answers a client can act on."""
+
+    name = "store_errors"
+    api = 2
+
+    def apply(self, callback, route):
+        def wrapper(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except StoreFull:
+                raise HTTPError(507, "the broker's disk is full: message not stored; retry later") from None
+            except StoreBusy:
+                raise HTTPError(
+                    503, "the database is busy: message not stored; retry later", **{"Retry-After": "1"}
+                ) from None
+
+        return wrapper
+
+
+def _message_page(channel, page):
+    messages = [message.as_dict() for message in page.messages]
+    return {
+        "channel": channel,
+        "messages": messages,
+        "count": len(messages),
+        "cursor": page.cursor,
+        "gap": page.gap,
+        "more": page.more,
+    }
+
+
+def create_app(settings, runtime):
+    """The Bottle app. `runtime` gives this process's store, hub and committer."""
+    app = bottle.Bottle(autojson=True)
+    app.default_error_handler = _json_error
+    app.install(StoreErrorsPlugin())
+    started = time.time()
+    last_touch = {}
+
+    def touch_reader():
+        agent = request.headers.get("X-Agent-ID")
+        if agent is None:
+            return
+        validate_agent_id(agent, "X-Agent-ID header")
+        now = time.time()
+        if now - last_touch.get(agent, 0) >= TOUCH_INTERVAL:
+            runtime().store.touch_agent(agent, now)
+            last_touch[agent] = now
+            if len(last_touch) > 10000:
+                last_touch.clear()
+
+    @app.get("/healthz")
+    def healthz():
+        try:
+            ok = runtime().store.healthy()
+        except Exception as error:  # the answer for any failure is 503, with its cause
+            return HTTPResponse(json.dumps({"error": f"database check failed: {error}"}), 503,
+                                content_type="application/json")
+        if not ok:
+            return HTTPResponse(json.dumps({"error": "database schema is not this broker's"}), 503,
+                                content_type="application/json")
+        return {"status": "ok"}
+
+    @app.get("/status")
+    def status():
+        touch_reader()
+        store = runtime().store
+        now = time.time()
+        messages, channels, agents, active = store.totals(now - settings.active_window)
+        return {
+            "status": "running",
+            "timestamp": datetime.datetime.now().isoformat(),
+            "version": __version__,
+            "uptime": round(now - started, 3),
+            "messages": messages,
+            "channels": channels,
+            "agents": agents,
+            "active_agents": active,
+            "database_size": store.size_bytes(),
+        }
+
+    @app.get("/channels")
+    def channels():
+        touch_reader()
+        rows = runtime().store.channels()
+        listing = [{"name": name, "message_count": count, "last_activity": last} for name, count, last in rows]
+        return {"channels": listing, "count": len(listing)}
+
+    @app.get("/agents")
+    def agents():
+        touch_reader()
+        active_since = time.time() - settings.active_window
+        listing = [
+            {
+                "id": agent_id,
+                "first_seen": first,
+                "last_seen": last,
+                "message_count": sent,
+                "active": last >= active_since,
+                "status": "online" if last >= active_since else "offline",
+            }
+            for agent_id, first, last, sent in runtime().store.agents()
+        ]
+        return {"agents": listing, "count": len(listing)}
+
+    @app.post("/messages/<channel>")
+    def post_messages(channel):
+        validate_channel(channel)
+        body = read_json_body(settings.max_body)
+        if isinstance(body, list):
+            if not body:
+                raise _bad_request("a batch must hold at least one message")
+            if len(body) > settings.max_batch:
+                raise HTTPError(413, f"a batch holds at most {settings.max_batch} messages")
+            entries = [(channel, *validate_post(item, f"item {i}: ")) for i, item in enumerate(body)]
+        else:
+            entries = [(channel, *validate_post(body))]
+        stored = runtime().committer.append(entries)
+        response.status = 201
+        if isinstance(body, list):
+            return {"status": "success", "messages": [m.as_dict() for m in stored], "count": len(stored)}
+        return {"status": "success", **stored[0].as_dict()}
+
+    @app.get("/messages/<channel>")
+    def get_messages(channel):
+        validate_channel(channel)
+        limit = _int_param("limit", 1, LIMIT_MAX) or LIMIT_DEFAULT
+        after = _int_param("after", 0)
+        since_raw = request.query.get("since")
+        since = parse_timestamp(since_raw) if since_raw is not None else None
+        if after is not None and since is not None:
+            raise _bad_request("give either after or since, not both")
+        wait = _wait_param(settings.max_wait)
+        if wait and after is None and since is None:
+            raise _bad_request("wait needs a cursor: after=ID (take it from a previous reply's cursor)")
+        touch_reader()
+        store = runtime().store
+        if after is not None:
+            def read():
+                return store.after_id(channel, after, limit)
+        elif since is not None:
+            def read():
+                return store.after_time(channel, since, limit)
+        else:
+            return _message_page(channel, store.latest(channel, limit))
+        page = read()
+        if page.messages or not wait:
+            return _message_page(channel, page)
+        hub = runtime().hub
+        watcher = hub.watch(channel)
+        try:
+            page = read()
+            deadline = time.monotonic() + wait
+            while not page.messages and not watcher.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not watcher.event.wait(remaining):
+                    break
+                watcher.take()
+                page = read()
+        finally:
+            hub.unwatch(watcher)
+        return _message_page(channel, page)
+
+    def open_stream(channel):
+        """A text/event-stream of a channel (or of all): backlog after the cursor, then live."""
+        raw = request.headers.get("Last-Event-ID") or request.query.get("after")
+        store = runtime().store
+        if raw is not None:
+            try:
+                cursor = int(raw)
+                if cursor < 0:
+                    raise ValueError
+            except ValueError:
+                raise _bad_request("Last-Event-ID / after must be a message id (a whole number)") from None
+            resumed = True
+        else:
+            cursor = store.max_id()
+            resumed = False
+        touch_reader()
+        hub = runtime().hub
+        response.content_type = "text/event-stream"
+        response.set_header("Cache-Control", "no-cache")
+        response.set_header("X-Accel-Buffering", "no")
+
+        def read_after(position):
+            if channel is None:
+                return store.all_after_id(position, STREAM_BACKLOG_PAGE)
+            return store.after_id(channel, position, STREAM_BACKLOG_PAGE).messages
+
+        def events():
+            nonlocal cursor
+            watcher = hub.watch(channel)
+            try:
+                yield b"retry: 2000\n\n"
+                if resumed and store.pruned_after(cursor, channel):
+                    yield f'event: gap\ndata: {{"cursor": {cursor}}}\n\n'.encode()
+                while True:
+                    # Catch up from the store: on connect, and whenever this stream fell behind.
+                    while True:
+                        messages = read_after(cursor)
+                        if messages:
+                            yield b"".join(sse_frame(message) for message in messages)
+                            cursor = messages[-1].id
+                        if len(messages) < STREAM_BACKLOG_PAGE:
+                            break
+                    while not watcher.closed:
+                        if not watcher.event.wait(settings.keepalive):
+                            yield b": keep-alive\n\n"
+                            continue
+                        items, overflowed = watcher.take()
+                        if overflowed:
+                            break
+                        fresh = [frame for message, frame in items if message.id > cursor]
+                        if fresh:
+                            cursor = items[-1][0].id
+                            yield b"".join(fresh)
+                    if watcher.closed:
+                        return
+            finally:
+                hub.unwatch(watcher)
+
+        return events()
+
+    @app.get("/stream")
+    def stream_all():
+        return open_stream(None)
+
+    @app.get("/stream/<channel>")
+    def stream_channel(channel):
+        return open_stream(validate_channel(channel))
+
+    @app.get("/openapi.json")
+    def openapi():
+        response.content_type = "application/json"
+        return OPENAPI_DOCUMENT
+
+    return app
+
+
+OPENAPI_DOCUMENT = resources.files(__package__).joinpath("openapi.json").read_bytes()

@@ -1,0 +1,39 @@
+"""gunicorn settings shared by every way of running the broker: `agent-comms-broker serve`
+(make run), Docker and systemd all start gunicorn with this file. Values come from the
+AGENT_COMMS_* environment (see config.py); gunicorn's own flags still override them."""
+
+from agent_comms_broker import preflight
+from agent_comms_broker.config import ConfigError, Settings
+
+try:
+    _settings = Settings.from_env()
+except ConfigError as error:
+    raise SystemExit(f"agent-comms-broker: {error}") from None
+
+wsgi_app = "agent_comms_broker.wsgi:app"
+bind = [_settings.bind]
+workers = _settings.workers
+# gevent: every SSE stream and long-poll is a greenlet of a few KiB, not a thread, so a
+# worker holds thousands of idle watchers while it keeps serving posts.
+worker_class = "gevent"
+worker_connections = _settings.worker_connections
+timeout = 30
+graceful_timeout = int(_settings.graceful_timeout)
+keepalive = 15
+proc_name = "agent-comms-broker"
+loglevel = _settings.log_level
+errorlog = "-"
+accesslog = _settings.access_log or None
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms agent=%({x-agent-id}i)s'
+
+
+def on_starting(server):
+    """In the master, before any socket or worker: one clear line instead of a traceback."""
+    preflight.check(_settings.db, server.cfg.bind)
+
+
+def post_worker_init(worker):
+    """Streams and long-polls end as soon as this worker is told to stop."""
+    from agent_comms_broker.wsgi import runtime
+
+    runtime.alive = lambda: worker.alive

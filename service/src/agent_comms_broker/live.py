@@ -1,0 +1,210 @@
+"""Live delivery inside one gunicorn worker: group commit, the watcher hub, retention.
+
+Every worker runs one hub greenlet. It learns of new commits two ways: at once when
+this worker commits, and, for commits by the other workers, by asking SQLite's
+`PRAGMA data_version` every `wakeup_interval` (a read of a counter in shared memory; it
+changes whenever another connection commits). On a change it reads the new rows once
+and hands them to every watcher of their channel, so N watchers cost one query.
+"""
+
+import collections
+import json
+import logging
+import random
+
+import gevent
+from gevent.event import AsyncResult, Event
+
+log = logging.getLogger("agent_comms_broker.live")
+
+# A watcher that falls this far behind stops queueing and re-reads from the store.
+WATCHER_QUEUE_LIMIT = 1000
+HUB_READ_BATCH = 1000
+# Posts merged into one transaction at most.
+GROUP_COMMIT_LIMIT = 1000
+
+
+def sse_frame(message):
+    """The Server-Sent Events frame of one message; event id = message id."""
+    data = json.dumps(message.as_dict(), ensure_ascii=False, separators=(",", ":"))
+    return f"id: {message.id}\ndata: {data}\n\n".encode()
+
+
+class Watcher:
+    """One SSE stream or long-poll: the messages delivered to it and a wake-up event."""
+
+    __slots__ = ("channel", "pending", "event", "overflowed", "closed")
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.pending = collections.deque()
+        self.event = Event()
+        self.overflowed = False
+        self.closed = False
+
+    def deliver(self, message, frame):
+        if not self.overflowed:
+            if len(self.pending) >= WATCHER_QUEUE_LIMIT:
+                self.overflowed = True
+                self.pending.clear()
+            else:
+                self.pending.append((message, frame))
+        self.event.set()
+
+    def take(self):
+        """What has arrived since the last take, and whether some of it was dropped."""
+        items = list(self.pending)
+        self.pending.clear()
+        overflowed, self.overflowed = self.overflowed, False
+        self.event.clear()
+        return items, overflowed
+
+    def close(self):
+        self.closed = True
+        self.event.set()
+
+
+class Hub:
+    def __init__(self, store, wakeup_interval, alive=lambda: True):
+        self.store = store
+        self.wakeup_interval = wakeup_interval
+        self.alive = alive
+        self.by_channel = collections.defaultdict(set)
+        self.everything = set()
+        self.last_id = store.max_id()
+        self.data_version = store.data_version()
+        self._kick = Event()
+        self._greenlet = gevent.spawn(self._run)
+
+    def watch(self, channel=None):
+        """A new Watcher of one channel (None: of every channel)."""
+        watcher = Watcher(channel)
+        if not self.alive():
+            watcher.close()
+        elif channel is None:
+            self.everything.add(watcher)
+        else:
+            self.by_channel[channel].add(watcher)
+        return watcher
+
+    def unwatch(self, watcher):
+        if watcher.channel is None:
+            self.everything.discard(watcher)
+            return
+        watchers = self.by_channel.get(watcher.channel)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self.by_channel[watcher.channel]
+
+    def watcher_count(self):
+        return len(self.everything) + sum(len(group) for group in self.by_channel.values())
+
+    def committed(self):
+        """This worker committed: deliver without waiting for the next poll."""
+        self._kick.set()
+
+    def _run(self):
+        while self.alive():
+            self._kick.wait(self.wakeup_interval)
+            kicked = self._kick.is_set()
+            self._kick.clear()
+            try:
+                version = self.store.data_version()
+                if kicked or version != self.data_version:
+                    self.data_version = version
+                    self._deliver_new()
+            except Exception:  # keep delivering after a transient database error
+                log.exception("live delivery failed; retrying")
+                gevent.sleep(1)
+        self._close_all()
+
+    def _deliver_new(self):
+        if not self.everything and not self.by_channel:
+            self.last_id = self.store.max_id()
+            return
+        while True:
+            messages = self.store.all_after_id(self.last_id, HUB_READ_BATCH)
+            for message in messages:
+                targets = self.by_channel.get(message.channel)
+                if not targets and not self.everything:
+                    continue
+                frame = sse_frame(message)
+                for watcher in targets or ():
+                    watcher.deliver(message, frame)
+                for watcher in self.everything:
+                    watcher.deliver(message, frame)
+            if messages:
+                self.last_id = messages[-1].id
+            if len(messages) < HUB_READ_BATCH:
+                return
+
+    def _close_all(self):
+        """The worker is stopping: end every stream so clients reconnect elsewhere."""
+        for watcher in list(self.everything):
+            watcher.close()
+        for watchers in list(self.by_channel.values()):
+            for watcher in list(watchers):
+                watcher.close()
+
+
+class GroupCommitter:
+    """Merges the posts that arrive while one transaction runs into the next one, so
+    many posts share one commit (and one fsync) without any post waiting on a timer."""
+
+    def __init__(self, store, on_commit):
+        self.store = store
+        self.on_commit = on_commit
+        self._queue = collections.deque()
+        self._ready = Event()
+        self._greenlet = gevent.spawn(self._run)
+
+    def append(self, entries):
+        """Store entries; returns their Messages once committed, or raises the error."""
+        result = AsyncResult()
+        self._queue.append((entries, result))
+        self._ready.set()
+        return result.get()
+
+    def _run(self):
+        while True:
+            self._ready.wait()
+            self._ready.clear()
+            while self._queue:
+                group, size = [], 0
+                while self._queue and (not group or size + len(self._queue[0][0]) <= GROUP_COMMIT_LIMIT):
+                    entries, result = self._queue.popleft()
+                    group.append((entries, result))
+                    size += len(entries)
+                self._commit(group)
+
+    def _commit(self, group):
+        try:
+            stored = self.store.append([entry for entries, _ in group for entry in entries])
+        except BaseException as error:
+            for _, result in group:
+                result.set_exception(error)
+            return
+        self.on_commit()
+        start = 0
+        for entries, result in group:
+            result.set(stored[start:start + len(entries)])
+            start += len(entries)
+
+
+def run_retention(store, settings, alive=lambda: True):
+    """Prune in the background, forever; each worker does it, at jittered times."""
+    if settings.retention_max_age <= 0 and settings.retention_max_messages <= 0:
+        return None
+
+    def loop():
+        while alive():
+            gevent.sleep(settings.prune_interval * random.uniform(0.5, 1.0))
+            try:
+                removed = store.prune(settings.retention_max_age, settings.retention_max_messages)
+                if removed:
+                    log.info("retention removed %d messages", removed)
+            except Exception:
+                log.exception("retention failed; will retry")
+
+    return gevent.spawn(loop)

@@ -1,0 +1,58 @@
+"""Checks the master runs before gunicorn binds or forks: the database opens (and is
+migrated, once, here rather than in racing workers) and every address is free."""
+
+import errno
+import os
+import socket
+import sqlite3
+import sys
+
+from .store import Store
+
+
+def fail(text):
+    print(f"agent-comms-broker: {text}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def check(db_path, binds):
+    check_database(db_path)
+    if not os.environ.get("LISTEN_FDS"):  # systemd socket activation hands us the sockets
+        for address in binds:
+            check_address(address)
+
+
+def check_database(db_path):
+    directory = os.path.dirname(os.path.abspath(db_path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create the database directory {directory}: {error.strerror}")
+    try:
+        store = Store(db_path)
+        store.close()
+    except (sqlite3.Error, OSError) as error:
+        fail(f"cannot open the database {db_path}: {error} (is it writable by this user?)")
+    except RuntimeError as error:
+        fail(f"cannot use the database {db_path}: {error}")
+
+
+def check_address(address):
+    if address.startswith(("unix:", "fd://")):
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        port_number = int(port)
+    except ValueError:
+        fail(f"cannot listen on {address}: the port must be a number (HOST:PORT)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port_number))
+    except OSError as error:
+        reason = "address already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+        fail(f"cannot listen on {address}: {reason}")
+    finally:
+        probe.close()

@@ -1,0 +1,468 @@
+"""The message store: SQLite schema, migrations and every SQL statement of the broker.
+
+Ids come from AUTOINCREMENT under SQLite's single write lock, so they rise strictly in
+commit order. Timestamps are assigned inside the same write transaction and also rise
+strictly (each at least 1 microsecond after the last), so `since=` can never skip a
+later commit. One Store is one connection: use it from one thread (or one gevent hub).
+"""
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+# The schema as it stands after every migration.
+CREATE_MESSAGES = """
+CREATE TABLE messages (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel   TEXT NOT NULL,
+    sender    TEXT NOT NULL,
+    message   TEXT NOT NULL,
+    timestamp REAL NOT NULL
+)"""
+CREATE_MESSAGES_BY_CHANNEL = "CREATE INDEX messages_by_channel ON messages (channel, id)"
+CREATE_MESSAGES_BY_TIME = "CREATE INDEX messages_by_channel_time ON messages (channel, timestamp)"
+# pruned_id / pruned_timestamp: the newest message retention removed, for the gap flag.
+CREATE_CHANNELS = """
+CREATE TABLE channels (
+    name             TEXT PRIMARY KEY,
+    message_count    INTEGER NOT NULL DEFAULT 0,
+    last_activity    REAL,
+    pruned_id        INTEGER NOT NULL DEFAULT 0,
+    pruned_timestamp REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID"""
+CREATE_AGENTS = """
+CREATE TABLE agents (
+    id            TEXT PRIMARY KEY,
+    first_seen    REAL NOT NULL,
+    last_seen     REAL NOT NULL,
+    message_count INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID"""
+
+# The seed's broker.py kept DATETIME text ('YYYY-MM-DD HH:MM:SS', UTC) and a read_by column.
+ADOPT_SEED_MESSAGES = """
+INSERT INTO messages (id, channel, sender, message, timestamp)
+SELECT id, channel, sender, message,
+       CASE WHEN typeof(timestamp) IN ('integer', 'real') THEN timestamp
+            ELSE coalesce((julianday(timestamp) - 2440587.5) * 86400.0, 0) END
+FROM seed_messages ORDER BY id"""
+ADOPT_SEED_AGENTS = """
+INSERT INTO agents (id, first_seen, last_seen, message_count)
+SELECT a.id,
+       min(coalesce(m.first, a.seen), a.seen),
+       max(coalesce(m.last, a.seen), a.seen),
+       coalesce(m.n, 0)
+FROM (SELECT id, coalesce((julianday(last_seen) - 2440587.5) * 86400.0, 0) AS seen
+      FROM seed_agents) AS a
+LEFT JOIN (SELECT sender, min(timestamp) AS first, max(timestamp) AS last, count(*) AS n
+           FROM messages GROUP BY sender) AS m ON m.sender = a.id"""
+ADD_AGENTS_ONLY_IN_MESSAGES = """
+INSERT OR IGNORE INTO agents (id, first_seen, last_seen, message_count)
+SELECT sender, min(timestamp), max(timestamp), count(*) FROM messages GROUP BY sender"""
+COUNT_CHANNELS = """
+INSERT INTO channels (name, message_count, last_activity)
+SELECT channel, count(*), max(timestamp) FROM messages GROUP BY channel"""
+
+LAST_TIMESTAMP = "SELECT timestamp FROM messages ORDER BY id DESC LIMIT 1"
+MAX_ID = "SELECT coalesce(max(id), 0) FROM messages"
+INSERT_MESSAGE = "INSERT INTO messages (channel, sender, message, timestamp) VALUES (?, ?, ?, ?)"
+UPSERT_CHANNEL = """
+INSERT INTO channels (name, message_count, last_activity) VALUES (?, ?, ?)
+ON CONFLICT (name) DO UPDATE SET
+    message_count = message_count + excluded.message_count,
+    last_activity = excluded.last_activity"""
+UPSERT_AGENT_SENT = """
+INSERT INTO agents (id, first_seen, last_seen, message_count) VALUES (?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    last_seen = max(last_seen, excluded.last_seen),
+    message_count = message_count + excluded.message_count"""
+UPSERT_AGENT_SEEN = """
+INSERT INTO agents (id, first_seen, last_seen) VALUES (?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)"""
+
+MESSAGE_COLUMNS = "id, channel, sender, message, timestamp"
+SELECT_LATEST = f"""
+SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? ORDER BY id DESC LIMIT ?"""
+SELECT_AFTER_ID = f"""
+SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND id > ? ORDER BY id LIMIT ?"""
+SELECT_AFTER_TIME = f"""
+SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND timestamp > ?
+ORDER BY timestamp, id LIMIT ?"""
+# Rows sharing the page's last timestamp, so a page never splits such a group.
+SELECT_SAME_TIME = f"""
+SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND timestamp = ? AND id > ?
+ORDER BY id"""
+SELECT_ALL_AFTER_ID = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?"
+SELECT_CHANNEL_PRUNED = "SELECT pruned_id, pruned_timestamp FROM channels WHERE name = ?"
+SELECT_MAX_PRUNED_ID = "SELECT coalesce(max(pruned_id), 0) FROM channels"
+SELECT_CHANNEL_LAST_ID = "SELECT coalesce(max(id), 0) FROM messages WHERE channel = ?"
+
+SELECT_CHANNELS = """
+SELECT name, message_count, last_activity FROM channels
+WHERE message_count > 0 ORDER BY name"""
+SELECT_AGENTS = """
+SELECT id, first_seen, last_seen, message_count FROM agents ORDER BY last_seen DESC, id"""
+SELECT_TOTALS = """
+SELECT (SELECT coalesce(sum(message_count), 0) FROM channels),
+       (SELECT count(*) FROM channels WHERE message_count > 0),
+       (SELECT count(*) FROM agents),
+       (SELECT count(*) FROM agents WHERE last_seen >= ?)"""
+
+# Retention, oldest first, a bounded batch per transaction so writers never wait long.
+SELECT_EXPIRED = """
+SELECT channel, count(*), max(id), max(timestamp) FROM
+    (SELECT id, channel, timestamp FROM messages WHERE timestamp < ? ORDER BY id LIMIT ?)
+GROUP BY channel"""
+DELETE_EXPIRED = """
+DELETE FROM messages WHERE id IN
+    (SELECT id FROM messages WHERE timestamp < ? ORDER BY id LIMIT ?)"""
+SELECT_OVERFULL_CHANNELS = "SELECT name, message_count FROM channels WHERE message_count > ?"
+SELECT_NTH_NEWEST_ID = "SELECT id FROM messages WHERE channel = ? ORDER BY id DESC LIMIT 1 OFFSET ?"
+SELECT_EXCESS = """
+SELECT count(*), max(id), max(timestamp) FROM
+    (SELECT id, timestamp FROM messages WHERE channel = ? AND id <= ? ORDER BY id LIMIT ?)"""
+DELETE_EXCESS = """
+DELETE FROM messages WHERE id IN
+    (SELECT id FROM messages WHERE channel = ? AND id <= ? ORDER BY id LIMIT ?)"""
+RECORD_PRUNED = """
+UPDATE channels SET message_count = message_count - ?,
+    pruned_id = max(pruned_id, ?), pruned_timestamp = max(pruned_timestamp, ?)
+WHERE name = ?"""
+
+# Strictly rising timestamps: the next is at least this far after the last.
+TIMESTAMP_STEP = 1e-6
+PRUNE_BATCH = 2000
+
+
+class StoreBusy(Exception):
+    """The database stayed locked by other writers past the deadline."""
+
+
+class StoreFull(Exception):
+    """The disk or filesystem holding the database is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    channel: str
+    sender: str
+    message: str
+    timestamp: float
+
+    def as_dict(self):
+        return {
+            "id": self.id,
+            "channel": self.channel,
+            "sender": self.sender,
+            "message": self.message,
+            "timestamp": self.timestamp,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One read of a channel: messages oldest first, the cursor to continue from, and
+    whether retention removed messages the caller's cursor had not seen yet."""
+
+    messages: list
+    cursor: int
+    gap: bool
+    more: bool
+
+
+def _is_locked(error):
+    text = str(error)
+    return "locked" in text or "busy" in text
+
+
+def _is_full(error):
+    return "full" in str(error) or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+class Store:
+    def __init__(self, path, synchronous="FULL", busy_deadline=10.0, sleep=time.sleep):
+        self.path = path
+        self.busy_deadline = busy_deadline
+        # Waiting for the write lock sleeps through `sleep` (cooperative under gevent),
+        # not through SQLite's busy handler, which would block the whole worker.
+        self._sleep = sleep
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout = 0")
+        self._retry(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
+        self._db.execute(f"PRAGMA synchronous = {synchronous}")
+        self._retry(self._migrate)
+
+    def close(self):
+        self._db.close()
+
+    # -- transactions -------------------------------------------------------------------
+
+    def _retry(self, work):
+        """Run work (a whole transaction) until SQLite stops answering 'locked'."""
+        deadline = time.monotonic() + self.busy_deadline
+        pause = 0.0005
+        while True:
+            try:
+                return work()
+            except sqlite3.OperationalError as error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if _is_full(error):
+                    raise StoreFull(str(error)) from error
+                if not _is_locked(error) or time.monotonic() > deadline:
+                    if _is_locked(error):
+                        raise StoreBusy(str(error)) from error
+                    raise
+                self._sleep(pause)
+                pause = min(pause * 2, 0.02)
+
+    def _write(self, work):
+        def transaction():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._db)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            return result
+
+        return self._retry(transaction)
+
+    def _read(self, work):
+        """Several statements over one snapshot of the database."""
+
+        def transaction():
+            self._db.execute("BEGIN")
+            try:
+                return work(self._db)
+            finally:
+                self._db.execute("COMMIT")
+
+        return self._retry(transaction)
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _migrate(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"database schema {version} is newer than this broker's ({SCHEMA_VERSION})"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                MIGRATIONS[step](self._db)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def schema_version(self):
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def append(self, entries, now=None):
+        """Store (channel, sender, message) tuples in one transaction; returns Messages."""
+
+        def work(db):
+            clock = time.time() if now is None else now
+            row = db.execute(LAST_TIMESTAMP).fetchone()
+            stamp = clock if row is None else max(clock, row[0] + TIMESTAMP_STEP)
+            stored, per_channel, per_agent = [], {}, {}
+            for channel, sender, text in entries:
+                cursor = db.execute(INSERT_MESSAGE, (channel, sender, text, stamp))
+                stored.append(Message(cursor.lastrowid, channel, sender, text, stamp))
+                per_channel[channel] = (per_channel.get(channel, (0,))[0] + 1, stamp)
+                per_agent[sender] = (per_agent.get(sender, (0,))[0] + 1, stamp)
+                stamp += TIMESTAMP_STEP
+            for channel, (added, last) in per_channel.items():
+                db.execute(UPSERT_CHANNEL, (channel, added, last))
+            for sender, (sent, last) in per_agent.items():
+                db.execute(UPSERT_AGENT_SENT, (sender, last, last, sent))
+            return stored
+
+        return self._write(work)
+
+    def touch_agent(self, agent_id, now=None):
+        """Record that an agent was seen (it read, or watched)."""
+        seen = time.time() if now is None else now
+        self._write(lambda db: db.execute(UPSERT_AGENT_SEEN, (agent_id, seen, seen)))
+
+    def prune(self, max_age=0.0, max_messages=0, now=None):
+        """Remove what retention no longer keeps; returns how many messages went."""
+        removed = 0
+        if max_age > 0:
+            cutoff = (time.time() if now is None else now) - max_age
+            while True:
+                gone = self._write(lambda db: self._prune_expired(db, cutoff))
+                removed += gone
+                if gone < PRUNE_BATCH:
+                    break
+        if max_messages > 0:
+            overfull = self._read(lambda db: db.execute(SELECT_OVERFULL_CHANNELS, (max_messages,)).fetchall())
+            for channel, _ in overfull:
+                while True:
+                    gone = self._write(lambda db, ch=channel: self._prune_excess(db, ch, max_messages))
+                    removed += gone
+                    if gone < PRUNE_BATCH:
+                        break
+        return removed
+
+    @staticmethod
+    def _prune_expired(db, cutoff):
+        groups = db.execute(SELECT_EXPIRED, (cutoff, PRUNE_BATCH)).fetchall()
+        if not groups:
+            return 0
+        db.execute(DELETE_EXPIRED, (cutoff, PRUNE_BATCH))
+        for channel, gone, last_id, last_stamp in groups:
+            db.execute(RECORD_PRUNED, (gone, last_id, last_stamp, channel))
+        return sum(group[1] for group in groups)
+
+    @staticmethod
+    def _prune_excess(db, channel, keep):
+        row = db.execute(SELECT_NTH_NEWEST_ID, (channel, keep)).fetchone()
+        if row is None:
+            return 0
+        gone, last_id, last_stamp = db.execute(SELECT_EXCESS, (channel, row[0], PRUNE_BATCH)).fetchone()
+        if not gone:
+            return 0
+        db.execute(DELETE_EXCESS, (channel, row[0], PRUNE_BATCH))
+        db.execute(RECORD_PRUNED, (gone, last_id, last_stamp, channel))
+        return gone
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def latest(self, channel, limit):
+        """The newest `limit` messages of a channel, oldest first."""
+
+        def work(db):
+            rows = db.execute(SELECT_LATEST, (channel, limit)).fetchall()
+            rows.reverse()
+            cursor = rows[-1][0] if rows else db.execute(MAX_ID).fetchone()[0]
+            return Page([Message(*row) for row in rows], cursor, False, False)
+
+        return self._read(work)
+
+    def after_id(self, channel, after, limit):
+        """Messages of a channel with id > after, oldest first."""
+
+        def work(db):
+            rows = db.execute(SELECT_AFTER_ID, (channel, after, limit + 1)).fetchall()
+            more = len(rows) > limit
+            del rows[limit:]
+            pruned = db.execute(SELECT_CHANNEL_PRUNED, (channel,)).fetchone()
+            gap = pruned is not None and pruned[0] > after
+            cursor = rows[-1][0] if rows else after
+            return Page([Message(*row) for row in rows], cursor, gap, more)
+
+        return self._read(work)
+
+    def after_time(self, channel, since, limit):
+        """Messages of a channel with timestamp > since, oldest first. A page is extended
+        past `limit` rather than split between messages sharing one timestamp (possible
+        only in data adopted from the seed, whose timestamps had one-second resolution)."""
+
+        def work(db):
+            rows = db.execute(SELECT_AFTER_TIME, (channel, since, limit + 1)).fetchall()
+            more = len(rows) > limit
+            del rows[limit:]
+            if more:
+                last = rows[-1]
+                rows += db.execute(SELECT_SAME_TIME, (channel, last[4], last[0])).fetchall()
+                more = db.execute(SELECT_AFTER_TIME, (channel, rows[-1][4], 1)).fetchone() is not None
+            pruned = db.execute(SELECT_CHANNEL_PRUNED, (channel,)).fetchone()
+            gap = pruned is not None and pruned[1] > since
+            if rows:
+                cursor = rows[-1][0]
+            else:
+                # Nothing newer than `since`: continue from the channel's newest message.
+                cursor = db.execute(SELECT_CHANNEL_LAST_ID, (channel,)).fetchone()[0]
+            return Page([Message(*row) for row in rows], cursor, gap, more)
+
+        return self._read(work)
+
+    def all_after_id(self, after, limit):
+        """Messages of every channel with id > after, oldest first."""
+        rows = self._read(lambda db: db.execute(SELECT_ALL_AFTER_ID, (after, limit)).fetchall())
+        return [Message(*row) for row in rows]
+
+    def pruned_after(self, after, channel=None):
+        """Whether retention removed any message with id > after (in one channel, or any)."""
+        if channel is None:
+            return self._read(lambda db: db.execute(SELECT_MAX_PRUNED_ID).fetchone()[0]) > after
+        row = self._read(lambda db: db.execute(SELECT_CHANNEL_PRUNED, (channel,)).fetchone())
+        return row is not None and row[0] > after
+
+    def max_id(self):
+        return self._read(lambda db: db.execute(MAX_ID).fetchone()[0])
+
+    def channel_last_id(self, channel):
+        return self._read(lambda db: db.execute(SELECT_CHANNEL_LAST_ID, (channel,)).fetchone()[0])
+
+    def data_version(self):
+        """Changes whenever another connection (another worker) commits."""
+        return self._retry(lambda: self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def channels(self):
+        return self._read(lambda db: db.execute(SELECT_CHANNELS).fetchall())
+
+    def agents(self):
+        return self._read(lambda db: db.execute(SELECT_AGENTS).fetchall())
+
+    def totals(self, active_since):
+        """(messages, channels, agents, active agents)."""
+        return self._read(lambda db: db.execute(SELECT_TOTALS, (active_since,)).fetchone())
+
+    def size_bytes(self):
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
+
+    def healthy(self):
+        """A cheap check that the database answers and its schema is ours."""
+        return self._read(lambda db: db.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
+
+
+def _create_schema(db):
+    for statement in (CREATE_MESSAGES, CREATE_MESSAGES_BY_CHANNEL, CREATE_MESSAGES_BY_TIME,
+                      CREATE_CHANNELS, CREATE_AGENTS):
+        db.execute(statement)
+
+
+def _migrate_0_to_1(db):
+    """Create the schema, or adopt the tables of the seed's broker.py when present."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "messages" not in tables:
+        if "agents" in tables:
+            db.execute("ALTER TABLE agents RENAME TO seed_agents")
+        _create_schema(db)
+        if "agents" in tables:
+            db.execute(ADOPT_SEED_AGENTS)
+            db.execute("DROP TABLE seed_agents")
+        return
+    db.execute("ALTER TABLE messages RENAME TO seed_messages")
+    if "agents" in tables:
+        db.execute("ALTER TABLE agents RENAME TO seed_agents")
+    _create_schema(db)
+    db.execute(ADOPT_SEED_MESSAGES)
+    if "agents" in tables:
+        db.execute(ADOPT_SEED_AGENTS)
+        db.execute("DROP TABLE seed_agents")
+    db.execute(ADD_AGENTS_ONLY_IN_MESSAGES)
+    db.execute(COUNT_CHANNELS)
+    db.execute("DROP TABLE seed_messages")
+
+
+# MIGRATIONS[n] takes schema n to n + 1.
+MIGRATIONS = [_migrate_0_to_1]

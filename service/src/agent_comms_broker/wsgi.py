@@ -1,0 +1,42 @@
+"""The WSGI entry point: `gunicorn -c gunicorn.conf.py agent_comms_broker.wsgi:app`.
+
+Each gunicorn worker imports this after forking, so each has its own SQLite connection,
+hub and group committer, created on its first request.
+"""
+
+import os
+
+import gevent
+
+from .app import create_app
+from .config import Settings
+from .live import GroupCommitter, Hub, run_retention
+from .store import Store
+
+
+class Runtime:
+    """This process's store, live-delivery hub and group committer."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.pid = None
+        # Set by gunicorn's post_worker_init hook: lets streams end when the worker stops.
+        self.alive = lambda: True
+
+    def __call__(self):
+        if self.pid != os.getpid():
+            self._start()
+        return self
+
+    def _start(self):
+        settings = self.settings
+        self.store = Store(settings.db, settings.synchronous, sleep=gevent.sleep)
+        self.hub = Hub(self.store, settings.wakeup_interval, alive=lambda: self.alive())
+        self.committer = GroupCommitter(self.store, self.hub.committed)
+        self.retention = run_retention(self.store, settings, alive=lambda: self.alive())
+        self.pid = os.getpid()
+
+
+settings = Settings.from_env()
+runtime = Runtime(settings)
+app = create_app(settings, runtime)
