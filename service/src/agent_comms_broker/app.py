@@ -4,6 +4,7 @@ shape replies. Every error leaves as JSON {"error": "..."} with its status code.
 import datetime
 import json
 import math
+import os
 import re
 import time
 from importlib import resources
@@ -78,7 +79,7 @@ def parse_timestamp(raw, name="since"):
         except ValueError:
             raise _bad_request(f"{name} must be unix seconds (e.g. 1732406400.5) or an ISO 8601 time") from None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.timezone.utc)
+            moment = moment.replace(tzinfo=datetime.UTC)
         return moment.timestamp()
     if not math.isfinite(value) or value < 0:
         raise _bad_request(f"{name} must be a finite number of 0 or more")
@@ -226,6 +227,7 @@ def create_app(settings, runtime):
             "agents": agents,
             "active_agents": active,
             "database_size": store.size_bytes(),
+            "worker": os.getpid(),
         }
 
     @app.get("/channels")

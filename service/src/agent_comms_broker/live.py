@@ -33,7 +33,7 @@ def sse_frame(message):
 class Watcher:
     """One SSE stream or long-poll: the messages delivered to it and a wake-up event."""
 
-    __slots__ = ("channel", "pending", "event", "overflowed", "closed")
+    __slots__ = ("channel", "closed", "event", "overflowed", "pending")
 
     def __init__(self, channel):
         self.channel = channel

@@ -42,11 +42,12 @@ CREATE TABLE agents (
 ) WITHOUT ROWID"""
 
 # The seed's broker.py kept DATETIME text ('YYYY-MM-DD HH:MM:SS', UTC) and a read_by column.
+# julianday() arithmetic is exact only to ~0.1 ms at today's dates: round to the millisecond.
 ADOPT_SEED_MESSAGES = """
 INSERT INTO messages (id, channel, sender, message, timestamp)
 SELECT id, channel, sender, message,
        CASE WHEN typeof(timestamp) IN ('integer', 'real') THEN timestamp
-            ELSE coalesce((julianday(timestamp) - 2440587.5) * 86400.0, 0) END
+            ELSE coalesce(round((julianday(timestamp) - 2440587.5) * 86400.0, 3), 0) END
 FROM seed_messages ORDER BY id"""
 ADOPT_SEED_AGENTS = """
 INSERT INTO agents (id, first_seen, last_seen, message_count)
@@ -54,7 +55,7 @@ SELECT a.id,
        min(coalesce(m.first, a.seen), a.seen),
        max(coalesce(m.last, a.seen), a.seen),
        coalesce(m.n, 0)
-FROM (SELECT id, coalesce((julianday(last_seen) - 2440587.5) * 86400.0, 0) AS seen
+FROM (SELECT id, coalesce(round((julianday(last_seen) - 2440587.5) * 86400.0, 3), 0) AS seen
       FROM seed_agents) AS a
 LEFT JOIN (SELECT sender, min(timestamp) AS first, max(timestamp) AS last, count(*) AS n
            FROM messages GROUP BY sender) AS m ON m.sender = a.id"""

@@ -1,0 +1,80 @@
+"""A real broker for tests: `agent-comms-broker serve` (gunicorn, gevent workers) on a
+free loopback port with its own SQLite file."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class BrokerProcess:
+    def __init__(self, db_path, workers=2, env=None, port=None):
+        self.db_path = str(db_path)
+        self.workers = workers
+        self.extra_env = dict(env or {})
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(self.db_path).with_suffix(f".{self.port}.log")
+        self.process = None
+
+    def command(self):
+        return [str(BIN / "agent-comms-broker"), "serve", "--bind", f"127.0.0.1:{self.port}",
+                "--db", self.db_path, "--workers", str(self.workers)]
+
+    def start(self, timeout=20):
+        env = {**os.environ, "AGENT_COMMS_GRACEFUL_TIMEOUT": "3", **self.extra_env}
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"broker did not become healthy:\n{self.log()}")
+
+    def worker_pids(self):
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.process is None or self.process.poll() is not None:
+            return
+        if sig == signal.SIGKILL:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        else:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

@@ -1,0 +1,64 @@
+import itertools
+import os
+
+import pytest
+import requests
+from broker_process import BrokerProcess
+
+_channel_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """One broker for the tests that only need one: 2 gevent workers, loopback, temp db."""
+    process = BrokerProcess(tmp_path_factory.mktemp("broker") / "messages.db").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker of this test's own, for restarts and settings; started by the test."""
+    started = []
+
+    def make(**kwargs):
+        process = BrokerProcess(tmp_path / "messages.db", **kwargs)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def url(broker):
+    return broker.url
+
+
+@pytest.fixture
+def channel(request):
+    """A channel name no other test uses."""
+    base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)[:40].strip("-")
+    return f"{base}-{next(_channel_numbers)}"
+
+
+@pytest.fixture(autouse=True)
+def _no_default_broker(monkeypatch, broker):
+    """No command a test runs can fall back to the deployed broker."""
+    monkeypatch.setenv("AGENT_COMMS_BROKER", broker.url)
+
+
+def post(url, channel, sender, message, **kwargs):
+    reply = requests.post(f"{url}/messages/{channel}", json={"sender": sender, "message": message},
+                          timeout=10, **kwargs)
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+@pytest.fixture
+def poster():
+    return post
+
+
+os.environ.setdefault("AGENT_COMMS_GRACEFUL_TIMEOUT", "3")

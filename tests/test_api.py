@@ -1,0 +1,189 @@
+"""Every endpoint of the broker and every error it answers, against a real broker."""
+
+import time
+
+import pytest
+import requests
+from conftest import post
+
+
+def test_post_answers_201_with_the_stored_message(url, channel):
+    reply = requests.post(f"{url}/messages/{channel}", json={"sender": "warp-ct200", "message": "hi"})
+    assert reply.status_code == 201
+    assert reply.headers["Content-Type"].startswith("application/json")
+    body = reply.json()
+    assert body["status"] == "success"
+    assert body["channel"] == channel and body["sender"] == "warp-ct200" and body["message"] == "hi"
+    assert isinstance(body["id"], int) and isinstance(body["timestamp"], float)
+    assert abs(body["timestamp"] - time.time()) < 5
+
+
+def test_get_returns_the_latest_oldest_first(url, channel):
+    ids = [post(url, channel, "a", f"m{n}")["id"] for n in range(60)]
+    default = requests.get(f"{url}/messages/{channel}").json()
+    assert [m["id"] for m in default["messages"]] == ids[-50:]
+    assert default["count"] == 50 and default["cursor"] == ids[-1] and default["gap"] is False
+    limited = requests.get(f"{url}/messages/{channel}", params={"limit": 10}).json()
+    assert [m["message"] for m in limited["messages"]] == [f"m{n}" for n in range(50, 60)]
+    assert set(limited["messages"][0]) >= {"id", "channel", "sender", "message", "timestamp"}
+
+
+def test_unicode_and_multiline_messages_round_trip(url, channel):
+    text = "✅ Download completed: movie.mkv\nline two\t⚠️ 日本語 🚀"
+    post(url, channel, "warp-ct200", text)
+    assert requests.get(f"{url}/messages/{channel}").json()["messages"][-1]["message"] == text
+
+
+def test_batch_publish_is_one_transaction(url, channel):
+    batch = [{"sender": "a", "message": f"b{n}"} for n in range(20)]
+    reply = requests.post(f"{url}/messages/{channel}", json=batch)
+    assert reply.status_code == 201
+    stored = reply.json()["messages"]
+    assert reply.json()["count"] == 20
+    assert [m["message"] for m in stored] == [f"b{n}" for n in range(20)]
+    assert [m["id"] for m in stored] == list(range(stored[0]["id"], stored[0]["id"] + 20))
+    bad = [*batch, {"sender": "a"}]
+    reply = requests.post(f"{url}/messages/{channel}", json=bad)
+    assert reply.status_code == 400 and "item 20" in reply.json()["error"]
+    assert requests.get(f"{url}/messages/{channel}", params={"limit": 100}).json()["count"] == 20
+
+
+def test_channels_lists_counts_and_last_activity(url, channel):
+    post(url, channel, "a", "one")
+    last = post(url, channel, "a", "two")
+    listing = requests.get(f"{url}/channels").json()["channels"]
+    mine = next(entry for entry in listing if entry["name"] == channel)
+    assert mine["message_count"] == 2
+    assert mine["last_activity"] == last["timestamp"]
+
+
+def test_agents_register_by_posting_and_by_reading(url, channel):
+    sender = f"sender-{channel}"
+    reader = f"reader-{channel}"
+    first = post(url, channel, sender, "one")
+    post(url, channel, sender, "two")
+    requests.get(f"{url}/messages/{channel}", headers={"X-Agent-ID": reader}).raise_for_status()
+    agents = {a["id"]: a for a in requests.get(f"{url}/agents").json()["agents"]}
+    assert agents[sender]["message_count"] == 2
+    assert agents[sender]["first_seen"] == first["timestamp"]
+    assert agents[sender]["last_seen"] >= first["timestamp"]
+    assert agents[sender]["active"] is True and agents[sender]["status"] == "online"
+    assert agents[reader]["message_count"] == 0 and agents[reader]["active"] is True
+    before = agents[reader]["last_seen"]
+    time.sleep(1.1)
+    requests.get(f"{url}/status", headers={"X-Agent-ID": reader}).raise_for_status()
+    agents = {a["id"]: a for a in requests.get(f"{url}/agents").json()["agents"]}
+    assert agents[reader]["last_seen"] > before
+
+
+def test_status_reports_counts(url, channel):
+    post(url, channel, "status-agent", "x")
+    status = requests.get(f"{url}/status").json()
+    assert status["status"] == "running"
+    assert status["messages"] >= 1 and status["channels"] >= 1 and status["agents"] >= 1
+    assert status["active_agents"] >= 1 and status["database_size"] > 0
+    assert status["uptime"] >= 0 and status["version"]
+
+
+def test_healthz(url):
+    reply = requests.get(f"{url}/healthz")
+    assert reply.status_code == 200 and reply.json() == {"status": "ok"}
+
+
+def test_since_accepts_unix_seconds_and_iso_times(url, channel):
+    first = post(url, channel, "a", "one")
+    second = post(url, channel, "a", "two")
+    after_first = requests.get(f"{url}/messages/{channel}", params={"since": first["timestamp"]}).json()
+    assert [m["id"] for m in after_first["messages"]] == [second["id"]]
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(first["timestamp"] - 60))
+    assert requests.get(f"{url}/messages/{channel}", params={"since": iso}).json()["count"] == 2
+
+
+def _error(reply, status):
+    assert reply.status_code == status, reply.text
+    assert reply.headers["Content-Type"].startswith("application/json")
+    body = reply.json()
+    assert set(body) == {"error"} and body["error"]
+    assert "Traceback" not in reply.text
+    return body["error"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b'{"sender": "a", "message": ', "not valid JSON"),
+    (b"", "empty"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b'"just a string"', "JSON object"),
+    (b'{"message": "x"}', "missing field: sender"),
+    (b'{"sender": "a"}', "missing field: message"),
+    (b'{"sender": 5, "message": "x"}', "sender must be a string"),
+    (b'{"sender": "a", "message": ["x"]}', "message must be a string"),
+    (b'{"sender": "a", "message": ""}', "must not be empty"),
+    (b'{"sender": "", "message": "x"}', "sender must be 1 to 128"),
+    (b'{"sender": "a\\nb", "message": "x"}', "control characters"),
+    (b'{"sender": "a", "message": "\\ud800"}', "not valid Unicode"),
+    (b"[]", "at least one"),
+])
+def test_bad_posts_get_400_and_store_nothing(url, channel, body, fragment):
+    reply = requests.post(f"{url}/messages/{channel}", data=body, headers={"Content-Type": "application/json"})
+    assert fragment in _error(reply, 400)
+    assert requests.get(f"{url}/messages/{channel}").json()["count"] == 0
+
+
+@pytest.mark.parametrize("name", ["-leading-dash", "has space", "x" * 65, "semi;colon", "ünï"])
+def test_invalid_channel_names_get_400(url, name):
+    assert "invalid channel name" in _error(requests.get(f"{url}/messages/{name}"), 400)
+    reply = requests.post(f"{url}/messages/{name}", json={"sender": "a", "message": "x"})
+    assert "invalid channel name" in _error(reply, 400)
+
+
+def test_body_over_the_limit_gets_413(url, channel):
+    reply = requests.post(f"{url}/messages/{channel}", json={"sender": "a", "message": "x" * 70000})
+    assert "limit of 65536" in _error(reply, 413)
+
+
+def test_chunked_body_over_the_limit_gets_413(url, channel):
+    def chunks():
+        yield b'{"sender": "a", "message": "'
+        for _ in range(80):
+            yield b"x" * 1000
+        yield b'"}'
+
+    reply = requests.post(f"{url}/messages/{channel}", data=chunks(), headers={"Content-Type": "application/json"})
+    _error(reply, 413)
+
+
+def test_chunked_body_within_the_limit_is_stored(url, channel):
+    reply = requests.post(f"{url}/messages/{channel}", data=iter([b'{"sender": "a", ', b'"message": "chunked"}']))
+    assert reply.status_code == 201 and reply.json()["message"] == "chunked"
+
+
+def test_batch_over_the_cap_gets_413(url, channel):
+    batch = [{"sender": "a", "message": "x"}] * 501
+    assert "at most 500" in _error(requests.post(f"{url}/messages/{channel}", json=batch), 413)
+
+
+def test_unknown_route_gets_404_and_wrong_method_405(url):
+    assert "no such route" in _error(requests.get(f"{url}/nowhere"), 404)
+    assert "no such route" in _error(requests.get(f"{url}/messages/general/extra/parts"), 404)
+    assert "not allowed" in _error(requests.delete(f"{url}/messages/general"), 405)
+    assert "not allowed" in _error(requests.post(f"{url}/status"), 405)
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"limit": "ten"}, "limit"), ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": -1}, "limit"),
+    ({"after": "x"}, "after"), ({"after": -5}, "after"), ({"after": "1.5"}, "after"),
+    ({"since": "yesterday"}, "since"), ({"since": "nan"}, "since"), ({"since": "-1"}, "since"),
+    ({"after": 1, "since": 1}, "either after or since"),
+    ({"wait": "soon", "after": 1}, "wait"), ({"wait": 5}, "wait needs a cursor"),
+])
+def test_bad_read_parameters_get_400(url, channel, params, fragment):
+    assert fragment in _error(requests.get(f"{url}/messages/{channel}", params=params), 400)
+
+
+def test_bad_agent_header_gets_400(url, channel):
+    reply = requests.get(f"{url}/messages/{channel}", headers={"X-Agent-ID": "x" * 200})
+    assert "X-Agent-ID" in _error(reply, 400)
+
+
+def test_bad_last_event_id_gets_400(url, channel):
+    assert "Last-Event-ID" in _error(requests.get(f"{url}/stream/{channel}", headers={"Last-Event-ID": "abc"}), 400)

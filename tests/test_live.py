@@ -1,0 +1,178 @@
+"""Live delivery: long-poll, Server-Sent Events, resume with Last-Event-ID across a restart,
+and a post to one gunicorn worker waking watchers in the other."""
+
+import threading
+import time
+
+import requests
+from conftest import post
+from sse_client import EventStream
+
+
+def sessions_on_two_workers(url, tries=200):
+    """Two keep-alive sessions whose connections are served by different workers."""
+    by_worker = {}
+    for _ in range(tries):
+        session = requests.Session()
+        worker = session.get(f"{url}/status").json()["worker"]
+        by_worker.setdefault(worker, session)
+        if len(by_worker) == 2:
+            return list(by_worker.values())
+    raise AssertionError("every connection landed on one worker")
+
+
+def post_later(url, channel, text, delay, session=None):
+    def run():
+        time.sleep(delay)
+        (session or requests).post(f"{url}/messages/{channel}", json={"sender": "later", "message": text})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_long_poll_returns_when_a_message_arrives(url, channel):
+    cursor = requests.get(f"{url}/messages/{channel}").json()["cursor"]
+    poster = post_later(url, channel, "wake up", 0.5)
+    started = time.monotonic()
+    reply = requests.get(f"{url}/messages/{channel}", params={"after": cursor, "wait": 30}, timeout=40).json()
+    elapsed = time.monotonic() - started
+    poster.join()
+    assert [m["message"] for m in reply["messages"]] == ["wake up"]
+    assert reply["cursor"] == reply["messages"][0]["id"]
+    assert elapsed < 15, "the long-poll waited out its time instead of waking"
+
+
+def test_long_poll_times_out_empty_with_the_same_cursor(url, channel):
+    cursor = post(url, channel, "a", "before")["id"]
+    reply = requests.get(f"{url}/messages/{channel}", params={"after": cursor, "wait": 1}, timeout=10).json()
+    assert reply["messages"] == [] and reply["cursor"] == cursor
+
+
+def test_long_poll_with_since(url, channel):
+    stamp = post(url, channel, "a", "before")["timestamp"]
+    poster = post_later(url, channel, "after", 0.3)
+    reply = requests.get(f"{url}/messages/{channel}", params={"since": stamp, "wait": 20}, timeout=30).json()
+    poster.join()
+    assert [m["message"] for m in reply["messages"]] == ["after"]
+
+
+def test_a_post_to_one_worker_wakes_a_long_poll_in_the_other(url, channel):
+    waiting, posting = sessions_on_two_workers(url)
+    cursor = waiting.get(f"{url}/messages/{channel}").json()["cursor"]
+    poster = post_later(url, channel, "across workers", 0.5, session=posting)
+    started = time.monotonic()
+    reply = waiting.get(f"{url}/messages/{channel}", params={"after": cursor, "wait": 30}, timeout=40).json()
+    poster.join()
+    assert [m["message"] for m in reply["messages"]] == ["across workers"]
+    assert time.monotonic() - started < 15
+
+
+def test_a_post_to_one_worker_reaches_an_sse_stream_in_the_other(url, channel):
+    watching, posting = sessions_on_two_workers(url)
+    stream = EventStream(f"{url}/stream/{channel}", session=watching)
+    try:
+        for n in range(3):
+            posting.post(f"{url}/messages/{channel}", json={"sender": "b", "message": f"m{n}"}).raise_for_status()
+        assert [m["message"] for m in stream.messages(3)] == ["m0", "m1", "m2"]
+    finally:
+        stream.close()
+
+
+def test_sse_event_ids_are_message_ids_and_resume_loses_nothing(url, channel):
+    stream = EventStream(f"{url}/stream/{channel}")
+    sent = [post(url, channel, "a", f"m{n}") for n in range(5)]
+    events = []
+    for event in stream.events():
+        if "data" in event:
+            events.append(event)
+        if len(events) == 3:
+            break
+    stream.close()
+    assert [int(e["id"]) for e in events] == [m["id"] for m in sent[:3]]
+    resumed = EventStream(f"{url}/stream/{channel}", last_event_id=events[-1]["id"])
+    later = post(url, channel, "a", "m5")
+    got = resumed.messages(3)
+    resumed.close()
+    assert [m["id"] for m in got] == [sent[3]["id"], sent[4]["id"], later["id"]]
+
+
+def test_sse_without_a_cursor_starts_with_new_messages(url, channel):
+    post(url, channel, "a", "old")
+    stream = EventStream(f"{url}/stream/{channel}")
+    post(url, channel, "a", "new")
+    assert [m["message"] for m in stream.messages(1)] == ["new"]
+    stream.close()
+
+
+def test_sse_after_query_parameter(url, channel):
+    first = post(url, channel, "a", "one")
+    post(url, channel, "a", "two")
+    stream = EventStream(f"{url}/stream/{channel}", params={"after": first["id"]})
+    assert [m["message"] for m in stream.messages(1)] == ["two"]
+    stream.close()
+
+
+def test_stream_of_every_channel(url, channel):
+    stream = EventStream(f"{url}/stream")
+    sent = [post(url, f"{channel}-{n % 3}", "a", f"m{n}") for n in range(6)]
+    got = stream.messages(6)
+    stream.close()
+    assert [(m["id"], m["channel"]) for m in got] == [(m["id"], m["channel"]) for m in sent]
+
+
+def test_sse_sends_keep_alive_comments(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_KEEPALIVE": "0.3"}).start()
+    stream = EventStream(f"{broker.url}/stream/quiet")
+    first = next(stream.events())
+    assert first == {"retry": "2000"}
+    deadline = time.monotonic() + 5
+    lines = stream._lines()
+    while not stream.comments and time.monotonic() < deadline:
+        line = next(lines)
+        if line.startswith(":"):
+            stream.comments.append(line)
+    stream.close()
+    assert stream.comments and stream.comments[0] == ": keep-alive"
+
+
+def test_sse_resumes_across_a_broker_restart(own_broker):
+    broker = own_broker().start()
+    url = broker.url
+    stream = EventStream(f"{url}/stream/tasks", timeout=30)
+    first = [post(url, "tasks", "a", f"m{n}") for n in range(5)]
+    got = stream.messages(5)
+    last_id = got[-1]["id"]
+    broker.stop()
+    # The stream ends with the broker instead of hanging.
+    assert list(stream.events()) == []
+    broker.start()
+    while_away = [post(url, "tasks", "a", f"away{n}") for n in range(5)]
+    resumed = EventStream(f"{url}/stream/tasks", last_event_id=last_id)
+    after = post(url, "tasks", "a", "live")
+    got += resumed.messages(6)
+    resumed.close()
+    expected = [m["id"] for m in first + while_away] + [after["id"]]
+    assert [m["id"] for m in got] == expected
+
+
+def test_retention_gap_is_flagged(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_RETENTION_MAX_MESSAGES": "3",
+                             "AGENT_COMMS_PRUNE_INTERVAL": "0.2"}).start()
+    url = broker.url
+    sent = [post(url, "alerts", "a", f"m{n}") for n in range(10)]
+    deadline = time.monotonic() + 10
+    while requests.get(f"{url}/channels").json()["channels"][0]["message_count"] > 3:
+        assert time.monotonic() < deadline, "retention did not prune"
+        time.sleep(0.1)
+    page = requests.get(f"{url}/messages/alerts", params={"after": 0}).json()
+    assert page["gap"] is True
+    assert [m["id"] for m in page["messages"]] == [m["id"] for m in sent[-3:]]
+    assert requests.get(f"{url}/messages/alerts", params={"after": sent[-4]["id"]}).json()["gap"] is False
+    assert requests.get(f"{url}/messages/alerts", params={"since": 0}).json()["gap"] is True
+    stream = EventStream(f"{url}/stream/alerts", last_event_id=0)
+    events = stream.events()
+    assert next(events) == {"retry": "2000"}
+    assert next(events) == {"event": "gap", "data": '{"cursor": 0}'}
+    assert [m["id"] for m in stream.messages(3)] == [m["id"] for m in sent[-3:]]
+    stream.close()

@@ -1,0 +1,176 @@
+"""Unit tests of the store's edge cases: ordering, cursors, ties, retention, migration."""
+
+import sqlite3
+import threading
+
+import pytest
+from agent_comms_broker.store import SCHEMA_VERSION, Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    opened = Store(str(tmp_path / "store.db"))
+    yield opened
+    opened.close()
+
+
+def test_ids_and_timestamps_rise_even_when_the_clock_goes_back(store):
+    first = store.append([("general", "a", "one")], now=2000.0)
+    second = store.append([("general", "a", "two"), ("tasks", "b", "three")], now=1000.0)
+    stored = first + second
+    assert [m.id for m in stored] == sorted(m.id for m in stored)
+    stamps = [m.timestamp for m in stored]
+    assert all(later > earlier for earlier, later in zip(stamps, stamps[1:], strict=False))
+    assert stamps[0] == 2000.0
+
+
+def test_latest_is_oldest_first_and_limited(store):
+    for n in range(5):
+        store.append([("general", "a", f"m{n}")])
+    page = store.latest("general", 3)
+    assert [m.message for m in page.messages] == ["m2", "m3", "m4"]
+    assert page.cursor == page.messages[-1].id
+
+
+def test_after_pages_through_everything_once(store):
+    store.append([("general", "a", f"m{n}") for n in range(25)])
+    seen, cursor = [], 0
+    while True:
+        page = store.after_id("general", cursor, 10)
+        seen += [m.message for m in page.messages]
+        cursor = page.cursor
+        if not page.more:
+            break
+    assert seen == [f"m{n}" for n in range(25)]
+    assert store.after_id("general", cursor, 10).messages == []
+
+
+def test_since_pages_through_everything_once(store):
+    for n in range(12):
+        store.append([("general", "a", f"m{n}")])
+    seen, since = [], 0.0
+    while True:
+        page = store.after_time("general", since, 5)
+        seen += [m.message for m in page.messages]
+        if not page.messages:
+            break
+        since = page.messages[-1].timestamp
+    assert seen == [f"m{n}" for n in range(12)]
+
+
+def seed_database(path, rows, agents=()):
+    """A database as the seed's broker.py left it: DATETIME text, read_by, agents.status."""
+    db = sqlite3.connect(path)
+    db.execute("""CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL,
+                  sender TEXT NOT NULL, message TEXT NOT NULL,
+                  timestamp DATETIME DEFAULT CURRENT_TIMESTAMP, read_by TEXT DEFAULT '')""")
+    db.execute("""CREATE TABLE agents (id TEXT PRIMARY KEY, last_seen DATETIME DEFAULT CURRENT_TIMESTAMP,
+                  status TEXT DEFAULT 'online')""")
+    db.executemany("INSERT INTO messages (channel, sender, message, timestamp) VALUES (?, ?, ?, ?)", rows)
+    db.executemany("INSERT INTO agents (id, last_seen) VALUES (?, ?)", agents)
+    db.commit()
+    db.close()
+
+
+def test_adopts_the_seed_database(tmp_path):
+    path = str(tmp_path / "seed.db")
+    seed_database(path, [
+        ("general", "warp-ct200", "Hello from agent!", "2025-08-03 18:42:28"),
+        ("tasks", "warp-ct200", "Task completed successfully", "2025-08-03 18:42:29"),
+        ("general", "monitor", "CPU usage: 45%", "2025-08-03 18:43:00"),
+    ], agents=[("warp-ct200", "2025-08-03 18:42:29"), ("monitor", "2025-08-03 18:43:00")])
+    store = Store(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    page = store.latest("general", 10)
+    assert [(m.id, m.sender, m.message) for m in page.messages] == [
+        (1, "warp-ct200", "Hello from agent!"), (3, "monitor", "CPU usage: 45%")]
+    assert page.messages[0].timestamp == 1754246548.0  # 2025-08-03 18:42:28 UTC
+    assert store.channels() == [("general", 2, 1754246580.0), ("tasks", 1, 1754246549.0)]
+    agents = {row[0]: row for row in store.agents()}
+    assert agents["warp-ct200"] == ("warp-ct200", 1754246548.0, 1754246549.0, 2)
+    new = store.append([("general", "a", "after the upgrade")])
+    assert new[0].id == 4 and new[0].timestamp > 1754246580.0
+    store.close()
+    assert Store(path).latest("general", 10).messages[-1].message == "after the upgrade"
+
+
+def test_since_never_splits_messages_sharing_a_timestamp(tmp_path):
+    """Seed data has one-second timestamps: a page must not cut such a group in two."""
+    path = str(tmp_path / "seed.db")
+    seed_database(path, [("general", "a", f"m{n}", "2025-08-03 18:42:28") for n in range(4)]
+                  + [("general", "a", "last", "2025-08-03 18:42:30")])
+    store = Store(path)
+    page = store.after_time("general", 0, 2)
+    assert [m.message for m in page.messages] == ["m0", "m1", "m2", "m3"]
+    assert page.more
+    rest = store.after_time("general", page.messages[-1].timestamp, 2)
+    assert [m.message for m in rest.messages] == ["last"] and not rest.more
+
+
+def test_retention_by_count_flags_a_gap_for_old_cursors(store):
+    store.append([("general", "a", f"m{n}") for n in range(10)])
+    store.append([("tasks", "a", "kept")])
+    assert store.prune(max_messages=4) == 6
+    page = store.after_id("general", 0, 50)
+    assert [m.message for m in page.messages] == ["m6", "m7", "m8", "m9"]
+    assert page.gap
+    assert not store.after_id("general", page.messages[0].id - 1, 50).gap
+    assert not store.after_id("tasks", 0, 50).gap
+    assert store.channels()[0][:2] == ("general", 4)
+    assert store.after_time("general", 0, 50).gap
+
+
+def test_retention_by_age(store):
+    store.append([("general", "a", "old")], now=1000.0)
+    store.append([("general", "a", "new")], now=5000.0)
+    assert store.prune(max_age=100, now=5050.0) == 1
+    page = store.after_id("general", 0, 50)
+    assert [m.message for m in page.messages] == ["new"] and page.gap
+    assert store.pruned_after(0) and not store.pruned_after(page.messages[0].id)
+
+
+def test_ids_never_reused_after_retention_empties_a_channel(store):
+    last = store.append([("general", "a", "x")])[0]
+    store.prune(max_age=1, now=last.timestamp + 10)
+    assert store.append([("general", "a", "y")])[0].id > last.id
+
+
+def test_concurrent_writers_commit_in_id_and_timestamp_order(tmp_path):
+    """Eight connections (as eight workers would) writing at once: no id or time inversions."""
+    path = str(tmp_path / "store.db")
+    Store(path).close()
+    errors = []
+
+    def write(n):
+        own = Store(path)
+        try:
+            for i in range(100):
+                own.append([("general", f"writer-{n}", f"{n}-{i}")])
+        except Exception as error:
+            errors.append(error)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    reader = Store(path)
+    messages = reader.after_id("general", 0, 1000).messages
+    assert len(messages) == 800
+    stamps = [m.timestamp for m in messages]
+    assert all(later > earlier for earlier, later in zip(stamps, stamps[1:], strict=False))
+    for n in range(8):
+        mine = [m.message for m in messages if m.sender == f"writer-{n}"]
+        assert mine == [f"{n}-{i}" for i in range(100)]
+
+
+def test_refuses_a_newer_schema(tmp_path):
+    path = str(tmp_path / "future.db")
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Store(path)
