@@ -31,14 +31,23 @@ class BrokerProcess:
         self.process = None
 
     def command(self):
-        return [str(BIN / "agent-comms-broker"), "serve", "--bind", f"127.0.0.1:{self.port}",
-                "--db", self.db_path, "--workers", str(self.workers)]
+        return [
+            str(BIN / "agent-comms-broker"),
+            "serve",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--db",
+            self.db_path,
+            "--workers",
+            str(self.workers),
+        ]
 
     def start(self, timeout=20):
         env = {**os.environ, "AGENT_COMMS_GRACEFUL_TIMEOUT": "3", **self.extra_env}
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command(), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -50,8 +50,9 @@ def _no_default_broker(monkeypatch, broker):
 
 
 def post(url, channel, sender, message, **kwargs):
-    reply = requests.post(f"{url}/messages/{channel}", json={"sender": sender, "message": message},
-                          timeout=10, **kwargs)
+    reply = requests.post(
+        f"{url}/messages/{channel}", json={"sender": sender, "message": message}, timeout=10, **kwargs
+    )
     assert reply.status_code == 201, reply.text
     return reply.json()
 

@@ -11,8 +11,7 @@ class EventStream:
         headers = {"Accept": "text/event-stream"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = str(last_event_id)
-        self.response = (session or requests).get(url, headers=headers, stream=True, timeout=timeout,
-                                                  params=params)
+        self.response = (session or requests).get(url, headers=headers, stream=True, timeout=timeout, params=params)
         self.response.raise_for_status()
         self._chunks = self.response.iter_content(chunk_size=None)
         self._buffer = b""

@@ -108,21 +108,24 @@ def _error(reply, status):
     return body["error"]
 
 
-@pytest.mark.parametrize("body, fragment", [
-    (b'{"sender": "a", "message": ', "not valid JSON"),
-    (b"", "empty"),
-    (b"\xff\xfe", "not valid JSON"),
-    (b'"just a string"', "JSON object"),
-    (b'{"message": "x"}', "missing field: sender"),
-    (b'{"sender": "a"}', "missing field: message"),
-    (b'{"sender": 5, "message": "x"}', "sender must be a string"),
-    (b'{"sender": "a", "message": ["x"]}', "message must be a string"),
-    (b'{"sender": "a", "message": ""}', "must not be empty"),
-    (b'{"sender": "", "message": "x"}', "sender must be 1 to 128"),
-    (b'{"sender": "a\\nb", "message": "x"}', "control characters"),
-    (b'{"sender": "a", "message": "\\ud800"}', "not valid Unicode"),
-    (b"[]", "at least one"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b'{"sender": "a", "message": ', "not valid JSON"),
+        (b"", "empty"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b'"just a string"', "JSON object"),
+        (b'{"message": "x"}', "missing field: sender"),
+        (b'{"sender": "a"}', "missing field: message"),
+        (b'{"sender": 5, "message": "x"}', "sender must be a string"),
+        (b'{"sender": "a", "message": ["x"]}', "message must be a string"),
+        (b'{"sender": "a", "message": ""}', "must not be empty"),
+        (b'{"sender": "", "message": "x"}', "sender must be 1 to 128"),
+        (b'{"sender": "a\\nb", "message": "x"}', "control characters"),
+        (b'{"sender": "a", "message": "\\ud800"}', "not valid Unicode"),
+        (b"[]", "at least one"),
+    ],
+)
 def test_bad_posts_get_400_and_store_nothing(url, channel, body, fragment):
     reply = requests.post(f"{url}/messages/{channel}", data=body, headers={"Content-Type": "application/json"})
     assert fragment in _error(reply, 400)
@@ -169,13 +172,24 @@ def test_unknown_route_gets_404_and_wrong_method_405(url):
     assert "not allowed" in _error(requests.post(f"{url}/status"), 405)
 
 
-@pytest.mark.parametrize("params, fragment", [
-    ({"limit": "ten"}, "limit"), ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": -1}, "limit"),
-    ({"after": "x"}, "after"), ({"after": -5}, "after"), ({"after": "1.5"}, "after"),
-    ({"since": "yesterday"}, "since"), ({"since": "nan"}, "since"), ({"since": "-1"}, "since"),
-    ({"after": 1, "since": 1}, "either after or since"),
-    ({"wait": "soon", "after": 1}, "wait"), ({"wait": 5}, "wait needs a cursor"),
-])
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"limit": "ten"}, "limit"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"limit": -1}, "limit"),
+        ({"after": "x"}, "after"),
+        ({"after": -5}, "after"),
+        ({"after": "1.5"}, "after"),
+        ({"since": "yesterday"}, "since"),
+        ({"since": "nan"}, "since"),
+        ({"since": "-1"}, "since"),
+        ({"after": 1, "since": 1}, "either after or since"),
+        ({"wait": "soon", "after": 1}, "wait"),
+        ({"wait": 5}, "wait needs a cursor"),
+    ],
+)
 def test_bad_read_parameters_get_400(url, channel, params, fragment):
     assert fragment in _error(requests.get(f"{url}/messages/{channel}", params=params), 400)
 

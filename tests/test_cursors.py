@@ -2,6 +2,7 @@
 workers; every reader, whether it follows `after=ID` or `since=TIMESTAMP`, sees every
 message exactly once and in order."""
 
+import itertools
 import threading
 import time
 
@@ -15,8 +16,9 @@ def write(url, channel, n, errors):
     session = requests.Session()
     try:
         for i in range(PER_WRITER):
-            reply = session.post(f"{url}/messages/{channel}", json={"sender": f"w{n}", "message": f"{n}:{i}"},
-                                 timeout=10)
+            reply = session.post(
+                f"{url}/messages/{channel}", json={"sender": f"w{n}", "message": f"{n}:{i}"}, timeout=10
+            )
             assert reply.status_code == 201, reply.text
     except Exception as error:  # reported by the test thread
         errors.append(error)
@@ -69,8 +71,9 @@ def test_concurrent_writers_and_readers_lose_and_repeat_nothing(url, channel):
     ids = [m["id"] for m in stored]
     stamps = [m["timestamp"] for m in stored]
     assert ids == sorted(set(ids))
-    assert all(later > earlier for earlier, later in zip(stamps, stamps[1:], strict=False)), \
+    assert all(later > earlier for earlier, later in itertools.pairwise(stamps)), (
         "timestamps must rise in commit (id) order"
+    )
     for n in range(WRITERS):
         assert [m["message"] for m in stored if m["sender"] == f"w{n}"] == [f"{n}:{i}" for i in range(PER_WRITER)]
     for name, seen in readers.items():
@@ -93,7 +96,10 @@ def test_long_poll_followers_see_every_message(url, channel):
     def post_some(n):
         session = requests.Session()
         for i in range(30):
-            if session.post(f"{url}/messages/{channel}", json={"sender": "w", "message": f"{n}:{i}"}).status_code != 201:
+            if (
+                session.post(f"{url}/messages/{channel}", json={"sender": "w", "message": f"{n}:{i}"}).status_code
+                != 201
+            ):
                 errors.append((n, i))
 
     followers = [threading.Thread(target=follow, args=(seen,)) for seen in seen_by]
@@ -103,7 +109,10 @@ def test_long_poll_followers_see_every_message(url, channel):
     for thread in followers + writers:
         thread.join(90)
     assert not errors
-    everything = [m["id"] for m in requests.get(f"{url}/messages/{channel}", params={"after": 0, "limit": 1000}).json()["messages"]]
+    everything = [
+        m["id"]
+        for m in requests.get(f"{url}/messages/{channel}", params={"after": 0, "limit": 1000}).json()["messages"]
+    ]
     assert len(everything) == total
     for seen in seen_by:
         assert seen == everything

@@ -157,8 +157,7 @@ def test_sse_resumes_across_a_broker_restart(own_broker):
 
 
 def test_retention_gap_is_flagged(own_broker):
-    broker = own_broker(env={"AGENT_COMMS_RETENTION_MAX_MESSAGES": "3",
-                             "AGENT_COMMS_PRUNE_INTERVAL": "0.2"}).start()
+    broker = own_broker(env={"AGENT_COMMS_RETENTION_MAX_MESSAGES": "3", "AGENT_COMMS_PRUNE_INTERVAL": "0.2"}).start()
     url = broker.url
     sent = [post(url, "alerts", "a", f"m{n}") for n in range(10)]
     deadline = time.monotonic() + 10

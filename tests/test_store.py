@@ -1,5 +1,6 @@
 """Unit tests of the store's edge cases: ordering, cursors, ties, retention, migration."""
 
+import itertools
 import sqlite3
 import threading
 
@@ -20,7 +21,7 @@ def test_ids_and_timestamps_rise_even_when_the_clock_goes_back(store):
     stored = first + second
     assert [m.id for m in stored] == sorted(m.id for m in stored)
     stamps = [m.timestamp for m in stored]
-    assert all(later > earlier for earlier, later in zip(stamps, stamps[1:], strict=False))
+    assert all(later > earlier for earlier, later in itertools.pairwise(stamps))
     assert stamps[0] == 2000.0
 
 
@@ -74,16 +75,22 @@ def seed_database(path, rows, agents=()):
 
 def test_adopts_the_seed_database(tmp_path):
     path = str(tmp_path / "seed.db")
-    seed_database(path, [
-        ("general", "warp-ct200", "Hello from agent!", "2025-08-03 18:42:28"),
-        ("tasks", "warp-ct200", "Task completed successfully", "2025-08-03 18:42:29"),
-        ("general", "monitor", "CPU usage: 45%", "2025-08-03 18:43:00"),
-    ], agents=[("warp-ct200", "2025-08-03 18:42:29"), ("monitor", "2025-08-03 18:43:00")])
+    seed_database(
+        path,
+        [
+            ("general", "warp-ct200", "Hello from agent!", "2025-08-03 18:42:28"),
+            ("tasks", "warp-ct200", "Task completed successfully", "2025-08-03 18:42:29"),
+            ("general", "monitor", "CPU usage: 45%", "2025-08-03 18:43:00"),
+        ],
+        agents=[("warp-ct200", "2025-08-03 18:42:29"), ("monitor", "2025-08-03 18:43:00")],
+    )
     store = Store(path)
     assert store.schema_version() == SCHEMA_VERSION
     page = store.latest("general", 10)
     assert [(m.id, m.sender, m.message) for m in page.messages] == [
-        (1, "warp-ct200", "Hello from agent!"), (3, "monitor", "CPU usage: 45%")]
+        (1, "warp-ct200", "Hello from agent!"),
+        (3, "monitor", "CPU usage: 45%"),
+    ]
     assert page.messages[0].timestamp == 1754246548.0  # 2025-08-03 18:42:28 UTC
     assert store.channels() == [("general", 2, 1754246580.0), ("tasks", 1, 1754246549.0)]
     agents = {row[0]: row for row in store.agents()}
@@ -97,8 +104,11 @@ def test_adopts_the_seed_database(tmp_path):
 def test_since_never_splits_messages_sharing_a_timestamp(tmp_path):
     """Seed data has one-second timestamps: a page must not cut such a group in two."""
     path = str(tmp_path / "seed.db")
-    seed_database(path, [("general", "a", f"m{n}", "2025-08-03 18:42:28") for n in range(4)]
-                  + [("general", "a", "last", "2025-08-03 18:42:30")])
+    seed_database(
+        path,
+        [("general", "a", f"m{n}", "2025-08-03 18:42:28") for n in range(4)]
+        + [("general", "a", "last", "2025-08-03 18:42:30")],
+    )
     store = Store(path)
     page = store.after_time("general", 0, 2)
     assert [m.message for m in page.messages] == ["m0", "m1", "m2", "m3"]
@@ -161,7 +171,7 @@ def test_concurrent_writers_commit_in_id_and_timestamp_order(tmp_path):
     messages = reader.after_id("general", 0, 1000).messages
     assert len(messages) == 800
     stamps = [m.timestamp for m in messages]
-    assert all(later > earlier for earlier, later in zip(stamps, stamps[1:], strict=False))
+    assert all(later > earlier for earlier, later in itertools.pairwise(stamps))
     for n in range(8):
         mine = [m.message for m in messages if m.sender == f"writer-{n}"]
         assert mine == [f"{n}-{i}" for i in range(100)]

@@ -33,8 +33,7 @@ def _bad_request(text):
 def validate_channel(channel):
     if not CHANNEL_PATTERN.match(channel):
         raise _bad_request(
-            "invalid channel name: use 1 to 64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            "invalid channel name: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return channel
 
@@ -204,11 +203,13 @@ def create_app(settings, runtime):
         try:
             ok = runtime().store.healthy()
         except Exception as error:  # the answer for any failure is 503, with its cause
-            return HTTPResponse(json.dumps({"error": f"database check failed: {error}"}), 503,
-                                content_type="application/json")
+            return HTTPResponse(
+                json.dumps({"error": f"database check failed: {error}"}), 503, content_type="application/json"
+            )
         if not ok:
-            return HTTPResponse(json.dumps({"error": "database schema is not this broker's"}), 503,
-                                content_type="application/json")
+            return HTTPResponse(
+                json.dumps({"error": "database schema is not this broker's"}), 503, content_type="application/json"
+            )
         return {"status": "ok"}
 
     @app.get("/status")
@@ -287,9 +288,11 @@ def create_app(settings, runtime):
         touch_reader()
         store = runtime().store
         if after is not None:
+
             def read():
                 return store.after_id(channel, after, limit)
         elif since is not None:
+
             def read():
                 return store.after_time(channel, since, limit)
         else:

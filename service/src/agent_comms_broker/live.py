@@ -188,7 +188,7 @@ class GroupCommitter:
         self.on_commit()
         start = 0
         for entries, result in group:
-            result.set(stored[start:start + len(entries)])
+            result.set(stored[start : start + len(entries)])
             start += len(entries)
 
 

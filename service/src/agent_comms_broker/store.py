@@ -253,9 +253,7 @@ class Store:
         try:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database schema {version} is newer than this broker's ({SCHEMA_VERSION})"
-                )
+                raise RuntimeError(f"database schema {version} is newer than this broker's ({SCHEMA_VERSION})")
             for step in range(version, SCHEMA_VERSION):
                 MIGRATIONS[step](self._db)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -436,8 +434,13 @@ class Store:
 
 
 def _create_schema(db):
-    for statement in (CREATE_MESSAGES, CREATE_MESSAGES_BY_CHANNEL, CREATE_MESSAGES_BY_TIME,
-                      CREATE_CHANNELS, CREATE_AGENTS):
+    for statement in (
+        CREATE_MESSAGES,
+        CREATE_MESSAGES_BY_CHANNEL,
+        CREATE_MESSAGES_BY_TIME,
+        CREATE_CHANNELS,
+        CREATE_AGENTS,
+    ):
         db.execute(statement)
 
 
