@@ -3,6 +3,7 @@ import os
 
 import pytest
 import requests
+
 from broker_process import BrokerProcess
 
 _channel_numbers = itertools.count(1)

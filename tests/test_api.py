@@ -4,6 +4,7 @@ import time
 
 import pytest
 import requests
+
 from conftest import post
 
 

@@ -5,6 +5,7 @@ import threading
 import time
 
 import requests
+
 from conftest import post
 from sse_client import EventStream
 

@@ -5,6 +5,7 @@ import sqlite3
 import threading
 
 import pytest
+
 from agent_comms_broker.store import SCHEMA_VERSION, Store
 
 

@@ -28,7 +28,7 @@ from importlib import resources
 
 from docopt import docopt
 
-from . import __version__
+from . import __version__, preflight
 from .config import ConfigError, Settings
 
 FLAGS = {"--bind": "AGENT_COMMS_BIND", "--db": "AGENT_COMMS_DB", "--workers": "AGENT_COMMS_WORKERS"}
@@ -47,10 +47,12 @@ def main(argv=None):
         if args[flag] is not None:
             os.environ[variable] = args[flag]
     try:
-        Settings.from_env()
+        settings = Settings.from_env()
     except ConfigError as error:
         print(f"agent-comms-broker: {error}", file=sys.stderr)
         return 1
+    # Before gunicorn logs a line: a broker that cannot start says why in one line.
+    preflight.check(settings.db, [settings.bind])
     from gunicorn.app.wsgiapp import WSGIApplication
 
     sys.argv = ["agent-comms-broker", "--config", config_path()]

@@ -26,6 +26,8 @@ def check_database(db_path):
     directory = os.path.dirname(os.path.abspath(db_path))
     try:
         os.makedirs(directory, exist_ok=True)
+    except FileExistsError:
+        fail(f"cannot create the database directory {directory}: a file of that name is in the way")
     except OSError as error:
         fail(f"cannot create the database directory {directory}: {error.strerror}")
     try:

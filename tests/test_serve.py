@@ -1,0 +1,147 @@
+"""`agent-comms-broker serve`, a plain gunicorn run and `make run`: how the broker starts,
+and the one clear line it gives when it cannot."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from agent_comms_broker.config import ConfigError, Settings
+from broker_process import BIN, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_serve(*args, env=None, timeout=30):
+    return subprocess.run(
+        [str(BIN / "agent-comms-broker"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_clear_line(result, fragment):
+    assert result.returncode == 1, result
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and fragment in lines[0], result.stderr
+    assert lines[0].startswith("agent-comms-broker: ")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def wait_healthy(url, process, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise AssertionError("broker did not become healthy")
+
+
+def test_defaults_match_the_deployed_broker():
+    settings = Settings.from_env({})
+    assert settings.bind == "0.0.0.0:8080"
+    assert settings.db == "/opt/agent-comms/messages.db"
+    assert settings.workers == 2
+
+
+def test_every_setting_comes_from_the_environment():
+    settings = Settings.from_env(
+        {
+            "AGENT_COMMS_BIND": "127.0.0.1:9000",
+            "AGENT_COMMS_DB": "/tmp/x.db",
+            "AGENT_COMMS_WORKERS": "4",
+            "AGENT_COMMS_RETENTION_MAX_AGE": "30d",
+            "AGENT_COMMS_MAX_WAIT": "2m",
+            "AGENT_COMMS_SYNCHRONOUS": "normal",
+        }
+    )
+    assert (settings.bind, settings.db, settings.workers) == ("127.0.0.1:9000", "/tmp/x.db", 4)
+    assert settings.retention_max_age == 30 * 86400 and settings.max_wait == 120
+    assert settings.synchronous == "NORMAL"
+    with pytest.raises(ConfigError, match="AGENT_COMMS_WORKERS"):
+        Settings.from_env({"AGENT_COMMS_WORKERS": "0"})
+
+
+def test_unwritable_database_path_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_serve("serve", "--bind", f"127.0.0.1:{free_port()}", "--db", str(blocker / "messages.db"))
+    assert_one_clear_line(result, "cannot create the database directory")
+
+
+def test_database_that_is_not_sqlite_is_one_line(tmp_path):
+    bogus = tmp_path / "messages.db"
+    bogus.write_bytes(b"this is not a database" * 100)
+    result = run_serve("serve", "--bind", f"127.0.0.1:{free_port()}", "--db", str(bogus))
+    assert_one_clear_line(result, "cannot open the database")
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_serve("serve", "--bind", f"127.0.0.1:{port}", "--db", str(tmp_path / "m.db"))
+    assert_one_clear_line(result, "address already in use")
+
+
+def test_bad_setting_is_one_line(tmp_path):
+    result = run_serve("serve", "--db", str(tmp_path / "m.db"), env={"AGENT_COMMS_WORKERS": "many"})
+    assert_one_clear_line(result, "AGENT_COMMS_WORKERS")
+
+
+def test_usage_and_version():
+    assert "serve [--bind HOST:PORT] [--db PATH] [--workers N]" in run_serve("--help").stdout
+    assert run_serve("--version").stdout.strip() == "0.2.0"
+    wrong = run_serve("serve", "--no-such-flag")
+    assert wrong.returncode == 1 and "Usage:" in wrong.stdout + wrong.stderr
+
+
+def test_plain_gunicorn_with_the_shared_config(tmp_path):
+    """The documented `gunicorn -c "$(agent-comms-broker config-path)"` invocation."""
+    conf = run_serve("config-path").stdout.strip()
+    assert conf.endswith("gunicorn.conf.py") and Path(conf).is_file()
+    port = free_port()
+    env = {**os.environ, "AGENT_COMMS_BIND": f"127.0.0.1:{port}", "AGENT_COMMS_DB": str(tmp_path / "m.db")}
+    process = subprocess.Popen([str(BIN / "gunicorn"), "-c", conf], env=env, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process)
+        reply = requests.post(f"http://127.0.0.1:{port}/messages/general", json={"sender": "g", "message": "hi"})
+        assert reply.status_code == 201
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    assert process.returncode == 0
+
+
+def test_make_run(tmp_path):
+    """`make run` starts the broker in the foreground on the address and database given."""
+    port = free_port()
+    db = tmp_path / "data" / "messages.db"
+    process = subprocess.Popen(
+        ["make", "--no-print-directory", "run", f"BIND=127.0.0.1:{port}", f"DB={db}", f"VENV={sys.prefix}"],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, timeout=120)
+        assert db.exists()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
