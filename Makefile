@@ -27,7 +27,7 @@ run: venv ## Run the broker in the foreground on $(BIND) with $(DB)
 	$(BIN)/agent-comms-broker serve --bind $(BIND) --db $(DB)
 
 .PHONY: test
-test: venv ## Run the test suite (starts real brokers on loopback ports)
+test: lint ## ruff, then the test suite (starts real brokers on loopback ports)
 	$(BIN)/pytest
 
 .PHONY: bench
