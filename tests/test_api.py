@@ -1,5 +1,7 @@
 """Every endpoint of the broker and every error it answers, against a real broker."""
 
+import json
+import socket
 import time
 
 import pytest
@@ -182,6 +184,8 @@ def test_unknown_route_gets_404_and_wrong_method_405(url):
         ({"limit": -1}, "limit"),
         ({"after": "x"}, "after"),
         ({"after": -5}, "after"),
+        ({"after": 2**63}, "after"),
+        ({"after": "9" * 30}, "after"),
         ({"after": "1.5"}, "after"),
         ({"since": "yesterday"}, "since"),
         ({"since": "nan"}, "since"),
@@ -202,3 +206,36 @@ def test_bad_agent_header_gets_400(url, channel):
 
 def test_bad_last_event_id_gets_400(url, channel):
     assert "Last-Event-ID" in _error(requests.get(f"{url}/stream/{channel}", headers={"Last-Event-ID": "abc"}), 400)
+
+
+def test_huge_last_event_id_gets_400(url, channel):
+    reply = requests.get(f"{url}/stream/{channel}", headers={"Last-Event-ID": "9" * 30})
+    assert "Last-Event-ID" in _error(reply, 400)
+
+
+def raw_request(url, data):
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(data)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode("latin-1"), body
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        (b"POST /messages/general HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\nx", 400),
+        (b"GET /status HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n", 400),
+        (b"GET /" + b"a" * 4100 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET /status HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n", 431),
+    ],
+)
+def test_malformed_http_gets_a_json_error(url, data, status):
+    """gunicorn itself answers these before the app runs: still JSON, never HTML."""
+    code, head, body = raw_request(url, data)
+    assert code == status
+    assert "Content-Type: application/json" in head
+    assert json.loads(body)["error"]

@@ -21,6 +21,8 @@ AGENT_ID_MAX = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 LIMIT_DEFAULT = 50
 LIMIT_MAX = 1000
+# SQLite's largest integer: no cursor can be past it.
+ID_MAX = 2**63 - 1
 STREAM_BACKLOG_PAGE = 500
 # Reads naming an agent refresh its last-seen at most this often (per worker).
 TOUCH_INTERVAL = 1.0
@@ -54,18 +56,19 @@ def _require_unicode(value, what):
         raise _bad_request(f"{what} is not valid Unicode (lone surrogate)") from None
 
 
-def _int_param(name, low, high=None):
-    raw = request.query.get(name)
-    if raw is None:
-        return None
+def whole_number(raw, name, low, high=ID_MAX):
     try:
         value = int(raw)
     except ValueError:
         value = None
-    if value is None or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"of {low} or more"
-        raise _bad_request(f"{name} must be a whole number {bound}")
+    if value is None or not low <= value <= high:
+        raise _bad_request(f"{name} must be a whole number from {low} to {high}")
     return value
+
+
+def _int_param(name, low, high=ID_MAX):
+    raw = request.query.get(name)
+    return None if raw is None else whole_number(raw, name, low, high)
 
 
 def parse_timestamp(raw, name="since"):
@@ -320,12 +323,7 @@ def create_app(settings, runtime):
         raw = request.headers.get("Last-Event-ID") or request.query.get("after")
         store = runtime().store
         if raw is not None:
-            try:
-                cursor = int(raw)
-                if cursor < 0:
-                    raise ValueError
-            except ValueError:
-                raise _bad_request("Last-Event-ID / after must be a message id (a whole number)") from None
+            cursor = whole_number(raw, "Last-Event-ID (or after)", 0)
             resumed = True
         else:
             cursor = store.max_id()

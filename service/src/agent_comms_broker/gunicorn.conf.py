@@ -13,9 +13,9 @@ except ConfigError as error:
 wsgi_app = "agent_comms_broker.wsgi:app"
 bind = [_settings.bind]
 workers = _settings.workers
-# gevent: every SSE stream and long-poll is a greenlet of a few KiB, not a thread, so a
-# worker holds thousands of idle watchers while it keeps serving posts.
-worker_class = "gevent"
+# gevent (see worker.py): every SSE stream and long-poll is a greenlet of a few KiB, not a
+# thread, so a worker holds thousands of idle watchers while it keeps serving posts.
+worker_class = "agent_comms_broker.worker.BrokerWorker"
 worker_connections = _settings.worker_connections
 timeout = 30
 graceful_timeout = int(_settings.graceful_timeout)

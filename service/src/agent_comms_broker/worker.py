@@ -1,0 +1,26 @@
+"""The gunicorn worker class: gevent, with gunicorn's own answers to malformed requests
+(bad request line, bad header, headers too large) given as JSON like every other error.
+
+gevent because watchers (SSE streams, long-polls) hold their connection for minutes: a
+greenlet costs a few KiB where a thread or a process would cost far more.
+"""
+
+import json
+
+from gunicorn import util
+from gunicorn.workers.ggevent import GeventWorker
+
+
+def write_json_error(sock, status_int, reason, mesg):
+    body = json.dumps({"error": f"{reason.lower()}: {mesg}"}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+class BrokerWorker(GeventWorker):
+    def init_process(self):
+        util.write_error = write_json_error
+        super().init_process()
