@@ -88,6 +88,15 @@ def test_status_reports_counts(url, channel):
     assert status["uptime"] >= 0 and status["version"]
 
 
+def test_an_empty_channel_reads_empty_with_cursor_zero(url, channel):
+    page = requests.get(f"{url}/messages/{channel}").json()
+    assert page == {"channel": channel, "messages": [], "count": 0, "cursor": 0, "gap": False, "more": False}
+
+
+def test_status_timestamp_is_utc_with_its_offset(url):
+    assert requests.get(f"{url}/status").json()["timestamp"].endswith("+00:00")
+
+
 def test_healthz(url):
     reply = requests.get(f"{url}/healthz")
     assert reply.status_code == 200 and reply.json() == {"status": "ok"}
@@ -185,6 +194,10 @@ def test_unknown_route_gets_404_and_wrong_method_405(url):
         ({"after": "x"}, "after"),
         ({"after": -5}, "after"),
         ({"after": 2**63}, "after"),
+        ({"after": "+7"}, "after"),
+        ({"after": "1_0"}, "after"),
+        ({"limit": " 7"}, "limit"),
+        ({"since": "1969-12-31T00:00:00"}, "since"),
         ({"after": "9" * 30}, "after"),
         ({"after": "1.5"}, "after"),
         ({"since": "yesterday"}, "since"),

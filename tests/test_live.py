@@ -137,6 +137,28 @@ def test_sse_sends_keep_alive_comments(own_broker):
     assert stream.comments and stream.comments[0] == ": keep-alive"
 
 
+def test_a_watching_agent_stays_active(own_broker):
+    """An agent that only watches is refreshed on every keep-alive, so it never goes offline."""
+    broker = own_broker(env={"AGENT_COMMS_KEEPALIVE": "0.5"}).start()
+    watching = requests.get(
+        f"{broker.url}/stream/quiet",
+        headers={"Accept": "text/event-stream", "X-Agent-ID": "watcher-7"},
+        stream=True,
+        timeout=10,
+    )
+
+    def last_seen():
+        agents = requests.get(f"{broker.url}/agents").json()["agents"]
+        return next(a["last_seen"] for a in agents if a["id"] == "watcher-7")
+
+    first = last_seen()
+    deadline = time.monotonic() + 8
+    while last_seen() == first:
+        assert time.monotonic() < deadline, "last_seen did not move while the agent watched"
+        time.sleep(0.3)
+    watching.close()
+
+
 def test_sse_resumes_across_a_broker_restart(own_broker):
     broker = own_broker().start()
     url = broker.url

@@ -185,3 +185,16 @@ def test_refuses_a_newer_schema(tmp_path):
     db.close()
     with pytest.raises(RuntimeError, match="newer"):
         Store(path)
+
+
+def test_opening_needs_no_write_lock_once_migrated(tmp_path):
+    """A worker starting while another process holds the write lock can still read."""
+    path = str(tmp_path / "store.db")
+    Store(path).append([("general", "a", "x")])
+    holder = sqlite3.connect(path, isolation_level=None, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        opened = Store(path, busy_deadline=0.2)
+        assert [m.message for m in opened.latest("general", 10).messages] == ["x"]
+    finally:
+        holder.execute("ROLLBACK")

@@ -3,6 +3,7 @@ shape replies. Every error leaves as JSON {"error": "..."} with its status code.
 
 import datetime
 import json
+import logging
 import math
 import os
 import re
@@ -16,9 +17,12 @@ from . import __version__
 from .live import sse_frame
 from .store import StoreBusy, StoreFull
 
+log = logging.getLogger("agent_comms_broker.app")
+
 CHANNEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 AGENT_ID_MAX = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DIGITS = re.compile(r"^[0-9]{1,20}$")
 LIMIT_DEFAULT = 50
 LIMIT_MAX = 1000
 # SQLite's largest integer: no cursor can be past it.
@@ -57,10 +61,7 @@ def _require_unicode(value, what):
 
 
 def whole_number(raw, name, low, high=ID_MAX):
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
+    value = int(raw) if _DIGITS.match(raw) else None
     if value is None or not low <= value <= high:
         raise _bad_request(f"{name} must be a whole number from {low} to {high}")
     return value
@@ -82,9 +83,9 @@ def parse_timestamp(raw, name="since"):
             raise _bad_request(f"{name} must be unix seconds (e.g. 1732406400.5) or an ISO 8601 time") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=datetime.UTC)
-        return moment.timestamp()
+        value = moment.timestamp()
     if not math.isfinite(value) or value < 0:
-        raise _bad_request(f"{name} must be a finite number of 0 or more")
+        raise _bad_request(f"{name} must be a finite number of 0 or more (1970 or later)")
     return value
 
 
@@ -189,17 +190,27 @@ def create_app(settings, runtime):
     started = time.time()
     last_touch = {}
 
-    def touch_reader():
-        agent = request.headers.get("X-Agent-ID")
-        if agent is None:
-            return
-        validate_agent_id(agent, "X-Agent-ID header")
+    def touch(agent):
+        """Refresh an agent's last-seen; best effort, so a read never fails for it."""
         now = time.time()
-        if now - last_touch.get(agent, 0) >= TOUCH_INTERVAL:
+        if agent is None or now - last_touch.get(agent, 0) < TOUCH_INTERVAL:
+            return
+        try:
             runtime().store.touch_agent(agent, now)
-            last_touch[agent] = now
-            if len(last_touch) > 10000:
-                last_touch.clear()
+        except (StoreBusy, StoreFull) as error:
+            log.warning("could not record agent %s as seen: %s", agent, error)
+            return
+        last_touch[agent] = now
+        if len(last_touch) > 10000:
+            last_touch.clear()
+
+    def touch_reader():
+        """The X-Agent-ID of this read, validated and recorded as seen."""
+        agent = request.headers.get("X-Agent-ID")
+        if agent is not None:
+            validate_agent_id(agent, "X-Agent-ID header")
+            touch(agent)
+        return agent
 
     @app.get("/healthz")
     def healthz():
@@ -223,7 +234,7 @@ def create_app(settings, runtime):
         messages, channels, agents, active = store.totals(now - settings.active_window)
         return {
             "status": "running",
-            "timestamp": datetime.datetime.now().isoformat(),
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
             "version": __version__,
             "uptime": round(now - started, 3),
             "messages": messages,
@@ -328,7 +339,7 @@ def create_app(settings, runtime):
         else:
             cursor = store.max_id()
             resumed = False
-        touch_reader()
+        agent = touch_reader()
         hub = runtime().hub
         response.content_type = "text/event-stream"
         response.set_header("Cache-Control", "no-cache")
@@ -358,6 +369,7 @@ def create_app(settings, runtime):
                     while not watcher.closed:
                         if not watcher.event.wait(settings.keepalive):
                             yield b": keep-alive\n\n"
+                            touch(agent)  # a watching agent stays active
                             continue
                         items, overflowed = watcher.take()
                         if overflowed:

@@ -201,9 +201,9 @@ class Store:
 
     # -- transactions -------------------------------------------------------------------
 
-    def _retry(self, work):
+    def _retry(self, work, busy_deadline=None):
         """Run work (a whole transaction) until SQLite stops answering 'locked'."""
-        deadline = time.monotonic() + self.busy_deadline
+        deadline = time.monotonic() + (self.busy_deadline if busy_deadline is None else busy_deadline)
         pause = 0.0005
         while True:
             try:
@@ -220,7 +220,7 @@ class Store:
                 self._sleep(pause)
                 pause = min(pause * 2, 0.02)
 
-    def _write(self, work):
+    def _write(self, work, busy_deadline=None):
         def transaction():
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -232,7 +232,7 @@ class Store:
                 raise
             return result
 
-        return self._retry(transaction)
+        return self._retry(transaction, busy_deadline)
 
     def _read(self, work):
         """Several statements over one snapshot of the database."""
@@ -249,6 +249,8 @@ class Store:
     # -- schema ---------------------------------------------------------------------------
 
     def _migrate(self):
+        if self.schema_version() == SCHEMA_VERSION:
+            return  # the usual case: no write lock needed to open the store
         self._db.execute("BEGIN IMMEDIATE")
         try:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -289,10 +291,11 @@ class Store:
 
         return self._write(work)
 
-    def touch_agent(self, agent_id, now=None):
-        """Record that an agent was seen (it read, or watched)."""
+    def touch_agent(self, agent_id, now=None, busy_deadline=0.5):
+        """Record that an agent was seen (it read, or watched). Best effort: it gives up
+        on a locked database sooner than a post does."""
         seen = time.time() if now is None else now
-        self._write(lambda db: db.execute(UPSERT_AGENT_SEEN, (agent_id, seen, seen)))
+        self._write(lambda db: db.execute(UPSERT_AGENT_SEEN, (agent_id, seen, seen)), busy_deadline)
 
     def prune(self, max_age=0.0, max_messages=0, now=None):
         """Remove what retention no longer keeps; returns how many messages went."""
@@ -339,12 +342,13 @@ class Store:
     # -- reads ----------------------------------------------------------------------------
 
     def latest(self, channel, limit):
-        """The newest `limit` messages of a channel, oldest first."""
+        """The newest `limit` messages of a channel, oldest first; the cursor is the
+        channel's newest id (0 for an empty channel)."""
 
         def work(db):
             rows = db.execute(SELECT_LATEST, (channel, limit)).fetchall()
             rows.reverse()
-            cursor = rows[-1][0] if rows else db.execute(MAX_ID).fetchone()[0]
+            cursor = rows[-1][0] if rows else 0
             return Page([Message(*row) for row in rows], cursor, False, False)
 
         return self._read(work)

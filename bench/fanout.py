@@ -1,0 +1,174 @@
+"""Scenario: 1,000 SSE watchers of one channel (bench/watchers.py, in its own process) each
+receive 100 messages posted at a steady rate; post-to-delivery latency, no message lost,
+repeated or out of order; and each worker's memory while the watchers are connected."""
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from brokers import Client, cpu_seconds, running_broker, worker_memory
+
+WATCHERS_CLIENT = Path(__file__).resolve().parent / "watchers.py"
+CHANNEL = "bench-fanout"
+
+
+class WatchersProcess:
+    """bench/watchers.py as a child process, its JSON lines read by a thread."""
+
+    def __init__(self, port, watchers, messages, timeout):
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(WATCHERS_CLIENT),
+                "--port",
+                str(port),
+                "--channel",
+                CHANNEL,
+                "--watchers",
+                str(watchers),
+                "--messages",
+                str(messages),
+                "--timeout",
+                str(timeout),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.put(json.loads(line))
+        self.lines.put(None)
+
+    def next_report(self, timeout):
+        try:
+            report = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"the watchers client said nothing for {timeout:.0f} s") from None
+        if report is None:
+            raise RuntimeError(f"the watchers client exited with {self.process.wait()}")
+        return report
+
+    def close(self):
+        """Let the client drop its connections and exit; stopped if it is still busy."""
+        try:
+            self.process.stdin.write("close\n")
+            self.process.stdin.close()
+        except OSError:
+            pass
+        for stop in (None, self.process.terminate, self.process.kill):
+            if stop is not None:
+                stop()
+            try:
+                self.process.wait(5)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def post_steadily(port, count, rate):
+    """Post `count` messages, one every 1/rate s, each carrying its sequence number and send
+    time; returns how long each post took, in ms."""
+    client = Client(port)
+    took = []
+    start = time.monotonic()
+    try:
+        for seq in range(count):
+            pause = start + seq / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            sent = time.time()
+            client.post_json(
+                f"/messages/{CHANNEL}", {"sender": "bench-poster", "message": json.dumps({"seq": seq, "sent": sent})}
+            )
+            took.append((time.time() - sent) * 1000)
+    finally:
+        client.close()
+    return took
+
+
+class CpuMeter:
+    """The share of one CPU each named process used since this meter was made."""
+
+    def __init__(self, pids):
+        self.pids = pids
+        self.started = time.monotonic()
+        self.before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def read(self):
+        elapsed = time.monotonic() - self.started
+        return {name: round((cpu_seconds(pid) - self.before[name]) / elapsed, 3) for name, pid in self.pids.items()}
+
+
+def biggest_rss(memory):
+    return max((worker["rss_mb"] for worker in memory.values()), default=None)
+
+
+def run(report, workdir, watchers=1000, messages=100, rate=20.0):
+    timeout = messages / rate + 30
+    with running_broker(workdir, "fanout") as broker:
+        at_start = worker_memory(broker)
+        client = WatchersProcess(broker.port, watchers, messages, timeout)
+        try:
+            connected = client.next_report(timeout + 10)
+            print(f"  {connected['watchers']} of {watchers} watchers connected in {connected['seconds']} s", flush=True)
+            time.sleep(1.0)  # let the connection burst settle before measuring memory
+            idle = worker_memory(broker)
+            busy = CpuMeter({**{f"worker {pid}": pid for pid in idle}, "watchers client": client.process.pid})
+            post_ms = post_steadily(broker.port, messages, rate)
+            delivered = client.next_report(timeout + 10)
+            cpu = busy.read()
+            after = worker_memory(broker)
+        finally:
+            client.close()
+    report.details["fanout"] = {
+        "watchers": watchers,
+        "messages": messages,
+        "post_rate_per_s": rate,
+        "connected": connected,
+        "delivered": delivered,
+        "post_ms_max": round(max(post_ms), 2),
+        "cpu_while_delivering": cpu,
+        "memory": {"at_start": at_start, "idle_watchers": idle, "after_delivery": after},
+    }
+    latency = delivered["latency_after_post_ms"]
+    report.add(
+        "fan-out p99 post-to-delivery",
+        latency.get("99"),
+        "ms",
+        250,
+        at_least=False,
+        note=f"{watchers} SSE watchers x {messages} msgs at {rate:g}/s; p50 {latency.get('50')} ms, "
+        f"max {latency.get('max')} ms",
+    )
+    report.add(
+        "fan-out watchers with every message once, in order",
+        delivered["complete"],
+        "watchers",
+        watchers,
+        at_least=True,
+        note=f"missing {delivered['missing']}, repeated {delivered['repeated']}, "
+        f"out of order {delivered['out_of_order']}, errors {delivered['errors']}",
+    )
+    worst = max(filter(None, [biggest_rss(idle), biggest_rss(after)]), default=None)
+    sockets = "/".join(str(worker["sockets"]) for worker in idle.values())
+    report.add(
+        f"worker RSS with {watchers:,} watchers",
+        worst,
+        "MB",
+        60,
+        at_least=False,
+        note=f"per worker idle {_rss(idle)}, after delivery {_rss(after)}, before watchers "
+        f"{_rss(at_start)}; sockets per worker (its watchers + 1) {sockets}",
+    )
+
+
+def _rss(memory):
+    return "/".join(f"{worker['rss_mb']:.1f}" for worker in memory.values()) + " MB"

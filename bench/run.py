@@ -1,0 +1,98 @@
+"""The benchmark suite (`make bench`): starts real brokers (gunicorn, 2 gevent workers,
+loopback, temporary SQLite files), measures each figure against its target, prints a
+summary table and writes bench/results/latest.json.
+
+Usage: run.py [--only NAMES] [--seconds S] [--wrk-threads N] [--watchers N] [--messages N]
+              [--rate R] [--big-store N] [--keep]
+
+Scenarios, in order: publish, read, fanout (also each worker's memory), big-store.
+Exit status: 0 when every figure meets its target, 1 when one misses, 2 when a scenario
+could not run.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import big_store
+import fanout
+import latest_read
+import publish
+from figures import Report
+from wrk_runner import require_wrk
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+def scenarios(args):
+    return {
+        "publish": lambda report, workdir: publish.run(report, workdir, args.seconds, args.wrk_threads),
+        "read": lambda report, workdir: latest_read.run(report, workdir, args.seconds, args.wrk_threads),
+        "fanout": lambda report, workdir: fanout.run(report, workdir, args.watchers, args.messages, args.rate),
+        "big-store": lambda report, workdir: big_store.run(report, workdir, args.big_store),
+    }
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated scenarios to run (default: all)")
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run [10]")
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads [1]: the broker needs the cores")
+    parser.add_argument("--watchers", type=int, default=1000, help="SSE watchers in the fan-out [1000]")
+    parser.add_argument("--messages", type=int, default=100, help="messages posted in the fan-out [100]")
+    parser.add_argument("--rate", type=float, default=20.0, help="fan-out posts per second [20]")
+    parser.add_argument("--big-store", type=int, default=1_000_000, help="messages in the big store [1000000]")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (databases, logs)")
+    return parser.parse_args(argv)
+
+
+def stop_on_sigterm():
+    """SIGTERM unwinds like Ctrl-C, so brokers, watchers and temporary files are cleaned up."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stop_on_sigterm()
+    table = scenarios(args)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(table)
+    unknown = sorted(set(chosen) - set(table))
+    if unknown:
+        raise SystemExit(f"bench: no scenario {', '.join(unknown)}; there are {', '.join(table)}")
+    if {"publish", "read"} & set(chosen):
+        require_wrk()
+    report = Report()
+    workdir = Path(tempfile.mkdtemp(prefix="agent-comms-bench-"))
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"agent-comms benchmark: {os.cpu_count()} CPUs, load average {load}; working in {workdir}", flush=True)
+    try:
+        for name in chosen:
+            print(f"\n[{name}]", flush=True)
+            started = time.monotonic()
+            try:
+                table[name](report, workdir)
+            except Exception as error:  # one broken scenario must not hide the others' figures
+                traceback.print_exc()
+                report.errors.append(f"{name}: {type(error).__name__}: {error}")
+            print(f"  ({time.monotonic() - started:.1f} s)", flush=True)
+    finally:
+        if args.keep:
+            print(f"\nkept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report.write_json(RESULTS)
+    print("\nSummary\n" + report.table())
+    print(f"\nwritten to {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    if report.errors:
+        return 2
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
