@@ -8,11 +8,11 @@ and hands them to every watcher of their channel, so N watchers cost one query.
 """
 
 import collections
-import json
 import logging
 import random
 
 import gevent
+import orjson
 from gevent.event import AsyncResult, Event
 
 log = logging.getLogger("agent_comms_broker.live")
@@ -26,8 +26,7 @@ GROUP_COMMIT_LIMIT = 1000
 
 def sse_frame(message):
     """The Server-Sent Events frame of one message; event id = message id."""
-    data = json.dumps(message.as_dict(), ensure_ascii=False, separators=(",", ":"))
-    return f"id: {message.id}\ndata: {data}\n\n".encode()
+    return b"id: %d\ndata: %s\n\n" % (message.id, orjson.dumps(message.as_dict()))
 
 
 class Watcher:
