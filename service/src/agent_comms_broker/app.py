@@ -185,7 +185,8 @@ def _message_page(channel, page):
 
 def create_app(settings, runtime):
     """The Bottle app. `runtime` gives this process's store, hub and committer."""
-    app = bottle.Bottle(autojson=False)
+    app = bottle.Bottle()
+    app.uninstall("json")
     # orjson: replies are mostly lists of messages, and encoding them was a third of a
     # worker's time with the standard library's json.
     app.install(bottle.JSONPlugin(json_dumps=orjson.dumps))

@@ -21,6 +21,9 @@ timeout = 30
 graceful_timeout = int(_settings.graceful_timeout)
 keepalive = 15
 proc_name = "agent-comms-broker"
+# gunicorn 24+ opens a control socket under $HOME by default: one path shared by every
+# broker on the host, and a write outside the state directory. The broker needs none.
+control_socket_disable = True
 loglevel = _settings.log_level
 errorlog = "-"
 accesslog = _settings.access_log or None
