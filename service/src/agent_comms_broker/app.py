@@ -12,7 +12,7 @@ from importlib import resources
 
 import bottle
 import orjson
-from bottle import HTTPError, HTTPResponse, request, response
+from bottle import HTTPError, request, response
 
 from . import __version__
 from .live import sse_frame
@@ -162,10 +162,10 @@ class StoreErrorsPlugin:
             try:
                 return callback(*args, **kwargs)
             except StoreFull:
-                raise HTTPError(507, "the broker's disk is full: message not stored; retry later") from None
+                raise HTTPError(507, "the broker's disk is full: nothing was stored; retry later") from None
             except StoreBusy:
                 raise HTTPError(
-                    503, "the database is busy: message not stored; retry later", **{"Retry-After": "1"}
+                    503, "the database is busy: nothing was stored; retry later", **{"Retry-After": "1"}
                 ) from None
 
         return wrapper
@@ -221,14 +221,10 @@ def create_app(settings, runtime):
     def healthz():
         try:
             ok = runtime().store.healthy()
-        except Exception as error:  # the answer for any failure is 503, with its cause
-            return HTTPResponse(
-                json.dumps({"error": f"database check failed: {error}"}), 503, content_type="application/json"
-            )
+        except Exception as error:  # whatever failed, the answer is 503 with its cause
+            raise HTTPError(503, f"database check failed: {error}") from None
         if not ok:
-            return HTTPResponse(
-                json.dumps({"error": "database schema is not this broker's"}), 503, content_type="application/json"
-            )
+            raise HTTPError(503, "database schema is not this broker's")
         return {"status": "ok"}
 
     @app.get("/status")
