@@ -72,6 +72,12 @@ def test_agents_register_by_posting_and_by_reading(url, channel):
     assert agents[sender]["last_seen"] >= first["timestamp"]
     assert agents[sender]["active"] is True and agents[sender]["status"] == "online"
     assert agents[reader]["message_count"] == 0 and agents[reader]["active"] is True
+    relay = f"relay-{channel}"
+    requests.post(
+        f"{url}/messages/{channel}", json={"sender": sender, "message": "x"}, headers={"X-Agent-ID": relay}
+    ).raise_for_status()
+    agents = {a["id"]: a for a in requests.get(f"{url}/agents").json()["agents"]}
+    assert agents[relay]["message_count"] == 0 and agents[relay]["active"] is True
     before = agents[reader]["last_seen"]
     time.sleep(1.1)
     requests.get(f"{url}/status", headers={"X-Agent-ID": reader}).raise_for_status()

@@ -210,7 +210,7 @@ def create_app(settings, runtime):
             last_touch.clear()
 
     def touch_reader():
-        """The X-Agent-ID of this read, validated and recorded as seen."""
+        """The X-Agent-ID of this request, validated and recorded as seen."""
         agent = request.headers.get("X-Agent-ID")
         if agent is not None:
             validate_agent_id(agent, "X-Agent-ID header")
@@ -273,6 +273,7 @@ def create_app(settings, runtime):
     @app.post("/messages/<channel>")
     def post_messages(channel):
         validate_channel(channel)
+        touch_reader()
         body = read_json_body(settings.max_body)
         if isinstance(body, list):
             if not body:
