@@ -12,14 +12,14 @@ DB ?= ./data/messages.db
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(BIN)/.installed: service/pyproject.toml tests/requirements.txt
+$(BIN)/.installed: service/pyproject.toml client/pyproject.toml tests/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ./service -r tests/requirements.txt
+	$(BIN)/pip install --quiet -e ./service -e ./client -r tests/requirements.txt
 	touch $@
 
 .PHONY: venv
-venv: $(BIN)/.installed ## Create the virtualenv and install the broker and test tools
+venv: $(BIN)/.installed ## Create the virtualenv: the broker, agent-chat and the test tools
 
 .PHONY: run
 run: venv ## Run the broker in the foreground on $(BIND) with $(DB)
@@ -37,7 +37,7 @@ bench: venv ## Run the benchmarks and print their figures
 
 .PHONY: lint
 lint: venv ## ruff over everything
-	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff check service client tests bench
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (keeps ./data)

@@ -45,9 +45,13 @@ def channel(request):
 
 
 @pytest.fixture(autouse=True)
-def _no_default_broker(monkeypatch, broker):
-    """No command a test runs can fall back to the deployed broker."""
+def _no_default_broker(monkeypatch, broker, tmp_path):
+    """No command a test runs can fall back to the deployed broker, or read a config file
+    of the machine's user."""
     monkeypatch.setenv("AGENT_COMMS_BROKER", broker.url)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    for variable in ("AGENT_COMMS_AGENT_ID", "AGENT_COMMS_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
 
 
 def post(url, channel, sender, message, **kwargs):

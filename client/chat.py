@@ -1,0 +1,21 @@
+#!/usr/bin/env python3
+"""The old entry point, kept so `python3 chat.py ...` and `python3 /opt/agent-comms/chat.py ...`
+in existing scripts run agent-chat unchanged."""
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# From a checkout of the repository, the package is beside this file.
+sys.path.insert(0, os.path.join(HERE, "src"))
+
+try:
+    from agent_comms_chat.cli import main
+except ImportError:
+    # Installed next to a virtualenv (as in /opt/agent-comms): run with its Python.
+    for python in (os.path.join(HERE, "venv", "bin", "python3"), os.path.join(HERE, ".venv", "bin", "python3")):
+        if os.path.exists(python) and os.path.realpath(python) != os.path.realpath(sys.executable):
+            os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
+    sys.exit("chat.py: agent-comms-chat is not installed here: pip install agent-comms-chat (or ./client)")
+
+sys.exit(main())

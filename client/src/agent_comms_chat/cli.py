@@ -1,0 +1,177 @@
+"""agent-chat: send, read and watch messages on an agent-comms broker.
+
+Usage:
+  agent-chat [options] send CHANNEL MESSAGE
+  agent-chat [options] read CHANNEL [--limit N] [--since TIMESTAMP | --after ID]
+  agent-chat [options] watch CHANNEL [--interval SECONDS] [--after ID] [--count N]
+                                     [--until REGEX] [--timeout SECONDS]
+  agent-chat [options] channels
+  agent-chat [options] agents
+  agent-chat [options] status
+  agent-chat (-h | --help | --version)
+
+Commands:
+  send       Post MESSAGE to CHANNEL and print the stored message's id.
+             MESSAGE - reads the message from standard input (any UTF-8, many lines).
+  read       Print the latest messages of CHANNEL, oldest first; or the messages
+             that follow a time (--since) or a message id (--after).
+  watch      Print CHANNEL's new messages as they arrive (the broker's live stream; no
+             polling), until interrupted, --count, --until or --timeout. A broker
+             restart is survived: it reconnects from the last message seen.
+  channels   List the channels with their message counts and last activity.
+  agents     List the agents with first and last seen, messages sent, and activity.
+  status     Show the broker's status and statistics.
+
+Options:
+  --broker URL          Broker to use. Else $AGENT_COMMS_BROKER, else `broker` in
+                        ~/.config/agent-comms/config.ini or /etc/agent-comms/chat.ini,
+                        else http://192.168.122.86:8080.
+  --agent-id ID         Who you are: the sender of what you send. Else
+                        $AGENT_COMMS_AGENT_ID, else `agent_id` in the config file,
+                        else agent-<short host name>.
+  --token TOKEN         Bearer token for a broker that requires one. Else
+                        $AGENT_COMMS_TOKEN, else `token` in the config file.
+  --json                Print JSON (one message per line for read and watch).
+  --limit N             How many messages read prints [default: 10].
+  --since TIMESTAMP     Messages after this time: unix seconds, or ISO 8601 (UTC).
+  --after ID            Messages after this message id (e.g. the id `send` printed).
+  --interval SECONDS    Accepted for old scripts; watch is live and ignores it.
+  --count N             watch: exit 0 after N messages.
+  --until REGEX         watch: exit 0 after printing a message that matches REGEX.
+  --timeout SECONDS     watch: exit 124 if it has not ended by then.
+  -h --help             Show this text.
+  --version             Show the version.
+
+Exit status:
+  0    success (watch: --count reached or --until matched)
+  1    usage error
+  2    the broker is unreachable or answered with an error (one line on stderr)
+  124  watch --timeout ran out
+  130  interrupted (Ctrl-C)
+
+Waiting for a reply in a script:
+  id=$(agent-chat send tasks "Download media file: movie.mkv")
+  agent-chat watch tasks --after "$id" --until '✅ Download completed' --timeout 3600
+"""
+
+import sys
+import time
+
+from docopt import DocoptExit, docopt
+
+from . import __version__
+from .config import ConfigError, resolve
+
+EXIT_USAGE, EXIT_BROKER, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 124, 130
+
+
+class UsageError(Exception):
+    pass
+
+
+def _number(args, option, kind=int, low=1):
+    raw = args[option]
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or value != value:
+        raise UsageError(f"{option} must be a number of {low} or more, not {raw!r}")
+    return value
+
+
+def main(argv=None):
+    try:
+        args = docopt(__doc__, argv=argv, version=__version__)
+    except DocoptExit:
+        usage = getattr(DocoptExit, "usage", "").strip()
+        print(
+            f"agent-chat: that command line does not match the usage (see agent-chat --help)\n{usage}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    try:
+        return run(args)
+    except UsageError as error:
+        print(f"agent-chat: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+
+
+def run(args):
+    try:
+        settings = resolve(args)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    # Validate every option before any request is made.
+    limit = _number(args, "--limit")
+    after = _number(args, "--after", low=0)
+    since = args["--since"]
+    count = _number(args, "--count")
+    timeout = _number(args, "--timeout", float, low=0)
+    _number(args, "--interval", float, low=0)
+    until = _compile(args["--until"])
+
+    from .client import BrokerClient, BrokerError
+    from .output import Printer
+
+    broker = BrokerClient(settings["broker"], settings["agent_id"], settings["token"])
+    out = Printer(as_json=args["--json"])
+    try:
+        if args["send"]:
+            # From stdin, drop the final newline as the shell's $(...) does: `echo hi |` sends "hi".
+            text = sys.stdin.read().removesuffix("\n") if args["MESSAGE"] == "-" else args["MESSAGE"]
+            if not text:
+                raise UsageError("the message is empty")
+            out.sent(broker.send(args["CHANNEL"], text))
+        elif args["read"]:
+            out.messages(broker.read(args["CHANNEL"], limit=limit, since=since, after=after)["messages"])
+        elif args["watch"]:
+            return watch(broker, out, args["CHANNEL"], after, count, until, timeout)
+        elif args["channels"]:
+            out.channels(broker.channels())
+        elif args["agents"]:
+            out.agents(broker.agents())
+        elif args["status"]:
+            out.status(broker.status())
+    except BrokerError as error:
+        print(f"agent-chat: {error}", file=sys.stderr)
+        return EXIT_BROKER
+    return 0
+
+
+def _compile(pattern):
+    if pattern is None:
+        return None
+    import re
+
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise UsageError(f"--until is not a valid regular expression: {error}") from None
+
+
+def watch(broker, out, channel, after, count, until, timeout):
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if after is None:
+        after = broker.latest_cursor(channel)
+
+    def gap(cursor):
+        print(
+            f"agent-chat: retention removed messages of {channel} after id {cursor} before they were read",
+            file=sys.stderr,
+        )
+
+    seen = 0
+    for message in broker.watch(channel, after, deadline=deadline, on_gap=gap):
+        out.message(message)
+        seen += 1
+        if until is not None and until.search(message["message"]):
+            return 0
+        if count is not None and seen >= count:
+            return 0
+    return EXIT_TIMEOUT

@@ -1,0 +1,192 @@
+"""A small client of the agent-comms broker's HTTP API, apart from any printing, so other
+Python code can use it:
+
+    from agent_comms_chat.client import BrokerClient
+    broker = BrokerClient("http://192.168.122.86:8080", agent_id="warp-ct200")
+    broker.send("tasks", "Task completed successfully")
+    for message in broker.watch("tasks", after=broker.latest_cursor("tasks")):
+        ...
+"""
+
+import json
+import re
+import time
+
+from . import __version__
+
+# (connect, read) seconds for every request but the live stream.
+TIMEOUT = (3.05, 15.0)
+# A live stream hears at least a keep-alive comment every 15 s; silence this long is a
+# dead connection, so reconnect.
+STREAM_SILENCE = 45.0
+RECONNECT_FIRST, RECONNECT_MAX = 0.2, 5.0
+
+
+class BrokerError(Exception):
+    """The broker could not be reached, or answered with an error. str() is one line that
+    names the URL and the cause."""
+
+
+def _cause(error):
+    text = str(error)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if found:
+        return found.group(1).strip().lower()
+    if "timed out" in text.lower() or "timeout" in type(error).__name__.lower():
+        return "timed out"
+    if "Name or service not known" in text or "NameResolution" in text:
+        return "unknown host"
+    return type(error).__name__
+
+
+class BrokerClient:
+    def __init__(self, url, agent_id=None, token=None):
+        # requests costs most of agent-chat's start-up, so only a command that talks to
+        # the broker imports it.
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        self.url = url.rstrip("/")
+        self._requests = requests
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = f"agent-chat/{__version__}"
+        if agent_id:
+            self.session.headers["X-Agent-ID"] = agent_id
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        # Reads retry with backoff. A post retries only a failed connection, which never
+        # reached the broker, so a message is never posted twice.
+        retry = Retry(
+            total=None,
+            connect=3,
+            read=2,
+            status=2,
+            other=0,
+            allowed_methods=frozenset({"GET"}),
+            status_forcelist=(502, 503, 504),
+            backoff_factor=0.3,
+            raise_on_status=False,
+        )
+        adapter = HTTPAdapter(max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    # -- plain requests -------------------------------------------------------------------
+
+    def _call(self, method, path, timeout=TIMEOUT, **kwargs):
+        url = self.url + path
+        requests = self._requests
+        try:
+            reply = self.session.request(method, url, timeout=timeout, **kwargs)
+        except requests.exceptions.InvalidURL as error:
+            raise BrokerError(f"invalid broker URL {self.url}: {error}") from None
+        except requests.exceptions.MissingSchema:
+            raise BrokerError(f"invalid broker URL {self.url}: it must start with http:// or https://") from None
+        except requests.RequestException as error:
+            raise BrokerError(f"cannot reach {url}: {_cause(error)}") from None
+        if reply.status_code >= 400:
+            raise BrokerError(f"{method} {url} answered {reply.status_code}: {_error_text(reply)}")
+        try:
+            return reply.json()
+        except ValueError:
+            raise BrokerError(f"{method} {url} answered {reply.status_code} with something that is not JSON") from None
+
+    def send(self, channel, message, sender=None):
+        """Post one message; returns the stored message (with its id)."""
+        sender = sender or self.session.headers.get("X-Agent-ID")
+        return self._call("POST", f"/messages/{channel}", json={"sender": sender, "message": message})
+
+    def read(self, channel, limit=None, since=None, after=None, wait=None):
+        """One page: {"messages": [...], "cursor": ..., "gap": ..., "more": ...}."""
+        params = {"limit": limit, "since": since, "after": after, "wait": wait}
+        timeout = (TIMEOUT[0], TIMEOUT[1] + float(wait or 0))
+        return self._call("GET", f"/messages/{channel}", timeout=timeout, params=params)
+
+    def latest_cursor(self, channel):
+        """The cursor of the channel's newest message: watch after it for what comes next."""
+        return self.read(channel, limit=1)["cursor"]
+
+    def channels(self):
+        return self._call("GET", "/channels")
+
+    def agents(self):
+        return self._call("GET", "/agents")
+
+    def status(self):
+        return self._call("GET", "/status")
+
+    # -- live stream ----------------------------------------------------------------------
+
+    def watch(self, channel, after, deadline=None, on_gap=None, on_reconnect=None):
+        """Yield the channel's messages after the cursor as they arrive, from its Server-Sent
+        Events stream. A dropped connection (a broker restart) is reopened from the last id
+        seen, so nothing is lost or repeated. Returns when `deadline` (time.monotonic())
+        passes; raises BrokerError for an answer that retrying cannot fix (4xx)."""
+        requests = self._requests
+        cursor = after
+        pause = RECONNECT_FIRST
+        while True:
+            silence = STREAM_SILENCE if deadline is None else min(STREAM_SILENCE, deadline - time.monotonic())
+            if silence <= 0:
+                return
+            url = f"{self.url}/stream/{channel}"
+            try:
+                with self.session.get(
+                    url,
+                    headers={"Accept": "text/event-stream", "Last-Event-ID": str(cursor)},
+                    stream=True,
+                    timeout=(TIMEOUT[0], silence),
+                ) as reply:
+                    if 400 <= reply.status_code < 500:
+                        raise BrokerError(f"GET {url} answered {reply.status_code}: {_error_text(reply)}")
+                    if reply.status_code < 400:
+                        pause = RECONNECT_FIRST
+                        for event in _events(reply):
+                            if event.get("event") == "gap":
+                                if on_gap:
+                                    on_gap(cursor)
+                            elif "data" in event and event.get("event", "message") == "message":
+                                message = json.loads(event["data"])
+                                cursor = message["id"]
+                                yield message
+                            if deadline is not None and time.monotonic() >= deadline:
+                                return
+            except (requests.RequestException, ValueError):
+                pass  # dropped, refused or garbled: reconnect from the cursor below
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                time.sleep(max(0.0, deadline - time.monotonic()))
+                return
+            if on_reconnect:
+                on_reconnect(cursor)
+            time.sleep(pause)
+            pause = min(pause * 2, RECONNECT_MAX)
+
+
+def _error_text(reply):
+    try:
+        return str(reply.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return reply.reason or "error"
+
+
+def _events(reply):
+    """Server-Sent Events of a streamed reply, each a dict of its fields; a comment (the
+    broker's keep-alive) yields an empty dict so the caller can check its deadline."""
+    buffer = b""
+    event = {}
+    for chunk in reply.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n" in buffer:
+            raw, buffer = buffer.split(b"\n", 1)
+            line = raw.decode("utf-8").rstrip("\r")
+            if line == "":
+                if event:
+                    yield event
+                event = {}
+            elif line.startswith(":"):
+                yield {}
+            else:
+                field, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                event[field] = event[field] + "\n" + value if field == "data" and "data" in event else value
