@@ -5,7 +5,7 @@ summary table and writes bench/results/latest.json.
 Usage: run.py [--only NAMES] [--seconds S] [--wrk-threads N] [--watchers N] [--messages N]
               [--rate R] [--big-store N] [--keep]
 
-Scenarios, in order: publish, read, fanout (also each worker's memory), big-store.
+Scenarios, in order: publish, read, fanout (also each worker's memory), big-store, cli-send.
 Exit status: 0 when every figure meets its target, 1 when one misses, 2 when a scenario
 could not run.
 """
@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 import big_store
+import cli_send
 import fanout
 import latest_read
 import publish
@@ -36,6 +37,7 @@ def scenarios(args):
         "read": lambda report, workdir: latest_read.run(report, workdir, args.seconds, args.wrk_threads),
         "fanout": lambda report, workdir: fanout.run(report, workdir, args.watchers, args.messages, args.rate),
         "big-store": lambda report, workdir: big_store.run(report, workdir, args.big_store),
+        "cli-send": lambda report, workdir: cli_send.run(report, workdir),
     }
 
 
