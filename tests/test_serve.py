@@ -119,8 +119,10 @@ def test_plain_gunicorn_with_the_shared_config(tmp_path):
         wait_healthy(f"http://127.0.0.1:{port}", process)
         reply = requests.post(f"http://127.0.0.1:{port}/messages/general", json={"sender": "g", "message": "hi"})
         assert reply.status_code == 201
-        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-        assert len(workers) == 2
+        deadline = time.monotonic() + 20  # healthy once one worker is up; gunicorn forks the next a moment later
+        while len(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()) < 2:
+            assert time.monotonic() < deadline, "gunicorn did not start the 2 workers of the shared config"
+            time.sleep(0.1)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
