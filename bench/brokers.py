@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -24,19 +23,9 @@ def running_broker(workdir, name, env=None, db_path=None):
     broker.log_path = home / "broker.log"
     try:
         broker.start()
-        wait_for_workers(broker)
         yield broker
     finally:
         broker.stop()
-
-
-def wait_for_workers(broker, timeout=20):
-    """/healthz answers once one worker is up; gunicorn forks the others a moment apart."""
-    deadline = time.monotonic() + timeout
-    while len(broker.worker_pids()) < broker.workers:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"broker has {len(broker.worker_pids())} of {broker.workers} workers")
-        time.sleep(0.05)
 
 
 class Client:

@@ -54,12 +54,14 @@ class BrokerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                # Healthy once one worker answers; gunicorn forks the others a moment apart.
+                healthy = requests.get(self.url + "/healthz", timeout=1).status_code == 200
+                if healthy and len(self.worker_pids()) >= self.workers:
                     return self
             except requests.ConnectionError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError(f"broker did not become healthy:\n{self.log()}")
+        raise RuntimeError(f"broker did not become healthy with {self.workers} workers:\n{self.log()}")
 
     def worker_pids(self):
         out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)

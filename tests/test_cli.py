@@ -343,19 +343,25 @@ def test_resolution_order_and_defaults(tmp_path):
 
 def test_token_is_sent_as_a_bearer_token():
     client = BrokerClient("http://127.0.0.1:9", agent_id="a", token="s3cret")
-    assert client.session.headers["Authorization"] == "Bearer s3cret"
+    assert client.headers["Authorization"] == "Bearer s3cret"  # on sends (http.client)
+    assert client.session.headers["Authorization"] == "Bearer s3cret"  # on reads (requests)
     assert client.session.headers["X-Agent-ID"] == "a"
 
 
-def test_reads_retry_until_a_starting_broker_answers(chat, tmp_path):
-    """A read started just before the broker comes up retries with backoff and succeeds."""
+@pytest.mark.parametrize("command", [["status", "--json"], ["send", "late", "posted once"]])
+def test_retries_until_a_starting_broker_answers(chat, tmp_path, command):
+    """A read or a send started just before the broker comes up retries opening its
+    connection with backoff and succeeds; the send is stored exactly once."""
     broker = BrokerProcess(tmp_path / "late.db", port=free_port())
-    reader = subprocess.Popen(
-        [*chat.entry, "--broker", broker.url, "status", "--json"], stdout=subprocess.PIPE, text=True
-    )
+    started = subprocess.Popen([*chat.entry, "--broker", broker.url, *command], stdout=subprocess.PIPE, text=True)
     try:
         broker.start()
-        assert reader.wait(30) == 0
-        assert json.loads(reader.stdout.read())["status"] == "running"
+        assert started.wait(30) == 0
+        printed = started.stdout.read()
+        if command[0] == "send":
+            assert [m["message"] for m in latest(broker.url, "late")] == ["posted once"]
+            assert printed.strip() == str(latest(broker.url, "late")[0]["id"])
+        else:
+            assert json.loads(printed)["status"] == "running"
     finally:
         broker.stop()

@@ -20,6 +20,9 @@ TIMEOUT = (3.05, 15.0)
 # dead connection, so reconnect.
 STREAM_SILENCE = 45.0
 RECONNECT_FIRST, RECONNECT_MAX = 0.2, 5.0
+# Opening a connection is tried this many times, 0.3, 0.6, 1.2, 2.4 s apart: a broker
+# that is restarting (a few seconds) is waited for.
+SEND_CONNECT_TRIES = 5
 
 
 class BrokerError(Exception):
@@ -39,46 +42,61 @@ def _cause(error):
     return type(error).__name__
 
 
+def _os_cause(error):
+    if isinstance(error, TimeoutError) or "timed out" in str(error):
+        return "timed out"
+    if error.__class__.__name__ == "gaierror":
+        return "unknown host"
+    return (getattr(error, "strerror", None) or str(error) or type(error).__name__).lower()
+
+
 class BrokerClient:
     def __init__(self, url, agent_id=None, token=None):
-        # requests costs most of agent-chat's start-up, so only a command that talks to
-        # the broker imports it.
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
-
         self.url = url.rstrip("/")
-        self._requests = requests
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = f"agent-chat/{__version__}"
+        self.agent_id = agent_id
+        self.headers = {"User-Agent": f"agent-chat/{__version__}"}
         if agent_id:
-            self.session.headers["X-Agent-ID"] = agent_id
+            self.headers["X-Agent-ID"] = agent_id
         if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        # Reads retry with backoff. A post retries only a failed connection, which never
-        # reached the broker, so a message is never posted twice.
-        retry = Retry(
-            total=None,
-            connect=3,
-            read=2,
-            status=2,
-            other=0,
-            allowed_methods=frozenset({"GET"}),
-            status_forcelist=(502, 503, 504),
-            backoff_factor=0.3,
-            raise_on_status=False,
-        )
-        adapter = HTTPAdapter(max_retries=retry)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+            self.headers["Authorization"] = f"Bearer {token}"
+        self._session = None
+
+    @property
+    def session(self):
+        """A requests session whose reads retry with backoff. requests costs most of
+        agent-chat's start-up, so it is imported only by commands that read."""
+        if self._session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+            from urllib3.util.retry import Retry
+
+            self._requests = requests
+            self._session = requests.Session()
+            self._session.headers.update(self.headers)
+            retry = Retry(
+                total=None,
+                connect=SEND_CONNECT_TRIES - 1,
+                read=2,
+                status=2,
+                other=0,
+                allowed_methods=frozenset({"GET"}),
+                status_forcelist=(502, 503, 504),
+                backoff_factor=0.3,
+                raise_on_status=False,
+            )
+            adapter = HTTPAdapter(max_retries=retry)
+            self._session.mount("http://", adapter)
+            self._session.mount("https://", adapter)
+        return self._session
 
     # -- plain requests -------------------------------------------------------------------
 
     def _call(self, method, path, timeout=TIMEOUT, **kwargs):
         url = self.url + path
+        session = self.session
         requests = self._requests
         try:
-            reply = self.session.request(method, url, timeout=timeout, **kwargs)
+            reply = session.request(method, url, timeout=timeout, **kwargs)
         except requests.exceptions.InvalidURL as error:
             raise BrokerError(f"invalid broker URL {self.url}: {error}") from None
         except requests.exceptions.MissingSchema:
@@ -93,9 +111,52 @@ class BrokerClient:
             raise BrokerError(f"{method} {url} answered {reply.status_code} with something that is not JSON") from None
 
     def send(self, channel, message, sender=None):
-        """Post one message; returns the stored message (with its id)."""
-        sender = sender or self.session.headers.get("X-Agent-ID")
-        return self._call("POST", f"/messages/{channel}", json={"sender": sender, "message": message})
+        """Post one message; returns the stored message (with its id).
+
+        Uses the standard library's http.client rather than requests: a send is often a
+        whole process of its own, and this keeps it near 50 ms. Only opening the
+        connection is retried; once the request has gone out it is never sent again, so
+        a message is never posted twice."""
+        from http.client import HTTPConnection, HTTPException, HTTPSConnection
+        from urllib.parse import quote, urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BrokerError(f"invalid broker URL {self.url}: it must look like http://HOST:PORT")
+        url = f"{self.url}/messages/{channel}"
+        body = json.dumps({"sender": sender or self.agent_id, "message": message}).encode()
+        headers = {**self.headers, "Content-Type": "application/json"}
+        kind = HTTPSConnection if parts.scheme == "https" else HTTPConnection
+        for attempt in range(SEND_CONNECT_TRIES):
+            connection = kind(parts.hostname, parts.port, timeout=TIMEOUT[0])
+            try:
+                connection.connect()
+            except OSError as error:
+                connection.close()
+                if attempt + 1 == SEND_CONNECT_TRIES:
+                    raise BrokerError(f"cannot reach {url}: {_os_cause(error)}") from None
+                time.sleep(0.3 * 2**attempt)
+                continue
+            try:
+                connection.sock.settimeout(TIMEOUT[1])
+                connection.request("POST", f"{parts.path}/messages/{quote(channel, safe='')}", body, headers)
+                reply = connection.getresponse()
+                status, reason, data = reply.status, reply.reason, reply.read()
+            except (OSError, HTTPException) as error:
+                raise BrokerError(f"POST {url} got no answer ({_os_cause(error)}): it may have been stored") from None
+            finally:
+                connection.close()
+            break
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = None
+        if status >= 400:
+            detail = answer.get("error") if isinstance(answer, dict) else None
+            raise BrokerError(f"POST {url} answered {status}: {detail or reason}")
+        if not isinstance(answer, dict):
+            raise BrokerError(f"POST {url} answered {status} with something that is not JSON")
+        return answer
 
     def read(self, channel, limit=None, since=None, after=None, wait=None):
         """One page: {"messages": [...], "cursor": ..., "gap": ..., "more": ...}."""
@@ -123,6 +184,7 @@ class BrokerClient:
         Events stream. A dropped connection (a broker restart) is reopened from the last id
         seen, so nothing is lost or repeated. Returns when `deadline` (time.monotonic())
         passes; raises BrokerError for an answer that retrying cannot fix (4xx)."""
+        session = self.session
         requests = self._requests
         cursor = after
         pause = RECONNECT_FIRST
@@ -132,7 +194,7 @@ class BrokerClient:
                 return
             url = f"{self.url}/stream/{channel}"
             try:
-                with self.session.get(
+                with session.get(
                     url,
                     headers={"Accept": "text/event-stream", "Last-Event-ID": str(cursor)},
                     stream=True,
