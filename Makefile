@@ -30,6 +30,13 @@ run: venv ## Run the broker in the foreground on $(BIND) with $(DB)
 test: lint ## ruff, then the test suite (starts real brokers on loopback ports)
 	$(BIN)/pytest
 
+WHEELHOUSE ?= build/wheelhouse
+
+.PHONY: wheelhouse
+wheelhouse: venv ## Build wheels of the broker, agent-chat and every dependency (for hosts without internet)
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) ./service ./client
+
 .PHONY: bench
 bench: venv ## Run the benchmarks and print their figures
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

@@ -12,8 +12,10 @@ sys.path.insert(0, os.path.join(HERE, "src"))
 try:
     from agent_comms_chat.cli import main
 except ImportError:
-    # Installed next to a virtualenv (as in /opt/agent-comms): run with its Python.
-    for python in (os.path.join(HERE, "venv", "bin", "python3"), os.path.join(HERE, ".venv", "bin", "python3")):
+    # Installed next to a virtualenv (as in /opt/agent-comms/venv), or in a checkout where
+    # `make venv` made .venv: run with that Python.
+    candidates = [os.path.join(HERE, "venv"), os.path.join(HERE, ".venv"), os.path.join(HERE, "..", ".venv")]
+    for python in (os.path.join(venv, "bin", "python3") for venv in candidates):
         if os.path.exists(python) and os.path.realpath(python) != os.path.realpath(sys.executable):
             os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
     sys.exit("chat.py: agent-comms-chat is not installed here: pip install agent-comms-chat (or ./client)")

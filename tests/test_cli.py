@@ -114,6 +114,25 @@ def test_seed_watch_command_prints_new_messages(chat, url, channel):
         watcher.wait(10)
 
 
+def test_old_path_with_the_system_python(url, tmp_path):
+    """`python3 /opt/agent-comms/chat.py ...` under a Python without requests or docopt:
+    chat.py finds the virtualenv installed beside it and runs there."""
+    system_python = Path("/usr/bin/python3")
+    assert system_python.exists(), "Debian's python3 is part of every machine this runs on"
+    home = tmp_path / "opt-agent-comms"
+    home.mkdir()
+    (home / "chat.py").write_text((ROOT / "client" / "chat.py").read_text())
+    (home / "venv").symlink_to(sys.prefix)
+    result = subprocess.run(
+        [str(system_python), str(home / "chat.py"), "--agent-id", "old-script", "send", "general", "still works"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert latest(url, "general")[-1]["sender"] == "old-script"
+
+
 # -- send -------------------------------------------------------------------------------
 
 
