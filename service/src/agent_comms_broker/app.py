@@ -2,6 +2,7 @@
 shape replies. Every error leaves as JSON {"error": "..."} with its status code."""
 
 import datetime
+import functools
 import json
 import logging
 import math
@@ -303,23 +304,24 @@ def create_app(settings, runtime):
             raise _bad_request("wait needs a cursor: after=ID (take it from a previous reply's cursor)")
         touch_reader()
         store = runtime().store
-        if after is not None:
-
-            def read():
-                return store.after_id(channel, after, limit)
-        elif since is not None:
-
-            def read():
-                return store.after_time(channel, since, limit)
-        else:
+        if after is None and since is None:
             return _message_page(channel, store.latest(channel, limit))
+        if after is not None:
+            read = functools.partial(store.after_id, channel, after, limit)
+        else:
+            read = functools.partial(store.after_time, channel, since, limit)
+        return _message_page(channel, long_poll(read, channel, wait))
+
+    def long_poll(read, channel, wait):
+        """read() now; if that page is empty, read again as each message of the channel
+        arrives, until one is there or `wait` seconds pass."""
         page = read()
         if page.messages or not wait:
-            return _message_page(channel, page)
+            return page
         hub = runtime().hub
         watcher = hub.watch(channel)
         try:
-            page = read()
+            page = read()  # again, now that a commit cannot slip between read and watch
             deadline = time.monotonic() + wait
             while not page.messages and not watcher.closed:
                 remaining = deadline - time.monotonic()
@@ -329,7 +331,7 @@ def create_app(settings, runtime):
                 page = read()
         finally:
             hub.unwatch(watcher)
-        return _message_page(channel, page)
+        return page
 
     def open_stream(channel):
         """A text/event-stream of a channel (or of all): backlog after the cursor, then live."""
