@@ -15,8 +15,11 @@ except ImportError:
     # Installed next to a virtualenv (as in /opt/agent-comms/venv), or in a checkout where
     # `make venv` made .venv: run with that Python.
     candidates = [os.path.join(HERE, "venv"), os.path.join(HERE, ".venv"), os.path.join(HERE, "..", ".venv")]
-    for python in (os.path.join(venv, "bin", "python3") for venv in candidates):
-        if os.path.exists(python) and os.path.realpath(python) != os.path.realpath(sys.executable):
+    for venv in candidates:
+        python = os.path.join(venv, "bin", "python3")
+        # Compare prefixes, not interpreters: on Debian venv/bin/python3 is a symlink to
+        # /usr/bin/python3 itself, yet running through it is what activates the venv.
+        if os.path.exists(python) and os.path.realpath(sys.prefix) != os.path.realpath(venv):
             os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
     sys.exit("chat.py: agent-comms-chat is not installed here: pip install agent-comms-chat (or ./client)")
 

@@ -489,11 +489,6 @@ def test_agent_chat_in_the_container_uses_the_written_config(ct):
     assert text in messages("e2e-inside")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client/chat.py skips re-executing with venv/bin/python3 when that is a symlink to the "
-    "running interpreter (realpath equal), as python3 -m venv makes on Debian",
-)
 def test_old_chat_py_entry_point_works_with_system_python(ct):
     text = unique("from chat.py")
     ct.check_output("python3 /opt/agent-comms/chat.py send e2e-inside %s", text)
