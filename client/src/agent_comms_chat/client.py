@@ -179,7 +179,7 @@ class BrokerClient:
 
     # -- live stream ----------------------------------------------------------------------
 
-    def watch(self, channel, after, deadline=None, on_gap=None, on_reconnect=None):
+    def watch(self, channel, after, deadline=None, on_gap=None):
         """Yield the channel's messages after the cursor as they arrive, from its Server-Sent
         Events stream. A dropped connection (a broker restart) is reopened from the last id
         seen, so nothing is lost or repeated. Returns when `deadline` (time.monotonic())
@@ -219,8 +219,6 @@ class BrokerClient:
             if deadline is not None and time.monotonic() + pause >= deadline:
                 time.sleep(max(0.0, deadline - time.monotonic()))
                 return
-            if on_reconnect:
-                on_reconnect(cursor)
             time.sleep(pause)
             pause = min(pause * 2, RECONNECT_MAX)
 

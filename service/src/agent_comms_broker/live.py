@@ -96,9 +96,6 @@ class Hub:
             if not watchers:
                 del self.by_channel[watcher.channel]
 
-    def watcher_count(self):
-        return len(self.everything) + sum(len(group) for group in self.by_channel.values())
-
     def committed(self):
         """This worker committed: deliver without waiting for the next poll."""
         self._kick.set()

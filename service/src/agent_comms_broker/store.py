@@ -406,9 +406,6 @@ class Store:
     def max_id(self):
         return self._read(lambda db: db.execute(MAX_ID).fetchone()[0])
 
-    def channel_last_id(self, channel):
-        return self._read(lambda db: db.execute(SELECT_CHANNEL_LAST_ID, (channel,)).fetchone()[0])
-
     def data_version(self):
         """Changes whenever another connection (another worker) commits."""
         return self._retry(lambda: self._db.execute("PRAGMA data_version").fetchone()[0])
