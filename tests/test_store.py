@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from agent_comms_broker.store import SCHEMA_VERSION, Store
+from legacy_broker import legacy_database
 
 
 @pytest.fixture
@@ -60,23 +61,9 @@ def test_since_pages_through_everything_once(store):
     assert seen == [f"m{n}" for n in range(12)]
 
 
-def seed_database(path, rows, agents=()):
-    """A database as the seed's broker.py left it: DATETIME text, read_by, agents.status."""
-    db = sqlite3.connect(path)
-    db.execute("""CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL,
-                  sender TEXT NOT NULL, message TEXT NOT NULL,
-                  timestamp DATETIME DEFAULT CURRENT_TIMESTAMP, read_by TEXT DEFAULT '')""")
-    db.execute("""CREATE TABLE agents (id TEXT PRIMARY KEY, last_seen DATETIME DEFAULT CURRENT_TIMESTAMP,
-                  status TEXT DEFAULT 'online')""")
-    db.executemany("INSERT INTO messages (channel, sender, message, timestamp) VALUES (?, ?, ?, ?)", rows)
-    db.executemany("INSERT INTO agents (id, last_seen) VALUES (?, ?)", agents)
-    db.commit()
-    db.close()
-
-
-def test_adopts_the_seed_database(tmp_path):
+def test_adopts_the_legacy_database(tmp_path):
     path = str(tmp_path / "seed.db")
-    seed_database(
+    legacy_database(
         path,
         [
             ("general", "warp-ct200", "Hello from agent!", "2025-08-03 18:42:28"),
@@ -105,7 +92,7 @@ def test_adopts_the_seed_database(tmp_path):
 def test_since_never_splits_messages_sharing_a_timestamp(tmp_path):
     """Seed data has one-second timestamps: a page must not cut such a group in two."""
     path = str(tmp_path / "seed.db")
-    seed_database(
+    legacy_database(
         path,
         [("general", "a", f"m{n}", "2025-08-03 18:42:28") for n in range(4)]
         + [("general", "a", "last", "2025-08-03 18:42:30")],

@@ -9,17 +9,17 @@ and keeps only the base image, as a cache for the next run."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from host_commands import run, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
+from broker_process import free_port
+
 BIN = Path(sys.executable).parent
 BASE_IMAGE = "agent-comms-test-base:bookworm"
 # A fixed project name, so a run that died is cleaned up by the next one.
@@ -32,31 +32,6 @@ DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=python3,python3-ve
 DEBOOTSTRAP_CACHE = Path("/var/cache/agent-comms-e2e/debootstrap")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="installs and starts Docker: needs root")
-
-
-def run(*command, timeout=120, env=None, check=True):
-    """Runs a command to its end within timeout; a failure shows the command's output."""
-    command = [str(part) for part in command]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def wait_for(condition, timeout):
-    """True as soon as condition() is; False if timeout seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def apt_install(*packages):

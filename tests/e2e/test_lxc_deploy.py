@@ -29,10 +29,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from host_commands import ROOT, run, wait_for
 from testinfra.backend.base import BaseBackend
 from testinfra.host import Host
 
-ROOT = Path(__file__).resolve().parents[2]
+from broker_process import free_port
+from legacy_broker import legacy_database
+
 BIN = Path(sys.executable).parent
 STANDIN = Path(__file__).with_name("pct_standin.py")
 STANDIN_MARK = "Stand-ins for Proxmox's `pct` and `pveam`"
@@ -53,32 +56,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates LXC containers and a bridge: needs root"),
     pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs Debian (apt, lxc-create -t debian)"),
 ]
-
-
-def run(*command, timeout=120, env=None, check=True, cwd=ROOT):
-    """Runs a command to its end within timeout; a failure shows the command's output."""
-    command = [str(part) for part in command]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        output = f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{output}")
-    return result
-
-
-def wait_for(condition, timeout):
-    """True as soon as condition() is; False if timeout seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def unique(text):
@@ -296,24 +273,11 @@ LEGACY_MESSAGES = [
 ]
 
 
-def legacy_database(path):
-    """A database as broker.py left it: DATETIME text, read_by, agents.status."""
-    db = sqlite3.connect(path)
-    db.execute("""CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL,
-                  sender TEXT NOT NULL, message TEXT NOT NULL,
-                  timestamp DATETIME DEFAULT CURRENT_TIMESTAMP, read_by TEXT DEFAULT '')""")
-    db.execute("""CREATE TABLE agents (id TEXT PRIMARY KEY, last_seen DATETIME DEFAULT CURRENT_TIMESTAMP,
-                  status TEXT DEFAULT 'online')""")
-    db.executemany("INSERT INTO messages (channel, sender, message, timestamp) VALUES (?, ?, ?, ?)", LEGACY_MESSAGES)
-    db.commit()
-    db.close()
-
-
 def install_legacy_broker(tmp_path):
     """Into the bare container: broker.py's database (root's, 0644) and a root service
     holding port 8080, as on CT-950 before the first deploy."""
     pct = TOOLS[0]
-    legacy_database(tmp_path / "messages.db")
+    legacy_database(tmp_path / "messages.db", LEGACY_MESSAGES)
     unit = tmp_path / LEGACY_UNIT
     unit.write_text(
         "[Service]\nExecStart=/usr/bin/python3 -m http.server 8080\nWorkingDirectory=/tmp\n\n"
@@ -437,19 +401,22 @@ def test_broker_service_runs_hardened_as_its_own_user(ct):
         "Restart",
         "UMask",
     )
-    assert properties["Type"] == "notify"
-    assert properties["User"] == "agent-comms"
-    assert properties["NoNewPrivileges"] == "yes"
-    assert properties["ProtectSystem"] == "strict"
-    assert properties["ProtectHome"] == "yes"
-    assert properties["PrivateTmp"] == "yes"
-    assert properties["PrivateDevices"] == "yes"
-    assert properties["ReadWritePaths"] == "/opt/agent-comms"
-    assert properties["RestrictSUIDSGID"] == "yes"
-    assert properties["CapabilityBoundingSet"] == ""
-    assert properties["MemoryDenyWriteExecute"] == "yes"
-    assert properties["Restart"] == "on-failure"
-    assert properties["UMask"] == "0077"
+    expected = {
+        "Type": "notify",
+        "User": "agent-comms",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ReadWritePaths": "/opt/agent-comms",
+        "RestrictSUIDSGID": "yes",
+        "CapabilityBoundingSet": "",
+        "MemoryDenyWriteExecute": "yes",
+        "Restart": "on-failure",
+        "UMask": "0077",
+    }
+    assert {name: properties[name] for name in expected} == expected
 
     # gunicorn's master and both workers, all as the broker's user.
     processes = [line.split(None, 1) for line in ct.check_output("ps -ww -eo user:20=,args=").splitlines()]

@@ -1,0 +1,29 @@
+"""Commands on this host for the end-to-end tests: run one to its end, wait for a state."""
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*command, timeout=120, env=None, check=True, cwd=ROOT):
+    """Runs a command to its end within timeout; a failure shows the end of its output."""
+    command = [str(part) for part in command]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        output = f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{output}")
+    return result
+
+
+def wait_for(condition, timeout):
+    """True as soon as condition() is; False if timeout seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
