@@ -16,8 +16,9 @@ import orjson
 from bottle import HTTPError, request, response
 
 from . import __version__
+from .access import AccessPlugin, allow_read, allow_write, caller, limit_key
 from .live import sse_frame
-from .store import StoreBusy, StoreFull
+from .store import ChannelLimit, StoreBusy, StoreFull
 
 log = logging.getLogger("agent_comms_broker.app")
 
@@ -121,20 +122,29 @@ def read_json_body(max_body):
         raise _bad_request(f"request body is not valid JSON: {error}") from None
 
 
-def validate_post(item, where=""):
+def validate_post(item, max_message, caller=None, where=""):
+    """(sender, message) of one post. With a token the sender is the token's agent: it may
+    be left out, and naming another agent is refused."""
     if not isinstance(item, dict):
         raise _bad_request(f'{where}must be a JSON object {{"sender": "...", "message": "..."}}')
-    if "sender" not in item:
+    if "sender" not in item and caller is None:
         raise _bad_request(f"{where}missing field: sender")
     if "message" not in item:
         raise _bad_request(f"{where}missing field: message")
-    sender = validate_agent_id(item["sender"], f"{where}sender")
+    if "sender" in item:
+        sender = validate_agent_id(item["sender"], f"{where}sender")
+        if caller is not None and sender != caller.agent:
+            raise HTTPError(403, f"{where}this token belongs to agent {caller.agent!r}: it cannot post as {sender!r}")
+    else:
+        sender = caller.agent
     text = item["message"]
     if not isinstance(text, str):
         raise _bad_request(f"{where}message must be a string")
     if not text:
         raise _bad_request(f"{where}message must not be empty")
     _require_unicode(text, f"{where}message")
+    if len(text) > max_message // 4 and len(text.encode()) > max_message:
+        raise HTTPError(413, f"{where}message is over the limit of {max_message} bytes")
     return sender, text
 
 
@@ -164,6 +174,8 @@ class StoreErrorsPlugin:
                 return callback(*args, **kwargs)
             except StoreFull:
                 raise HTTPError(507, "the broker's disk is full: nothing was stored; retry later") from None
+            except ChannelLimit as error:
+                raise HTTPError(409, f"{error}: nothing was stored") from None
             except StoreBusy:
                 raise HTTPError(
                     503, "the database is busy: nothing was stored; retry later", **{"Retry-After": "1"}
@@ -184,8 +196,9 @@ def _message_page(channel, page):
     }
 
 
-def create_app(settings, runtime):
-    """The Bottle app. `runtime` gives this process's store, hub and committer."""
+def create_app(settings, runtime, limits=None):
+    """The Bottle app. `runtime` gives this process's store, hub and committer; `limits`
+    the rate and stream counters shared by the workers (limits.SharedLimits)."""
     app = bottle.Bottle()
     app.uninstall("json")
     # orjson: replies are mostly lists of messages, and encoding them was a third of a
@@ -193,6 +206,7 @@ def create_app(settings, runtime):
     app.install(bottle.JSONPlugin(json_dumps=orjson.dumps))
     app.default_error_handler = _json_error
     app.install(StoreErrorsPlugin())
+    app.install(AccessPlugin(settings, runtime, limits))
     started = time.time()
     last_touch = {}
 
@@ -211,14 +225,15 @@ def create_app(settings, runtime):
             last_touch.clear()
 
     def touch_reader():
-        """The X-Agent-ID of this request, validated and recorded as seen."""
-        agent = request.headers.get("X-Agent-ID")
+        """The agent of this request (its token's, else its X-Agent-ID), recorded as seen."""
+        who = caller()
+        agent = who.agent if who is not None else request.headers.get("X-Agent-ID")
         if agent is not None:
             validate_agent_id(agent, "X-Agent-ID header")
             touch(agent)
         return agent
 
-    @app.get("/healthz")
+    @app.get("/healthz", access="health")
     def healthz():
         try:
             ok = runtime().store.healthy()
@@ -228,30 +243,40 @@ def create_app(settings, runtime):
             raise HTTPError(503, "database schema is not this broker's")
         return {"status": "ok"}
 
-    @app.get("/status")
+    @app.get("/status", access="public")
     def status():
         touch_reader()
         store = runtime().store
         now = time.time()
-        messages, channels, agents, active = store.totals(now - settings.active_window)
-        return {
+        reply = {
             "status": "running",
             "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
             "version": __version__,
             "uptime": round(now - started, 3),
+            "auth": settings.auth,
+            "worker": os.getpid(),
+        }
+        if caller() is None and settings.auth == "required":
+            return reply  # anonymous callers learn only that the broker runs
+        messages, channels, agents, active = store.totals(now - settings.active_window)
+        return reply | {
             "messages": messages,
             "channels": channels,
             "agents": agents,
             "active_agents": active,
             "database_size": store.size_bytes(),
-            "worker": os.getpid(),
         }
 
     @app.get("/channels")
     def channels():
         touch_reader()
         rows = runtime().store.channels()
-        listing = [{"name": name, "message_count": count, "last_activity": last} for name, count, last in rows]
+        who = caller()
+        listing = [
+            {"name": name, "message_count": count, "last_activity": last}
+            for name, count, last in rows
+            if who is None or who.may_read(name)
+        ]
         return {"channels": listing, "count": len(listing)}
 
     @app.get("/agents")
@@ -271,19 +296,23 @@ def create_app(settings, runtime):
         ]
         return {"agents": listing, "count": len(listing)}
 
-    @app.post("/messages/<channel>")
+    @app.post("/messages/<channel>", access="write")
     def post_messages(channel):
         validate_channel(channel)
+        allow_write(channel)
         touch_reader()
         body = read_json_body(settings.max_body)
+        who = caller()
         if isinstance(body, list):
             if not body:
                 raise _bad_request("a batch must hold at least one message")
             if len(body) > settings.max_batch:
                 raise HTTPError(413, f"a batch holds at most {settings.max_batch} messages")
-            entries = [(channel, *validate_post(item, f"item {i}: ")) for i, item in enumerate(body)]
+            entries = [
+                (channel, *validate_post(item, settings.max_message, who, f"item {i}: ")) for i, item in enumerate(body)
+            ]
         else:
-            entries = [(channel, *validate_post(body))]
+            entries = [(channel, *validate_post(body, settings.max_message, who))]
         stored = runtime().committer.append(entries)
         response.status = 201
         if isinstance(body, list):
@@ -293,6 +322,7 @@ def create_app(settings, runtime):
     @app.get("/messages/<channel>")
     def get_messages(channel):
         validate_channel(channel)
+        allow_read(channel)
         limit = _int_param("limit", 1, LIMIT_MAX) or LIMIT_DEFAULT
         after = _int_param("after", 0)
         since_raw = request.query.get("since")
@@ -344,6 +374,8 @@ def create_app(settings, runtime):
             cursor = store.max_id()
             resumed = False
         agent = touch_reader()
+        who = caller()
+        stream_key = limit_key()
         hub = runtime().hub
         response.content_type = "text/event-stream"
         response.set_header("Cache-Control", "no-cache")
@@ -354,8 +386,20 @@ def create_app(settings, runtime):
                 return store.all_after_id(position, STREAM_BACKLOG_PAGE)
             return store.after_id(channel, position, STREAM_BACKLOG_PAGE).messages
 
+        def readable(message):
+            return who is None or channel is not None or who.may_read(message.channel)
+
         def events():
             nonlocal cursor
+            # Checked on the first step of the stream (Bottle takes it before replying),
+            # so the `finally` below always gives the slot back.
+            if settings.max_streams and not limits.open_stream(stream_key, settings.max_streams):
+                raise HTTPError(
+                    429,
+                    f"too many open streams: at most {settings.max_streams} per agent "
+                    "(AGENT_COMMS_MAX_STREAMS); close one first",
+                    **{"Retry-After": "5"},
+                )
             watcher = hub.watch(channel)
             try:
                 yield b"retry: 2000\n\n"
@@ -366,7 +410,9 @@ def create_app(settings, runtime):
                     while True:
                         messages = read_after(cursor)
                         if messages:
-                            yield b"".join(sse_frame(message) for message in messages)
+                            frames = b"".join(sse_frame(message) for message in messages if readable(message))
+                            if frames:
+                                yield frames
                             cursor = messages[-1].id
                         if len(messages) < STREAM_BACKLOG_PAGE:
                             break
@@ -378,7 +424,7 @@ def create_app(settings, runtime):
                         items, overflowed = watcher.take()
                         if overflowed:
                             break
-                        fresh = [frame for message, frame in items if message.id > cursor]
+                        fresh = [frame for message, frame in items if message.id > cursor and readable(message)]
                         if fresh:
                             cursor = items[-1][0].id
                             yield b"".join(fresh)
@@ -386,6 +432,8 @@ def create_app(settings, runtime):
                         return
             finally:
                 hub.unwatch(watcher)
+                if settings.max_streams:
+                    limits.close_stream(stream_key)
 
         return events()
 
@@ -395,9 +443,11 @@ def create_app(settings, runtime):
 
     @app.get("/stream/<channel>")
     def stream_channel(channel):
-        return open_stream(validate_channel(channel))
+        validate_channel(channel)
+        allow_read(channel)
+        return open_stream(channel)
 
-    @app.get("/openapi.json")
+    @app.get("/openapi.json", access="public")
     def openapi():
         response.content_type = "application/json"
         return OPENAPI_DOCUMENT

@@ -1,37 +1,69 @@
-"""agent-comms-broker: runs the agent-comms message broker under gunicorn.
+"""agent-comms-broker: runs the agent-comms message broker under gunicorn, and manages
+its tokens and backups.
 
 Usage:
   agent-comms-broker serve [--bind HOST:PORT] [--db PATH] [--workers N]
+  agent-comms-broker token add AGENT [--read PATTERNS] [--write PATTERNS] [--expires DURATION]
+                                     [--note TEXT] [--secret-stdin] [--db PATH]
+  agent-comms-broker token list [--json] [--db PATH]
+  agent-comms-broker token revoke ID... [--db PATH]
+  agent-comms-broker backup DEST [--db PATH]
+  agent-comms-broker restore SRC [--db PATH]
   agent-comms-broker config-path
   agent-comms-broker (-h | --help | --version)
 
 Commands:
   serve          Run the broker in the foreground (gunicorn, gevent workers).
+  token add      Create a bearer token for AGENT and print it. It is shown this once:
+                 the broker keeps only its SHA-256. With --secret-stdin the token is
+                 read from stdin instead (32+ characters; for Ansible and scripts) and
+                 the command prints `added|updated|unchanged ID AGENT`.
+  token list     The tokens: id, agent, grants, expiry, last use, state. Never secrets.
+  token revoke   Revoke tokens by id; the broker refuses them from the next request.
+  backup         Copy the database to DEST while the broker runs (SQLite's online
+                 backup), check the copy and print how many messages it holds.
+  restore        Put the backup SRC in place of the database, keeping the replaced
+                 one beside it. Stop the broker first.
   config-path    Print the path of the shared gunicorn.conf.py, for a plain
                  `gunicorn -c "$(agent-comms-broker config-path)"` invocation.
 
 Options:
-  --bind HOST:PORT  Address to listen on [env AGENT_COMMS_BIND; default 0.0.0.0:8080].
-  --db PATH         SQLite database file [env AGENT_COMMS_DB;
-                    default /opt/agent-comms/messages.db].
-  --workers N       gunicorn worker processes [env AGENT_COMMS_WORKERS; default 2].
-  -h --help         Show this text.
-  --version         Show the version.
+  --bind HOST:PORT      Address to listen on [env AGENT_COMMS_BIND; default 0.0.0.0:8080].
+  --db PATH             SQLite database file [env AGENT_COMMS_DB;
+                        default /opt/agent-comms/messages.db].
+  --workers N           gunicorn worker processes [env AGENT_COMMS_WORKERS; default 2].
+  --read PATTERNS       Channels the token may read: comma-separated names or patterns
+                        such as tasks,team-*; * is every channel, '' none [default: *].
+  --write PATTERNS      Channels the token may post to, the same way [default: *].
+  --expires DURATION    Expire the token after this long, e.g. 90d or 12h [default: never].
+  --note TEXT           A note shown by `token list` [default: ].
+  --secret-stdin        Read the token from stdin instead of making one.
+  --json                One JSON array instead of a table.
+  -h --help             Show this text.
+  --version             Show the version.
 
 Every other setting is an AGENT_COMMS_* environment variable; the README lists them.
-Exit status: 0 after a clean stop, 1 when the broker cannot start (one line on stderr).
+Exit status: 0 on success (and after a clean stop of `serve`), 1 when the broker cannot
+start or a command fails (one line on stderr).
 """
 
+import datetime
+import json
 import os
 import sys
+import time
 from importlib import resources
 
 from docopt import docopt
 
-from . import __version__, preflight
-from .config import ConfigError, Settings
+from . import __version__, auth, preflight
+from .config import ConfigError, Settings, duration
 
 FLAGS = {"--bind": "AGENT_COMMS_BIND", "--db": "AGENT_COMMS_DB", "--workers": "AGENT_COMMS_WORKERS"}
+
+
+class CommandError(Exception):
+    """A command cannot do what it was asked; str() is the one line to print."""
 
 
 def config_path():
@@ -48,13 +80,158 @@ def main(argv=None):
             os.environ[variable] = args[flag]
     try:
         settings = Settings.from_env()
-    except ConfigError as error:
+        if args["token"]:
+            return token_command(args, settings.db)
+        if args["backup"] or args["restore"]:
+            return backup_command(args, settings.db)
+    except (ConfigError, CommandError) as error:
         print(f"agent-comms-broker: {error}", file=sys.stderr)
         return 1
     # Before gunicorn logs a line: a broker that cannot start says why in one line.
-    preflight.check(settings.db, [settings.bind])
+    preflight.check(settings.db, [settings.bind], settings)
     from gunicorn.app.wsgiapp import WSGIApplication
 
     sys.argv = ["agent-comms-broker", "--config", config_path()]
     WSGIApplication("%(prog)s serve").run()
+    return 0
+
+
+# -- tokens ----------------------------------------------------------------------------
+
+
+def open_store(db_path):
+    """The broker's store, for admin commands: the database must exist already."""
+    from .store import Store
+
+    if not os.path.exists(db_path):
+        raise CommandError(f"no database at {db_path}: start the broker once, or give --db PATH")
+    import sqlite3
+
+    try:
+        return Store(db_path)
+    except (sqlite3.Error, OSError, RuntimeError) as error:
+        raise CommandError(f"cannot open the database {db_path}: {error}") from None
+
+
+def token_command(args, db_path):
+    store = open_store(db_path)
+    try:
+        if args["add"]:
+            return add_token(store, args)
+        if args["list"]:
+            return list_tokens(store, args["--json"])
+        return revoke_tokens(store, args["ID"])
+    finally:
+        store.close()
+
+
+def token_grants(args):
+    from .app import validate_agent_id  # the same rule as a post's sender
+
+    agent = args["AGENT"]
+    try:
+        validate_agent_id(agent, "AGENT")
+    except Exception as error:
+        raise CommandError(getattr(error, "body", str(error))) from None
+    try:
+        read = auth.parse_patterns(args["--read"])
+        write = auth.parse_patterns(args["--write"])
+    except auth.TokenError as error:
+        raise CommandError(str(error)) from None
+    expires = None
+    if args["--expires"] != "never":
+        try:
+            expires = time.time() + duration(args["--expires"])
+        except ValueError as error:
+            raise CommandError(f"--expires: {error}") from None
+    return agent, read, write, args["--note"], expires
+
+
+def add_token(store, args):
+    agent, read, write, note, expires = token_grants(args)
+    if not args["--secret-stdin"]:
+        secret = auth.new_secret()
+        token = store.add_token(auth.new_token_id(), auth.digest(secret), agent, read, write, note, expires)
+        print(secret)
+        print(
+            f"token {token.id} for agent {agent} (read: {read or 'none'}; write: {write or 'none'}; "
+            f"expires: {_when(expires)}). It is shown only now: keep it somewhere safe.",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        secret = auth.check_secret(sys.stdin.readline().strip())
+    except auth.TokenError as error:
+        raise CommandError(str(error)) from None
+    digest = auth.digest(secret)
+    known = store.token_by_hash(digest)
+    if known is None:
+        token = store.add_token(auth.new_token_id(), digest, agent, read, write, note, expires)
+        print(f"added {token.id} {agent}")
+        return 0
+    if known.agent != agent:
+        raise CommandError(f"that token is already registered to agent {known.agent} (token {known.id})")
+    # An expiry given as a duration moves on every run: compare it to the day.
+    same_expiry = (known.expires is None) == (expires is None) and (
+        expires is None or abs(known.expires - expires) < 86400
+    )
+    if (known.read, known.write, known.note, known.revoked) == (read, write, note, None) and same_expiry:
+        print(f"unchanged {known.id} {agent}")
+        return 0
+    store.update_token(known.id, read, write, note, expires if not same_expiry else known.expires)
+    print(f"updated {known.id} {agent}")
+    return 0
+
+
+def _when(stamp):
+    if stamp is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(stamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def list_tokens(store, as_json):
+    now = time.time()
+    tokens = store.tokens()
+    if as_json:
+        fields = ("id", "agent", "read", "write", "note", "created", "expires", "revoked", "last_used")
+        print(json.dumps([{name: getattr(t, name) for name in fields} | {"state": t.state(now)} for t in tokens]))
+        return 0
+    rows = [("ID", "AGENT", "READ", "WRITE", "EXPIRES", "LAST USED", "STATE", "NOTE")]
+    for t in tokens:
+        used = _when(t.last_used) if t.last_used else "-"
+        rows.append((t.id, t.agent, t.read or "-", t.write or "-", _when(t.expires), used, t.state(now), t.note))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def revoke_tokens(store, ids):
+    unknown = []
+    for token_id in ids:
+        outcome = store.revoke_token(token_id)
+        if outcome is None:
+            unknown.append(token_id)
+        else:
+            print(f"revoked {token_id}" if outcome else f"{token_id} was already revoked")
+    if unknown:
+        raise CommandError(f"no token with id {', '.join(unknown)} (see `agent-comms-broker token list`)")
+    return 0
+
+
+# -- backups ---------------------------------------------------------------------------
+
+
+def backup_command(args, db_path):
+    from . import backup
+
+    try:
+        if args["backup"]:
+            count = backup.backup_database(db_path, args["DEST"])
+            print(f"{count} messages backed up to {args['DEST']}")
+        else:
+            count, kept = backup.restore_database(args["SRC"], db_path)
+            print(f"{count} messages restored to {db_path}; the replaced database is kept as {kept}")
+    except backup.BackupError as error:
+        raise CommandError(str(error)) from None
     return 0

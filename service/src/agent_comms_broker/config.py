@@ -45,6 +45,32 @@ def count(text):
     return value
 
 
+AUTH_MODES = ("open", "write-requires-token", "required")
+
+
+def auth_mode(text):
+    value = str(text).strip().lower()
+    if value not in AUTH_MODES:
+        raise ValueError(f"{text!r} is not one of {', '.join(AUTH_MODES)}")
+    return value
+
+
+def origins(text):
+    """A comma-separated list of browser origins such as https://dash.lan:3000, or *."""
+    values = tuple(part.strip().rstrip("/") for part in str(text).split(",") if part.strip())
+    for value in values:
+        if value != "*" and not re.match(r"^https?://[^/\s]+$", value):
+            raise ValueError(f"{value!r} is not an origin such as https://dash.lan:3000 (or *)")
+    return values
+
+
+def rate(text):
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{text!r} is not a number of 0 or more")
+    return value
+
+
 def positive_duration(text):
     value = duration(text)
     if value <= 0:
@@ -64,8 +90,28 @@ class Settings:
     # FULL: a 2xx survives a power cut (fsync per group commit). NORMAL: survives a killed
     # process; a power cut may drop the last commits, never corrupt the file.
     synchronous: str = "FULL"
-    max_body: int = 65536
+    # open: anyone may read and post (the old broker's behaviour). write-requires-token:
+    # posts need a token, reads do not. required: everything but /healthz needs a token.
+    auth: str = "open"
+    # HTTPS when both are set: PEM certificate (chain) and private key.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Token bucket per agent (per address for anonymous callers), shared by all workers:
+    # `rate_limit` requests a second on average, bursts of up to `rate_burst`. 0: off.
+    rate_limit: float = 100.0
+    rate_burst: int = 200
+    # Open SSE streams per agent (per address for anonymous callers). 0: no cap.
+    max_streams: int = 64
+    # Channels the broker creates at most; posts to existing channels still work. 0: no cap.
+    max_channels: int = 10000
+    max_body: int = 1048576
+    max_message: int = 65536
     max_batch: int = 500
+    # gunicorn's limits on the request head: bytes of one header line, number of headers.
+    max_header: int = 8190
+    max_headers: int = 50
+    # Browser origins allowed to call the API (CORS); none by default.
+    cors_origins: tuple = ()
     max_wait: float = 60.0
     keepalive: float = 15.0
     active_window: float = 300.0
@@ -90,7 +136,14 @@ class Settings:
                 values[field.name] = _PARSERS[field.name](raw)
             except ValueError as error:
                 raise ConfigError(f"{name}: {error}") from None
-        return cls(**values)
+        settings = cls(**values)
+        if bool(settings.tls_cert) != bool(settings.tls_key):
+            raise ConfigError("AGENT_COMMS_TLS_CERT and AGENT_COMMS_TLS_KEY go together: set both or neither")
+        return settings
+
+    @property
+    def tls(self):
+        return bool(self.tls_cert and self.tls_key)
 
 
 _PARSERS = {
@@ -99,8 +152,19 @@ _PARSERS = {
     "workers": positive_int,
     "worker_connections": positive_int,
     "synchronous": synchronous,
+    "auth": auth_mode,
+    "tls_cert": str,
+    "tls_key": str,
+    "rate_limit": rate,
+    "rate_burst": positive_int,
+    "max_streams": count,
+    "max_channels": count,
     "max_body": positive_int,
+    "max_message": positive_int,
     "max_batch": positive_int,
+    "max_header": positive_int,
+    "max_headers": positive_int,
+    "cors_origins": origins,
     "max_wait": duration,
     "keepalive": positive_duration,
     "active_window": positive_duration,

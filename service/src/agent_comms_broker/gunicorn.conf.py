@@ -2,7 +2,7 @@
 (make run), Docker and systemd all start gunicorn with this file. Values come from the
 AGENT_COMMS_* environment (see config.py); gunicorn's own flags still override them."""
 
-from agent_comms_broker import preflight
+from agent_comms_broker import limits, preflight
 from agent_comms_broker.config import ConfigError, Settings
 
 try:
@@ -11,6 +11,8 @@ except ConfigError as error:
     raise SystemExit(f"agent-comms-broker: {error}") from None
 
 wsgi_app = "agent_comms_broker.wsgi:app"
+# Made here, in the master, so every forked worker shares the rate and stream counters.
+limits.shared()
 bind = [_settings.bind]
 workers = _settings.workers
 # gevent (see worker.py): every SSE stream and long-poll is a greenlet of a few KiB, not a
@@ -20,6 +22,13 @@ worker_connections = _settings.worker_connections
 timeout = 30
 graceful_timeout = int(_settings.graceful_timeout)
 keepalive = 15
+# Requests with a longer head get a JSON 4xx before the app sees them.
+limit_request_line = 4094
+limit_request_fields = _settings.max_headers
+limit_request_field_size = _settings.max_header
+if _settings.tls:
+    certfile = _settings.tls_cert
+    keyfile = _settings.tls_key
 proc_name = "agent-comms-broker"
 # gunicorn 24+ opens a control socket under $HOME by default: one path shared by every
 # broker on the host, and a write outside the state directory. The broker needs none.
@@ -32,7 +41,12 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms agent=%({x-agent-id}i)s'
 
 def on_starting(server):
     """In the master, before any socket or worker: one clear line instead of a traceback."""
-    preflight.check(_settings.db, server.cfg.bind)
+    preflight.check(_settings.db, server.cfg.bind, _settings)
+
+
+def child_exit(server, worker):
+    """A worker is gone, even one killed outright: its open streams no longer count."""
+    limits.shared().forget_worker(worker.pid)
 
 
 def post_worker_init(worker):

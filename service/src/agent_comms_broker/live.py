@@ -15,6 +15,8 @@ import gevent
 import orjson
 from gevent.event import AsyncResult, Event
 
+from .store import ChannelLimit
+
 log = logging.getLogger("agent_comms_broker.live")
 
 # A watcher that falls this far behind stops queueing and re-reads from the store.
@@ -148,9 +150,10 @@ class GroupCommitter:
     """Merges the posts that arrive while one transaction runs into the next one, so
     many posts share one commit (and one fsync) without any post waiting on a timer."""
 
-    def __init__(self, store, on_commit):
+    def __init__(self, store, on_commit, max_channels=0):
         self.store = store
         self.on_commit = on_commit
+        self.max_channels = max_channels
         self._queue = collections.deque()
         self._ready = Event()
         self._greenlet = gevent.spawn(self._run)
@@ -176,7 +179,16 @@ class GroupCommitter:
 
     def _commit(self, group):
         try:
-            stored = self.store.append([entry for entries, _ in group for entry in entries])
+            batch = [entry for entries, _ in group for entry in entries]
+            stored = self.store.append(batch, max_channels=self.max_channels)
+        except ChannelLimit as error:
+            if len(group) == 1:
+                group[0][1].set_exception(error)
+                return
+            # One post's new channel must not fail the others: commit them one by one.
+            for item in group:
+                self._commit([item])
+            return
         except BaseException as error:
             for _, result in group:
                 result.set_exception(error)

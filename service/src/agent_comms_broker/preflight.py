@@ -5,6 +5,7 @@ import errno
 import os
 import socket
 import sqlite3
+import ssl
 import sys
 
 from .store import Store
@@ -15,8 +16,10 @@ def fail(text):
     raise SystemExit(1)
 
 
-def check(db_path, binds):
+def check(db_path, binds, settings=None):
     check_database(db_path)
+    if settings is not None and settings.tls:
+        check_tls(settings.tls_cert, settings.tls_key)
     if not os.environ.get("LISTEN_FDS"):  # systemd socket activation hands us the sockets
         for address in binds:
             check_address(address)
@@ -37,6 +40,19 @@ def check_database(db_path):
         fail(f"cannot open the database {db_path}: {error} (is it writable by this user?)")
     except RuntimeError as error:
         fail(f"cannot use the database {db_path}: {error}")
+
+
+def check_tls(cert, key):
+    """The certificate and key load and belong together, as gunicorn's TLS will need."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as error:
+        fail(f"cannot read the TLS certificate or key: {error.filename}: no such file")
+    except PermissionError as error:
+        fail(f"cannot read the TLS certificate or key: {error.filename}: permission denied")
+    except ssl.SSLError as error:
+        fail(f"cannot use the TLS certificate {cert} with key {key}: {error.reason or error}")
 
 
 def check_address(address):

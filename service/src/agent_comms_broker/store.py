@@ -11,7 +11,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The schema as it stands after every migration.
 CREATE_MESSAGES = """
@@ -39,6 +39,21 @@ CREATE TABLE agents (
     first_seen    REAL NOT NULL,
     last_seen     REAL NOT NULL,
     message_count INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID"""
+# Bearer tokens: only a SHA-256 of each secret is kept. `read` and `write` are
+# comma-separated channel patterns ('*' is a wildcard); '' grants nothing.
+CREATE_TOKENS = """
+CREATE TABLE tokens (
+    id        TEXT PRIMARY KEY,
+    hash      TEXT NOT NULL UNIQUE,
+    agent     TEXT NOT NULL,
+    read      TEXT NOT NULL,
+    write     TEXT NOT NULL,
+    note      TEXT NOT NULL DEFAULT '',
+    created   REAL NOT NULL,
+    expires   REAL,
+    revoked   REAL,
+    last_used REAL
 ) WITHOUT ROWID"""
 
 # The seed's broker.py kept DATETIME text ('YYYY-MM-DD HH:MM:SS', UTC) and a read_by column.
@@ -96,6 +111,8 @@ SELECT_SAME_TIME = f"""
 SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND timestamp = ? AND id > ?
 ORDER BY id"""
 SELECT_ALL_AFTER_ID = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?"
+CHANNEL_EXISTS = "SELECT 1 FROM channels WHERE name = ?"
+COUNT_ALL_CHANNELS = "SELECT count(*) FROM channels"
 SELECT_CHANNEL_PRUNED = "SELECT pruned_id, pruned_timestamp FROM channels WHERE name = ?"
 SELECT_MAX_PRUNED_ID = "SELECT coalesce(max(pruned_id), 0) FROM channels"
 SELECT_CHANNEL_LAST_ID = "SELECT coalesce(max(id), 0) FROM messages WHERE channel = ?"
@@ -132,6 +149,15 @@ UPDATE channels SET message_count = message_count - ?,
     pruned_id = max(pruned_id, ?), pruned_timestamp = max(pruned_timestamp, ?)
 WHERE name = ?"""
 
+TOKEN_COLUMNS = "id, hash, agent, read, write, note, created, expires, revoked, last_used"
+INSERT_TOKEN = f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)"
+SELECT_TOKEN_BY_HASH = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?"
+SELECT_TOKENS = f"SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created, id"
+UPDATE_TOKEN_GRANTS = "UPDATE tokens SET read = ?, write = ?, note = ?, expires = ?, revoked = NULL WHERE id = ?"
+REVOKE_TOKEN = "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL"
+SELECT_TOKEN_IDS = "SELECT id FROM tokens WHERE id = ?"
+TOUCH_TOKEN = "UPDATE tokens SET last_used = ? WHERE id = ?"
+
 # Strictly rising timestamps: the next is at least this far after the last.
 TIMESTAMP_STEP = 1e-6
 PRUNE_BATCH = 2000
@@ -143,6 +169,31 @@ class StoreBusy(Exception):
 
 class StoreFull(Exception):
     """The disk or filesystem holding the database is full."""
+
+
+class ChannelLimit(Exception):
+    """A post would create a channel past the broker's cap on channels."""
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: str
+    hash: str
+    agent: str
+    read: str
+    write: str
+    note: str
+    created: float
+    expires: float | None
+    revoked: float | None
+    last_used: float | None
+
+    def state(self, now):
+        if self.revoked is not None:
+            return "revoked"
+        if self.expires is not None and self.expires <= now:
+            return "expired"
+        return "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,10 +320,13 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def append(self, entries, now=None):
-        """Store (channel, sender, message) tuples in one transaction; returns Messages."""
+    def append(self, entries, now=None, max_channels=0):
+        """Store (channel, sender, message) tuples in one transaction; returns Messages.
+        With max_channels, a post that would create a channel past the cap stores nothing."""
 
         def work(db):
+            if max_channels:
+                self._check_channel_cap(db, {entry[0] for entry in entries}, max_channels)
             clock = time.time() if now is None else now
             row = db.execute(LAST_TIMESTAMP).fetchone()
             stamp = clock if row is None else max(clock, row[0] + TIMESTAMP_STEP)
@@ -290,6 +344,12 @@ class Store:
             return stored
 
         return self._write(work)
+
+    @staticmethod
+    def _check_channel_cap(db, channels, max_channels):
+        new = [name for name in channels if db.execute(CHANNEL_EXISTS, (name,)).fetchone() is None]
+        if new and db.execute(COUNT_ALL_CHANNELS).fetchone()[0] + len(new) > max_channels:
+            raise ChannelLimit(f"the broker holds its limit of {max_channels} channels; {new[0]!r} would be one more")
 
     def touch_agent(self, agent_id, now=None, busy_deadline=0.5):
         """Record that an agent was seen (it read, or watched). Best effort: it gives up
@@ -429,6 +489,41 @@ class Store:
                 pass
         return total
 
+    # -- tokens -------------------------------------------------------------------------
+
+    def add_token(self, token_id, digest, agent, read, write, note="", expires=None, now=None):
+        created = time.time() if now is None else now
+        row = (token_id, digest, agent, read, write, note, created, expires)
+        self._write(lambda db: db.execute(INSERT_TOKEN, row))
+        return self.token_by_hash(digest)
+
+    def update_token(self, token_id, read, write, note, expires):
+        """New grants and expiry for a token; a revoked token becomes active again."""
+        self._write(lambda db: db.execute(UPDATE_TOKEN_GRANTS, (read, write, note, expires, token_id)))
+
+    def token_by_hash(self, digest):
+        row = self._read(lambda db: db.execute(SELECT_TOKEN_BY_HASH, (digest,)).fetchone())
+        return None if row is None else Token(*row)
+
+    def tokens(self):
+        return [Token(*row) for row in self._read(lambda db: db.execute(SELECT_TOKENS).fetchall())]
+
+    def revoke_token(self, token_id, now=None):
+        """True if the token was active and is now revoked; None if there is no such token."""
+        stamp = time.time() if now is None else now
+
+        def work(db):
+            if db.execute(SELECT_TOKEN_IDS, (token_id,)).fetchone() is None:
+                return None
+            return db.execute(REVOKE_TOKEN, (stamp, token_id)).rowcount == 1
+
+        return self._write(work)
+
+    def touch_token(self, token_id, now=None, busy_deadline=0.5):
+        """Record a token's last use; best effort, like touch_agent."""
+        stamp = time.time() if now is None else now
+        self._write(lambda db: db.execute(TOUCH_TOKEN, (stamp, token_id)), busy_deadline)
+
     def healthy(self):
         """A cheap check that the database answers and its schema is ours."""
         return self._read(lambda db: db.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
@@ -469,5 +564,10 @@ def _migrate_0_to_1(db):
     db.execute("DROP TABLE seed_messages")
 
 
+def _migrate_1_to_2(db):
+    """Bearer tokens."""
+    db.execute(CREATE_TOKENS)
+
+
 # MIGRATIONS[n] takes schema n to n + 1.
-MIGRATIONS = [_migrate_0_to_1]
+MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2]

@@ -8,8 +8,10 @@ import os
 
 import gevent
 
+from . import limits
 from .app import create_app
 from .config import Settings
+from .headers import ResponseHeaders
 from .live import GroupCommitter, Hub, run_retention
 from .store import Store
 
@@ -32,11 +34,13 @@ class Runtime:
         settings = self.settings
         self.store = Store(settings.db, settings.synchronous, sleep=gevent.sleep)
         self.hub = Hub(self.store, settings.wakeup_interval, alive=lambda: self.alive())
-        self.committer = GroupCommitter(self.store, self.hub.committed)
+        self.committer = GroupCommitter(self.store, self.hub.committed, settings.max_channels)
         self.retention = run_retention(self.store, settings, alive=lambda: self.alive())
         self.pid = os.getpid()
 
 
 settings = Settings.from_env()
 runtime = Runtime(settings)
-app = create_app(settings, runtime)
+# The limits were made by the gunicorn master before it forked (gunicorn.conf.py), so
+# every worker counts in the same table.
+app = ResponseHeaders(create_app(settings, runtime, limits.shared()), settings)

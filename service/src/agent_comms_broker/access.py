@@ -1,0 +1,128 @@
+"""Access control and abuse limits for every route, as one Bottle plugin: who is calling
+(a bearer token, or anonymous), whether the mode lets them in, and whether their bucket
+has a request left. Routes name what they need with `access=` in their route config:
+
+    health   no token, no rate limit (/healthz: monitors must always get an answer)
+    public   no token (the OpenAPI document, /status)
+    read     a token in `required` mode
+    write    a token in `write-requires-token` and `required` modes
+
+Per-channel grants are checked by the routes, which know the channel (allow_read,
+allow_write).
+"""
+
+import logging
+import math
+import time
+
+from bottle import HTTPError, request
+
+from . import auth
+
+log = logging.getLogger("agent_comms_broker.access")
+
+CALLER = "agent_comms.caller"
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agent-comms"'}
+# A token's last use is recorded at most this often (per worker).
+TOKEN_TOUCH_INTERVAL = 60.0
+
+
+def unauthorized(text):
+    return HTTPError(401, text, **CHALLENGE)
+
+
+def caller():
+    """The Caller of this request (None: anonymous)."""
+    return request.environ.get(CALLER)
+
+
+def limit_key():
+    """Whose bucket and stream count a request uses: the token's agent, else the address."""
+    who = caller()
+    return f"agent:{who.agent}" if who is not None else f"address:{request.remote_addr}"
+
+
+def allow_read(channel):
+    who = caller()
+    if who is not None and not who.may_read(channel):
+        raise HTTPError(403, f"token {who.token_id} (agent {who.agent}) may not read channel {channel!r}")
+
+
+def allow_write(channel):
+    who = caller()
+    if who is not None and not who.may_write(channel):
+        raise HTTPError(403, f"token {who.token_id} (agent {who.agent}) may not post to channel {channel!r}")
+
+
+class AccessPlugin:
+    name = "access"
+    api = 2
+
+    def __init__(self, settings, runtime, limits):
+        self.settings = settings
+        self.policy = auth.Policy(settings.auth)
+        self.runtime = runtime
+        self.limits = limits
+        self._touched = {}
+
+    def apply(self, callback, route):
+        need = route.config.get("access", "read")
+        if need == "health":
+            return callback
+
+        def wrapper(*args, **kwargs):
+            request.environ[CALLER] = self.identify()
+            self.spend()
+            if request.environ[CALLER] is None:
+                self.admit_anonymous(need)
+            return callback(*args, **kwargs)
+
+        return wrapper
+
+    def identify(self):
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
+        scheme, _, secret = header.strip().partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            self.spend()
+            raise unauthorized("the Authorization header must be 'Bearer <token>'")
+        token = self.runtime().store.token_by_hash(auth.digest(secret))
+        now = time.time()
+        state = token.state(now) if token is not None else "unknown"
+        if state != "active":
+            self.spend()  # from the address: guessing tokens costs like any request
+            reason = {"unknown": "is not known to this broker", "expired": "has expired", "revoked": "was revoked"}
+            raise unauthorized(f"the bearer token {reason[state]}")
+        self.touch(token, now)
+        return auth.Caller(token.agent, token.id, token.read, token.write)
+
+    def spend(self):
+        """One request from the caller's bucket, or 429."""
+        if self.settings.rate_limit <= 0:
+            return
+        wait = self.limits.take(limit_key(), self.settings.rate_limit, self.settings.rate_burst)
+        if wait > 0:
+            raise HTTPError(
+                429,
+                f"rate limit: {self.settings.rate_limit:g} requests a second (bursts of "
+                f"{self.settings.rate_burst}) per agent; retry in {wait:.2f} s",
+                **{"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+    def admit_anonymous(self, need):
+        mode = self.policy.mode
+        if need == "read" and not self.policy.anonymous_read:
+            raise unauthorized(f"a token is required (mode {mode}): send 'Authorization: Bearer <token>'")
+        if need == "write" and not self.policy.anonymous_write:
+            raise unauthorized(f"a token is required to post (mode {mode}): send 'Authorization: Bearer <token>'")
+
+    def touch(self, token, now):
+        if now - self._touched.get(token.id, 0) < TOKEN_TOUCH_INTERVAL:
+            return
+        self._touched[token.id] = now
+        try:
+            self.runtime().store.touch_token(token.id, now)
+        except Exception as error:  # best effort: a busy or full disk never fails a request
+            log.warning("could not record token %s as used: %s", token.id, error)

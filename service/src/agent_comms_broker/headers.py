@@ -1,0 +1,79 @@
+"""Headers every response carries, errors included, and CORS: a WSGI wrapper around the
+Bottle app, so nothing a route or an error handler does can leave them out.
+
+The API serves JSON and event streams to programs, never pages: browsers are told not to
+sniff, frame, cache or send referrers. CORS is off unless AGENT_COMMS_CORS_ORIGINS lists
+the origins of browser apps allowed to call the API.
+"""
+
+import json
+
+SECURITY_HEADERS = [
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Resource-Policy", "same-site"),
+]
+HSTS = ("Strict-Transport-Security", "max-age=31536000")
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, X-Agent-ID, Last-Event-ID"
+CORS_EXPOSE = "Retry-After, WWW-Authenticate"
+CORS_MAX_AGE = "600"
+
+
+def security_headers(tls):
+    return SECURITY_HEADERS + ([HSTS] if tls else [])
+
+
+class ResponseHeaders:
+    def __init__(self, app, settings):
+        self.app = app
+        self.origins = set(settings.cors_origins)
+        self.fixed = security_headers(settings.tls)
+
+    def allowed_origin(self, origin):
+        if origin is None or not self.origins:
+            return None
+        if "*" in self.origins:
+            return "*"
+        return origin if origin.rstrip("/") in self.origins else None
+
+    def __call__(self, environ, start_response):
+        origin = environ.get("HTTP_ORIGIN")
+        allowed = self.allowed_origin(origin)
+        if self.origins and environ["REQUEST_METHOD"] == "OPTIONS" and origin is not None:
+            return self.preflight(origin, allowed, environ, start_response)
+        extra = list(self.fixed)
+        if allowed is not None:
+            extra += [("Access-Control-Allow-Origin", allowed), ("Access-Control-Expose-Headers", CORS_EXPOSE)]
+        if self.origins:
+            extra.append(("Vary", "Origin"))
+
+        def start(status, headers, exc_info=None):
+            names = {name.lower() for name, _ in headers}
+            if "cache-control" not in names:
+                headers.append(("Cache-Control", "no-store"))
+            return start_response(status, headers + extra, exc_info)
+
+        return self.app(environ, start)
+
+    def preflight(self, origin, allowed, environ, start_response):
+        headers = [*self.fixed, ("Vary", "Origin"), ("Cache-Control", "no-store")]
+        if allowed is None:
+            body = json.dumps({"error": f"origin {origin} may not call this broker (AGENT_COMMS_CORS_ORIGINS)"})
+            status = "403 Forbidden"
+        else:
+            body = ""
+            status = "204 No Content"
+            headers += [
+                ("Access-Control-Allow-Origin", allowed),
+                ("Access-Control-Allow-Methods", CORS_METHODS),
+                ("Access-Control-Allow-Headers", CORS_HEADERS),
+                ("Access-Control-Max-Age", CORS_MAX_AGE),
+            ]
+        payload = body.encode()
+        if payload:
+            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+        start_response(status, headers)
+        return [payload] if payload else []

@@ -1,0 +1,144 @@
+"""Abuse limits every gunicorn worker shares: a token bucket per agent (or address) and a
+count of each agent's open streams.
+
+The counters live in one shared memory file the master makes before it forks, so a limit
+holds however many workers there are. A POSIX record lock guards it: a few microseconds
+per request, and the kernel drops the lock of a worker that dies holding it.
+"""
+
+import fcntl
+import hashlib
+import math
+import mmap
+import os
+import struct
+import time
+
+# One slot: key (a 64-bit hash; 0 = free), owner pid (streams only), two numbers.
+_SLOT = struct.Struct("<Qqdd")
+BUCKET_SETS = 4096
+BUCKET_WAYS = 8
+STREAM_SETS = 1024
+STREAM_WAYS = 16
+
+
+def key_of(text):
+    value = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return value or 1
+
+
+class SharedLimits:
+    def __init__(self):
+        size = _SLOT.size * (BUCKET_SETS * BUCKET_WAYS + STREAM_SETS * STREAM_WAYS)
+        self._fd = os.memfd_create("agent-comms-limits", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, size)
+        self._map = mmap.mmap(self._fd, size)
+        self._streams_base = BUCKET_SETS * BUCKET_WAYS
+
+    # -- locking and slots ----------------------------------------------------------------
+
+    def _lock(self):
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def _unlock(self):
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _slots(self, first, ways):
+        for index in range(first, first + ways):
+            yield index, _SLOT.unpack_from(self._map, index * _SLOT.size)
+
+    def _put(self, index, key, owner, a, b):
+        _SLOT.pack_into(self._map, index * _SLOT.size, key, owner, a, b)
+
+    # -- rate -------------------------------------------------------------------------------
+
+    def take(self, name, rate, burst, now=None):
+        """Spend one request from `name`'s bucket. Returns 0 if allowed, else the seconds
+        until the next request would be."""
+        now = time.monotonic() if now is None else now
+        key = key_of(name)
+        first = (key % BUCKET_SETS) * BUCKET_WAYS
+        self._lock()
+        try:
+            chosen, tokens = None, float(burst)
+            oldest, oldest_time = None, math.inf
+            for index, (slot_key, _, level, updated) in self._slots(first, BUCKET_WAYS):
+                if slot_key == key:
+                    chosen, tokens = index, min(float(burst), level + (now - updated) * rate)
+                    break
+                # A free slot, else the one idle longest (its bucket has long refilled).
+                stamp = -math.inf if slot_key == 0 else updated
+                if stamp < oldest_time:
+                    oldest, oldest_time = index, stamp
+            if chosen is None:
+                chosen = oldest
+            if tokens >= 1:
+                self._put(chosen, key, 0, tokens - 1, now)
+                return 0.0
+            self._put(chosen, key, 0, tokens, now)
+            return (1 - tokens) / rate
+        finally:
+            self._unlock()
+
+    # -- streams --------------------------------------------------------------------------
+
+    def open_stream(self, name, cap, pid=None):
+        """Count one more open stream for `name` if it has fewer than `cap`; False if not."""
+        pid = os.getpid() if pid is None else pid
+        key = key_of(name)
+        first = self._streams_base + (key % STREAM_SETS) * STREAM_WAYS
+        self._lock()
+        try:
+            total, mine, free = 0, None, None
+            for index, (slot_key, owner, count, _) in self._slots(first, STREAM_WAYS):
+                if slot_key == key:
+                    total += count
+                    if owner == pid:
+                        mine = (index, count)
+                elif slot_key == 0 and free is None:
+                    free = index
+            if total >= cap or (mine is None and free is None):
+                return False
+            index, count = mine if mine is not None else (free, 0)
+            self._put(index, key, pid, count + 1, 0.0)
+            return True
+        finally:
+            self._unlock()
+
+    def close_stream(self, name, pid=None):
+        pid = os.getpid() if pid is None else pid
+        key = key_of(name)
+        first = self._streams_base + (key % STREAM_SETS) * STREAM_WAYS
+        self._lock()
+        try:
+            for index, (slot_key, owner, count, _) in self._slots(first, STREAM_WAYS):
+                if slot_key == key and owner == pid:
+                    if count <= 1:
+                        self._put(index, 0, 0, 0.0, 0.0)
+                    else:
+                        self._put(index, key, pid, count - 1, 0.0)
+                    return
+        finally:
+            self._unlock()
+
+    def forget_worker(self, pid):
+        """A worker exited: its streams are closed, whether it said so or was killed."""
+        self._lock()
+        try:
+            for index, (slot_key, owner, _, _) in self._slots(self._streams_base, STREAM_SETS * STREAM_WAYS):
+                if slot_key and owner == pid:
+                    self._put(index, 0, 0, 0.0, 0.0)
+        finally:
+            self._unlock()
+
+
+_shared = None
+
+
+def shared():
+    """This broker's table. Made in the gunicorn master (gunicorn.conf.py) so that every
+    worker forked from it inherits the same memory."""
+    global _shared
+    if _shared is None:
+        _shared = SharedLimits()
+    return _shared
