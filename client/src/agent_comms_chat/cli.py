@@ -30,7 +30,11 @@ Options:
                         $AGENT_COMMS_AGENT_ID, else `agent_id` in the config file,
                         else agent-<short host name>.
   --token TOKEN         Bearer token for a broker that requires one. Else
-                        $AGENT_COMMS_TOKEN, else `token` in the config file.
+                        $AGENT_COMMS_TOKEN, else `token` in the config file. With a
+                        token and no agent id, the broker names you: the token's agent.
+  --ca FILE             CA certificate(s) to verify an https:// broker with. Else
+                        $AGENT_COMMS_CA, else `ca` in the config file, else the system's
+                        trusted CAs. Verification is never turned off.
   --json                Print JSON (one message per line for read and watch).
   --limit N             How many messages read prints [default: 10].
   --since TIMESTAMP     Messages after this time: unix seconds, or ISO 8601 (UTC).
@@ -46,6 +50,7 @@ Exit status:
   0    success (watch: --count reached or --until matched)
   1    usage error
   2    the broker is unreachable or answered with an error (one line on stderr)
+  3    the broker refused: no token, a bad token, or no permission (401, 403)
   124  watch --timeout ran out
   130  interrupted (Ctrl-C)
 
@@ -62,7 +67,7 @@ from docopt import DocoptExit, docopt
 from . import __version__
 from .config import ConfigError, resolve
 
-EXIT_USAGE, EXIT_BROKER, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 124, 130
+EXIT_USAGE, EXIT_BROKER, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 124, 130
 
 
 class UsageError(Exception):
@@ -119,7 +124,7 @@ def run(args):
     from .client import BrokerClient, BrokerError
     from .output import Printer
 
-    broker = BrokerClient(settings["broker"], settings["agent_id"], settings["token"])
+    broker = BrokerClient(settings["broker"], settings["agent_id"], settings["token"], settings["ca"])
     out = Printer(as_json=args["--json"])
     try:
         if args["send"]:
@@ -140,7 +145,7 @@ def run(args):
             out.status(broker.status())
     except BrokerError as error:
         print(f"agent-chat: {error}", file=sys.stderr)
-        return EXIT_BROKER
+        return EXIT_REFUSED if error.status in (401, 403) else EXIT_BROKER
     return 0
 
 

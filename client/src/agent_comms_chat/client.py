@@ -25,9 +25,25 @@ RECONNECT_FIRST, RECONNECT_MAX = 0.2, 5.0
 SEND_CONNECT_TRIES = 5
 
 
+# A post refused with 429 (rate limit) or 503 (busy) was not stored: sending it again is
+# safe. It is, after the broker's Retry-After, for at most this many seconds in all.
+SEND_RETRY_BUDGET = 10.0
+
+
 class BrokerError(Exception):
     """The broker could not be reached, or answered with an error. str() is one line that
-    names the URL and the cause."""
+    names the URL and the cause; `status` is the HTTP status, if there was an answer."""
+
+    def __init__(self, text, status=None):
+        super().__init__(text)
+        self.status = status
+
+
+def _tls_hint(url, error):
+    return (
+        f"cannot verify the TLS certificate of {url} ({getattr(error, 'reason', None) or error}): "
+        "give the CA that signed it with --ca FILE (or AGENT_COMMS_CA)"
+    )
 
 
 def _cause(error):
@@ -51,9 +67,14 @@ def _os_cause(error):
 
 
 class BrokerClient:
-    def __init__(self, url, agent_id=None, token=None):
+    def __init__(self, url, agent_id=None, token=None, ca=None):
         self.url = url.rstrip("/")
         self.agent_id = agent_id
+        # A CA bundle to verify the broker's certificate; None: the system's. There is no
+        # way to turn verification off.
+        self.ca = ca
+        # Given with each request: a session's own `verify` loses to $REQUESTS_CA_BUNDLE.
+        self.verify = ca or True
         self.headers = {"User-Agent": f"agent-chat/{__version__}"}
         if agent_id:
             self.headers["X-Agent-ID"] = agent_id
@@ -80,7 +101,7 @@ class BrokerClient:
                 status=2,
                 other=0,
                 allowed_methods=frozenset({"GET"}),
-                status_forcelist=(502, 503, 504),
+                status_forcelist=(429, 502, 503, 504),
                 backoff_factor=0.3,
                 raise_on_status=False,
             )
@@ -96,15 +117,17 @@ class BrokerClient:
         session = self.session
         requests = self._requests
         try:
-            reply = session.request(method, url, timeout=timeout, **kwargs)
+            reply = session.request(method, url, timeout=timeout, verify=self.verify, **kwargs)
         except requests.exceptions.InvalidURL as error:
             raise BrokerError(f"invalid broker URL {self.url}: {error}") from None
         except requests.exceptions.MissingSchema:
             raise BrokerError(f"invalid broker URL {self.url}: it must start with http:// or https://") from None
+        except requests.exceptions.SSLError as error:
+            raise BrokerError(_tls_hint(url, _ssl_cause(error))) from None
         except requests.RequestException as error:
             raise BrokerError(f"cannot reach {url}: {_cause(error)}") from None
         if reply.status_code >= 400:
-            raise BrokerError(f"{method} {url} answered {reply.status_code}: {_error_text(reply)}")
+            raise BrokerError(f"{method} {url} answered {reply.status_code}: {_error_text(reply)}", reply.status_code)
         try:
             return reply.json()
         except ValueError:
@@ -117,20 +140,52 @@ class BrokerClient:
         whole process of its own, and this keeps it near 50 ms. Only opening the
         connection is retried; once the request has gone out it is never sent again, so
         a message is never posted twice."""
-        from http.client import HTTPConnection, HTTPException, HTTPSConnection
-        from urllib.parse import quote, urlsplit
+        from urllib.parse import urlsplit
 
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BrokerError(f"invalid broker URL {self.url}: it must look like http://HOST:PORT")
+        post = {"message": message}
+        if sender or self.agent_id:
+            post["sender"] = sender or self.agent_id
+        body = json.dumps(post).encode()
+        give_up = time.monotonic() + SEND_RETRY_BUDGET
+        while True:
+            status, reason, data, retry_after = self._post_once(parts, channel, body)
+            if status not in (429, 503) or retry_after is None or time.monotonic() + retry_after > give_up:
+                break
+            time.sleep(retry_after)
         url = f"{self.url}/messages/{channel}"
-        body = json.dumps({"sender": sender or self.agent_id, "message": message}).encode()
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = None
+        if status >= 400:
+            detail = answer.get("error") if isinstance(answer, dict) else None
+            raise BrokerError(f"POST {url} answered {status}: {detail or reason}", status)
+        if not isinstance(answer, dict):
+            raise BrokerError(f"POST {url} answered {status} with something that is not JSON")
+        return answer
+
+    def _post_once(self, parts, channel, body):
+        """One POST: (status, reason, body, Retry-After seconds or None)."""
+        import ssl
+        from http.client import HTTPConnection, HTTPException, HTTPSConnection
+        from urllib.parse import quote
+
+        url = f"{self.url}/messages/{channel}"
         headers = {**self.headers, "Content-Type": "application/json"}
-        kind = HTTPSConnection if parts.scheme == "https" else HTTPConnection
         for attempt in range(SEND_CONNECT_TRIES):
-            connection = kind(parts.hostname, parts.port, timeout=TIMEOUT[0])
+            if parts.scheme == "https":
+                context = ssl.create_default_context(cafile=self.ca)
+                connection = HTTPSConnection(parts.hostname, parts.port, timeout=TIMEOUT[0], context=context)
+            else:
+                connection = HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT[0])
             try:
                 connection.connect()
+            except ssl.SSLError as error:
+                connection.close()
+                raise BrokerError(_tls_hint(url, error)) from None
             except OSError as error:
                 connection.close()
                 if attempt + 1 == SEND_CONNECT_TRIES:
@@ -142,21 +197,15 @@ class BrokerClient:
                 connection.request("POST", f"{parts.path}/messages/{quote(channel, safe='')}", body, headers)
                 reply = connection.getresponse()
                 status, reason, data = reply.status, reply.reason, reply.read()
+                retry_after = reply.getheader("Retry-After")
             except (OSError, HTTPException) as error:
                 raise BrokerError(f"POST {url} got no answer ({_os_cause(error)}): it may have been stored") from None
             finally:
                 connection.close()
-            break
-        try:
-            answer = json.loads(data)
-        except ValueError:
-            answer = None
-        if status >= 400:
-            detail = answer.get("error") if isinstance(answer, dict) else None
-            raise BrokerError(f"POST {url} answered {status}: {detail or reason}")
-        if not isinstance(answer, dict):
-            raise BrokerError(f"POST {url} answered {status} with something that is not JSON")
-        return answer
+            try:
+                return status, reason, data, float(retry_after) if retry_after is not None else None
+            except ValueError:
+                return status, reason, data, None
 
     def read(self, channel, limit=None, since=None, after=None, wait=None):
         """One page: {"messages": [...], "cursor": ..., "gap": ..., "more": ...}."""
@@ -199,9 +248,12 @@ class BrokerClient:
                     headers={"Accept": "text/event-stream", "Last-Event-ID": str(cursor)},
                     stream=True,
                     timeout=(TIMEOUT[0], silence),
+                    verify=self.verify,
                 ) as reply:
-                    if 400 <= reply.status_code < 500:
-                        raise BrokerError(f"GET {url} answered {reply.status_code}: {_error_text(reply)}")
+                    if 400 <= reply.status_code < 500 and reply.status_code != 429:
+                        raise BrokerError(
+                            f"GET {url} answered {reply.status_code}: {_error_text(reply)}", reply.status_code
+                        )
                     if reply.status_code < 400:
                         pause = RECONNECT_FIRST
                         for event in _events(reply):
@@ -214,6 +266,8 @@ class BrokerClient:
                                 yield message
                             if deadline is not None and time.monotonic() >= deadline:
                                 return
+            except requests.exceptions.SSLError as error:
+                raise BrokerError(_tls_hint(url, _ssl_cause(error))) from None
             except (requests.RequestException, ValueError):
                 pass  # dropped, refused or garbled: reconnect from the cursor below
             if deadline is not None and time.monotonic() + pause >= deadline:
@@ -221,6 +275,16 @@ class BrokerClient:
                 return
             time.sleep(pause)
             pause = min(pause * 2, RECONNECT_MAX)
+
+
+def _ssl_cause(error):
+    """The ssl module's own error inside what requests raised, for its short reason."""
+    while error is not None:
+        if getattr(error, "reason", None) and error.__class__.__module__ == "ssl":
+            return error
+        inner = error.args[0] if error.args and isinstance(error.args[0], BaseException) else None
+        error = inner or error.__context__
+    return "TLS handshake failed"
 
 
 def _error_text(reply):

@@ -5,6 +5,7 @@ config file, then default. The config files are INI with one [agent-comms] secti
     broker = http://192.168.122.86:8080
     agent_id = warp-ct200
     token = ...
+    ca = /etc/agent-comms/ca.pem
 """
 
 import configparser
@@ -58,8 +59,17 @@ def resolve(flags, environ=os.environ, paths=None):
             return files[key]
         return default() if callable(default) else default
 
+    agent_id = pick("--agent-id", "AGENT_COMMS_AGENT_ID", "agent_id", None)
+    token = pick("--token", "AGENT_COMMS_TOKEN", "token", None)
+    ca = pick("--ca", "AGENT_COMMS_CA", "ca", None)
+    if ca is not None and not os.path.isfile(ca):
+        raise ConfigError(f"the CA file {ca} (--ca, AGENT_COMMS_CA or ca in the config file) does not exist")
+    if agent_id is None and token is None:
+        agent_id = default_agent_id()
+    # With a token and no agent id given, the broker names the sender: the token's agent.
     return {
         "broker": pick("--broker", "AGENT_COMMS_BROKER", "broker", DEFAULT_BROKER).rstrip("/"),
-        "agent_id": pick("--agent-id", "AGENT_COMMS_AGENT_ID", "agent_id", default_agent_id),
-        "token": pick("--token", "AGENT_COMMS_TOKEN", "token", None),
+        "agent_id": agent_id,
+        "token": token,
+        "ca": ca,
     }

@@ -6,8 +6,10 @@ greenlet costs a few KiB where a thread or a process would cost far more.
 """
 
 import json
+import ssl
 
 import gevent
+from gevent.hub import Hub
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -24,6 +26,9 @@ def write_json_error(sock, status_int, reason, mesg):
 class BrokerWorker(GeventWorker):
     def init_process(self):
         util.write_error = write_json_error
+        # A client that gives up on the TLS handshake (wrong CA, plain HTTP to the HTTPS
+        # port) is the client's problem: no traceback in the broker's log for it.
+        Hub.NOT_ERROR = (*Hub.NOT_ERROR, ssl.SSLError)
         super().init_process()
 
     def handle_request(self, listener_name, req, sock, addr):
