@@ -5,6 +5,7 @@ the document lists for their operation and a body its schema accepts."""
 import json
 import re
 import sqlite3
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from urllib.parse import quote
@@ -18,6 +19,7 @@ from referencing.jsonschema import DRAFT202012
 import agent_comms_broker
 from agent_comms_broker.app import create_app
 from agent_comms_broker.config import Settings
+from broker_process import BIN
 
 DOCUMENT_FILE = resources.files("agent_comms_broker").joinpath("openapi.json")
 DOCUMENT = json.loads(DOCUMENT_FILE.read_bytes())
@@ -345,8 +347,75 @@ def test_locked_database_answers_documented_503(own_broker):
     assert requests.post(f"{broker.url}/messages/busy", json=ONE, timeout=10).status_code == 201
 
 
+# -- (d) refusals of access control and limits -------------------------------------------------
+
+OTHER_TOKEN = "Bearer acm_this-token-was-never-made-by-the-broker"
+
+
+def operation_call(method, template, channel, **kwargs):
+    path = template.replace("{channel}", channel)
+    body = {"json": {"message": "m"}} if method == "post" else {}
+    return requests.request(method.upper(), BROKER_URL[0] + path, timeout=10, stream=True, **body, **kwargs)
+
+
+BROKER_URL = [None]
+REFUSED = set()
+
+
+def refusal(method, template, status, reply):
+    with reply:
+        check(method, template, reply, status)
+    REFUSED.add((method, template, str(status)))
+
+
+def test_access_refusals_match_the_document(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_AUTH": "required", "AGENT_COMMS_MAX_CHANNELS": "1"}).start()
+    BROKER_URL[0] = broker.url
+    made = subprocess.run(
+        [
+            str(BIN / "agent-comms-broker"),
+            "token",
+            "add",
+            "doc",
+            "--read",
+            "open-*",
+            "--write",
+            "open-*",
+            "--db",
+            broker.db_path,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    token = {"Authorization": f"Bearer {made.stdout.strip()}"}
+    for method, template in operations():
+        if template != "/healthz":
+            refusal(
+                method,
+                template,
+                401,
+                operation_call(method, template, "open-a", headers={"Authorization": OTHER_TOKEN}),
+            )
+        if "{channel}" in template:
+            refusal(method, template, 403, operation_call(method, template, "closed", headers=token))
+    assert operation_call("post", MESSAGES, "open-a", headers=token).status_code == 201
+    refusal("post", MESSAGES, 409, operation_call("post", MESSAGES, "open-b", headers=token))
+
+
+def test_rate_limit_refusals_match_the_document(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_RATE_LIMIT": "0.01", "AGENT_COMMS_RATE_BURST": "1"}).start()
+    BROKER_URL[0] = broker.url
+    assert requests.get(broker.url + "/status", timeout=10).status_code == 200  # the bucket's one request
+    for method, template in operations():
+        if template != "/healthz":
+            refusal(method, template, 429, operation_call(method, template, "limited"))
+    assert requests.get(broker.url + "/healthz", timeout=10).status_code == 200
+
+
+# Last in the file: it counts the statuses the tests above caused.
 def test_every_documented_status_is_exercised():
-    exercised = {(c.values[0], c.values[1], str(c.values[2])) for c in CASES}
+    exercised = {(c.values[0], c.values[1], str(c.values[2])) for c in CASES} | REFUSED
     exercised |= {("get", template, "200") for template in ("/stream", "/stream/{channel}")}
     exercised |= {("get", "/healthz", "503")}
     exercised |= {(method, template, "503") for method, template, _ in BUSY_CALLS}
