@@ -13,11 +13,14 @@ from gevent.hub import Hub
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
+from .headers import SECURITY_HEADERS
+
 
 def write_json_error(sock, status_int, reason, mesg):
     body = json.dumps({"error": f"{reason.lower()}: {mesg}"}).encode()
+    security = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS)
     head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n{security}Cache-Control: no-store\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     util.write_nonblock(sock, head.encode("latin-1") + body)

@@ -1,0 +1,282 @@
+"""Tokens and the three access modes, on real brokers: the admin CLI makes and revokes
+tokens, agent-chat and plain HTTP use them, and every refusal says what is missing."""
+
+import json
+import sqlite3
+import subprocess
+import time
+
+import pytest
+import requests
+
+from broker_process import BIN
+from sse_client import EventStream
+
+ADMIN = str(BIN / "agent-comms-broker")
+CHAT = str(BIN / "agent-chat")
+
+
+def admin(db_path, *args, stdin=None, check=True):
+    done = subprocess.run([ADMIN, *args, "--db", str(db_path)], input=stdin, capture_output=True, text=True)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def add_token(broker, agent, *options):
+    return admin(broker.db_path, "token", "add", agent, *options).stdout.strip()
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def chat(broker, *args, token=None, env=None):
+    environment = {"AGENT_COMMS_BROKER": broker.url, "PATH": "/usr/bin:/bin", **(env or {})}
+    if token:
+        environment["AGENT_COMMS_TOKEN"] = token
+    return subprocess.run([CHAT, *args], capture_output=True, text=True, env=environment, timeout=30)
+
+
+@pytest.fixture
+def broker_in(own_broker):
+    def start(mode):
+        return own_broker(env={"AGENT_COMMS_AUTH": mode}).start()
+
+    return start
+
+
+# -- the admin CLI -------------------------------------------------------------------------
+
+
+def test_token_add_shows_the_secret_once_and_keeps_only_its_hash(own_broker):
+    broker = own_broker().start()
+    done = admin(broker.db_path, "token", "add", "warp-ct200", "--write", "tasks, team-*", "--note", "ct200")
+    secret = done.stdout.strip()
+    assert secret.startswith("acm_") and len(secret) >= 40
+    assert "shown only now" in done.stderr
+    with sqlite3.connect(broker.db_path) as db:
+        dump = "\n".join(db.iterdump())
+    assert secret not in dump
+    listed = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)
+    assert [(t["agent"], t["read"], t["write"], t["note"], t["state"]) for t in listed] == [
+        ("warp-ct200", "*", "tasks,team-*", "ct200", "active")
+    ]
+    table = admin(broker.db_path, "token", "list").stdout
+    assert "warp-ct200" in table and secret not in table
+
+
+def test_token_add_from_stdin_is_idempotent(own_broker):
+    broker = own_broker().start()
+    secret = "s3cret-chosen-by-the-operator-0123456789"
+    assert admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin=secret + "\n").stdout.startswith(
+        "added "
+    )
+    again = admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin=secret)
+    assert again.stdout.startswith("unchanged ")
+    narrowed = admin(broker.db_path, "token", "add", "ops", "--write", "alerts", "--secret-stdin", stdin=secret)
+    assert narrowed.stdout.startswith("updated ")
+    assert (
+        requests.post(f"{broker.url}/messages/tasks", json={"message": "x"}, headers=bearer(secret)).status_code == 403
+    )
+    other = admin(broker.db_path, "token", "add", "mallory", "--secret-stdin", stdin=secret, check=False)
+    assert other.returncode == 1 and "already registered to agent ops" in other.stderr
+    short = admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin="short", check=False)
+    assert short.returncode == 1 and "32 to 512" in short.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["token", "add", "a b\x01"], "AGENT must be"),
+        (["token", "add", "ok", "--read", "bad/pattern"], "is not a channel pattern"),
+        (["token", "add", "ok", "--expires", "soon"], "--expires"),
+        (["token", "revoke", "nothere"], "no token with id nothere"),
+    ],
+)
+def test_admin_mistakes_get_one_line_and_exit_1(own_broker, args, expected):
+    broker = own_broker().start()
+    done = admin(broker.db_path, *args, check=False)
+    assert done.returncode == 1
+    assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
+
+
+def test_admin_needs_an_existing_database(tmp_path):
+    done = admin(tmp_path / "absent.db", "token", "list", check=False)
+    assert done.returncode == 1 and "no database at" in done.stderr
+
+
+def test_revoked_and_expired_tokens_are_refused_at_once(broker_in):
+    broker = broker_in("required")
+    token = add_token(broker, "bot")
+    brief = add_token(broker, "brief", "--expires", "1s")
+    assert requests.get(f"{broker.url}/channels", headers=bearer(token)).status_code == 200
+    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    assert admin(broker.db_path, "token", "revoke", token_id).stdout.strip() == f"revoked {token_id}"
+    for _ in range(4):  # every worker refuses it from the next request
+        reply = requests.get(f"{broker.url}/channels", headers=bearer(token))
+        assert reply.status_code == 401 and "was revoked" in reply.json()["error"]
+    time.sleep(1.2)
+    reply = requests.get(f"{broker.url}/channels", headers=bearer(brief))
+    assert reply.status_code == 401 and "has expired" in reply.json()["error"]
+    states = {t["agent"]: t["state"] for t in json.loads(admin(broker.db_path, "token", "list", "--json").stdout)}
+    assert states == {"bot": "revoked", "brief": "expired"}
+
+
+# -- the three modes -----------------------------------------------------------------------
+
+
+def test_open_mode_keeps_the_old_behaviour_and_still_honours_tokens(broker_in):
+    broker = broker_in("open")
+    assert requests.post(f"{broker.url}/messages/tasks", json={"sender": "anyone", "message": "hi"}).status_code == 201
+    assert requests.get(f"{broker.url}/messages/tasks").json()["count"] == 1
+    token = add_token(broker, "bot", "--write", "alerts")
+    reply = requests.post(f"{broker.url}/messages/tasks", json={"message": "x"}, headers=bearer(token))
+    assert reply.status_code == 403
+    reply = requests.get(f"{broker.url}/status", headers=bearer("acm_not-a-real-token-at-all-0000000000"))
+    assert reply.status_code == 401 and reply.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_write_requires_token_mode(broker_in):
+    broker = broker_in("write-requires-token")
+    reply = requests.post(f"{broker.url}/messages/tasks", json={"sender": "anon", "message": "hi"})
+    assert reply.status_code == 401
+    assert "token is required to post" in reply.json()["error"]
+    assert reply.headers["WWW-Authenticate"] == 'Bearer realm="agent-comms"'
+    token = add_token(broker, "writer")
+    posted = requests.post(f"{broker.url}/messages/tasks", json={"message": "hi"}, headers=bearer(token))
+    assert posted.status_code == 201 and posted.json()["sender"] == "writer"
+    assert requests.get(f"{broker.url}/messages/tasks").json()["messages"][0]["message"] == "hi"
+    assert requests.get(f"{broker.url}/agents").status_code == 200
+
+
+def test_required_mode_guards_everything_but_health(broker_in):
+    broker = broker_in("required")
+    for path in ("/messages/tasks", "/channels", "/agents", "/stream", "/stream/tasks"):
+        reply = requests.get(broker.url + path, timeout=10)
+        assert reply.status_code == 401, path
+        assert "token is required" in reply.json()["error"]
+    assert requests.get(f"{broker.url}/healthz").status_code == 200
+    assert requests.get(f"{broker.url}/openapi.json").status_code == 200
+    anonymous = requests.get(f"{broker.url}/status").json()
+    assert anonymous["status"] == "running" and anonymous["auth"] == "required"
+    assert not {"agents", "active_agents", "messages", "channels"} & anonymous.keys()
+    token = add_token(broker, "bot")
+    full = requests.get(f"{broker.url}/status", headers=bearer(token)).json()
+    assert {"agents", "active_agents", "messages", "channels"} <= full.keys()
+
+
+def test_malformed_authorization_is_401(broker_in):
+    broker = broker_in("open")
+    for header in ("Basic dXNlcjpwYXNz", "Bearer", "Bearer    ", "acm_token-without-a-scheme"):
+        reply = requests.get(f"{broker.url}/status", headers={"Authorization": header})
+        assert reply.status_code == 401, header
+        assert reply.json()["error"]
+
+
+# -- what a token grants -----------------------------------------------------------------------
+
+
+def test_a_token_cannot_post_as_another_agent(broker_in):
+    broker = broker_in("required")
+    token = add_token(broker, "warp-ct200")
+    reply = requests.post(
+        f"{broker.url}/messages/tasks", json={"sender": "boss", "message": "x"}, headers=bearer(token)
+    )
+    assert reply.status_code == 403 and "belongs to agent 'warp-ct200'" in reply.json()["error"]
+    batch = [{"sender": "warp-ct200", "message": "ok"}, {"sender": "boss", "message": "spoof"}]
+    reply = requests.post(f"{broker.url}/messages/tasks", json=batch, headers=bearer(token))
+    assert reply.status_code == 403 and reply.json()["error"].startswith("item 1: ")
+    same = requests.post(
+        f"{broker.url}/messages/tasks", json={"sender": "warp-ct200", "message": "y"}, headers=bearer(token)
+    )
+    assert same.status_code == 201
+    assert [
+        m["message"] for m in requests.get(f"{broker.url}/messages/tasks", headers=bearer(token)).json()["messages"]
+    ] == ["y"]
+
+
+def test_wildcard_grants_for_read_and_write(broker_in):
+    broker = broker_in("required")
+    admin_token = add_token(broker, "admin")
+    token = add_token(broker, "team-bot", "--read", "team-*,alerts", "--write", "team-*")
+    for channel in ("team-a", "team-b", "alerts", "secrets"):
+        requests.post(f"{broker.url}/messages/{channel}", json={"message": channel}, headers=bearer(admin_token))
+    assert (
+        requests.post(f"{broker.url}/messages/team-x", json={"message": "m"}, headers=bearer(token)).status_code == 201
+    )
+    refused = requests.post(f"{broker.url}/messages/alerts", json={"message": "m"}, headers=bearer(token))
+    assert refused.status_code == 403 and "may not post to channel 'alerts'" in refused.json()["error"]
+    assert requests.get(f"{broker.url}/messages/alerts", headers=bearer(token)).status_code == 200
+    refused = requests.get(f"{broker.url}/messages/secrets", headers=bearer(token))
+    assert refused.status_code == 403 and "may not read channel 'secrets'" in refused.json()["error"]
+    assert requests.get(f"{broker.url}/stream/secrets", headers=bearer(token)).status_code == 403
+    listed = [c["name"] for c in requests.get(f"{broker.url}/channels", headers=bearer(token)).json()["channels"]]
+    assert listed == ["alerts", "team-a", "team-b", "team-x"]
+
+
+def test_the_all_channels_stream_carries_only_granted_channels(broker_in):
+    broker = broker_in("required")
+    admin_token = add_token(broker, "admin")
+    token = add_token(broker, "reader", "--read", "team-*")
+    session = requests.Session()
+    session.headers.update(bearer(token))
+    stream = EventStream(f"{broker.url}/stream", last_event_id=0, session=session)
+    try:
+        for channel in ("secrets", "team-a", "secrets", "team-b"):
+            requests.post(f"{broker.url}/messages/{channel}", json={"message": channel}, headers=bearer(admin_token))
+        messages = stream.messages(2)
+    finally:
+        stream.close()
+    assert [m["channel"] for m in messages] == ["team-a", "team-b"]
+
+
+def test_no_read_grant_means_no_channel(broker_in):
+    broker = broker_in("required")
+    token = add_token(broker, "sender-only", "--read", "")
+    assert requests.post(f"{broker.url}/messages/out", json={"message": "m"}, headers=bearer(token)).status_code == 201
+    assert requests.get(f"{broker.url}/messages/out", headers=bearer(token)).status_code == 403
+    assert requests.get(f"{broker.url}/channels", headers=bearer(token)).json()["channels"] == []
+
+
+# -- agent-chat with tokens ------------------------------------------------------------------------
+
+
+def test_agent_chat_with_a_token_sends_as_the_tokens_agent(broker_in):
+    broker = broker_in("required")
+    token = add_token(broker, "warp-ct200", "--write", "tasks")
+    sent = chat(broker, "send", "tasks", "hello", token=token)
+    assert sent.returncode == 0, sent.stderr
+    read = chat(broker, "read", "tasks", "--json", token=token)
+    assert json.loads(read.stdout)["sender"] == "warp-ct200"
+    assert chat(broker, "--token", token, "read", "tasks").returncode == 0  # the flag works too
+
+
+def test_agent_chat_refusals_exit_3_with_one_line(broker_in):
+    broker = broker_in("required")
+    token = add_token(broker, "warp-ct200", "--write", "tasks")
+    cases = [
+        (chat(broker, "send", "tasks", "hi"), "401"),
+        (chat(broker, "send", "other", "hi", token=token), "403"),
+        (chat(broker, "--agent-id", "boss", "send", "tasks", "hi", token=token), "403"),
+        (chat(broker, "read", "tasks", token="acm_wrong-token-wrong-token-wrong-0000"), "401"),
+        (chat(broker, "watch", "tasks", "--timeout", "5"), "401"),
+    ]
+    for done, status in cases:
+        assert done.returncode == 3, done.stderr
+        assert f"answered {status}" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_agent_chat_reads_the_token_from_its_config_file(broker_in, tmp_path):
+    broker = broker_in("required")
+    token = add_token(broker, "from-config")
+    config = tmp_path / "xdg" / "agent-comms" / "config.ini"
+    config.parent.mkdir(parents=True)
+    config.write_text(f"[agent-comms]\ntoken = {token}\n")
+    done = chat(broker, "send", "tasks", "hi", env={"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+    assert done.returncode == 0, done.stderr
+    assert (
+        requests.get(f"{broker.url}/messages/tasks", headers=bearer(token)).json()["messages"][0]["sender"]
+        == "from-config"
+    )

@@ -1,0 +1,195 @@
+"""Abuse limits on real brokers with two workers: the rate limit and the stream cap hold
+across workers, and every cap answers a clear JSON 4xx while storing nothing."""
+
+import http.client
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from broker_process import BIN
+
+
+def fresh_get(url):
+    """A request on a new connection, so that the two workers share the load."""
+    return requests.get(url, timeout=10, headers={"Connection": "close"})
+
+
+def error_of(reply, status):
+    assert reply.status_code == status, reply.text
+    assert reply.headers["Content-Type"].startswith("application/json")
+    return reply.json()["error"]
+
+
+def test_rate_limit_holds_across_workers_with_retry_after(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_RATE_LIMIT": "2", "AGENT_COMMS_RATE_BURST": "10"}).start()
+    started = time.monotonic()
+    replies = [fresh_get(f"{broker.url}/status") for _ in range(40)]
+    elapsed = time.monotonic() - started
+    allowed = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code == 429]
+    assert len(allowed) + len(refused) == 40
+    # One bucket for both workers: the burst plus what refilled meanwhile, not twice that.
+    assert 10 <= len(allowed) <= 10 + 2 * elapsed + 1
+    assert len({r.json()["worker"] for r in allowed}) == 2, "both workers answered"
+    for reply in refused:
+        assert "rate limit" in error_of(reply, 429)
+        assert int(reply.headers["Retry-After"]) >= 1
+    time.sleep(int(refused[-1].headers["Retry-After"]))
+    assert fresh_get(f"{broker.url}/status").status_code == 200
+    assert all(fresh_get(f"{broker.url}/healthz").status_code == 200 for _ in range(20)), "health is never limited"
+
+
+def test_each_agent_has_its_own_bucket(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_RATE_LIMIT": "0.1", "AGENT_COMMS_RATE_BURST": "3"}).start()
+    tokens = {}
+    for agent in ("alpha", "beta"):
+        made = subprocess.run(
+            [str(BIN / "agent-comms-broker"), "token", "add", agent, "--db", broker.db_path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        tokens[agent] = {"Authorization": f"Bearer {made.stdout.strip()}"}
+    alpha = [requests.get(f"{broker.url}/channels", headers=tokens["alpha"]).status_code for _ in range(5)]
+    assert alpha == [200, 200, 200, 429, 429]
+    assert requests.get(f"{broker.url}/channels", headers=tokens["beta"]).status_code == 200
+    assert requests.get(f"{broker.url}/channels").status_code == 200, "anonymous callers count by address"
+
+
+def test_agent_chat_send_waits_out_a_short_rate_limit(own_broker, monkeypatch):
+    broker = own_broker(env={"AGENT_COMMS_RATE_LIMIT": "1", "AGENT_COMMS_RATE_BURST": "1"}).start()
+    monkeypatch.setenv("AGENT_COMMS_BROKER", broker.url)
+    chat = str(BIN / "agent-chat")
+    first = subprocess.run([chat, "send", "tasks", "one"], capture_output=True, text=True, timeout=30)
+    second = subprocess.run([chat, "send", "tasks", "two"], capture_output=True, text=True, timeout=30)
+    assert (first.returncode, second.returncode) == (0, 0), second.stderr
+    time.sleep(1.1)  # the bucket refills before the check reads
+    texts = [m["message"] for m in requests.get(f"{broker.url}/messages/tasks").json()["messages"]]
+    assert texts == ["one", "two"], "retried after Retry-After, stored once"
+
+
+def open_raw(url):
+    return requests.get(url, stream=True, timeout=10, headers={"Connection": "close"})
+
+
+def test_open_streams_are_capped_per_agent_across_workers(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_MAX_STREAMS": "3", "AGENT_COMMS_KEEPALIVE": "0.5"}).start()
+    streams = [open_raw(f"{broker.url}/stream/tasks") for _ in range(3)]
+    try:
+        assert [s.status_code for s in streams] == [200, 200, 200]
+        # Counted per worker, some of these would reach a worker holding fewer than 3.
+        for _ in range(6):
+            with open_raw(f"{broker.url}/stream/other") as refused:
+                assert "too many open streams" in error_of(refused, 429)
+                assert refused.headers["Retry-After"]
+        streams.pop().close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = open_raw(f"{broker.url}/stream/tasks")
+            if probe.status_code == 200:
+                streams.append(probe)
+                break
+            probe.close()
+            time.sleep(0.3)
+        else:
+            pytest.fail("a closed stream's slot was never given back")
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_a_killed_workers_streams_no_longer_count(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_MAX_STREAMS": "2"}).start()
+    streams = [open_raw(f"{broker.url}/stream/tasks") for _ in range(2)]
+    with open_raw(f"{broker.url}/stream/tasks") as refused:
+        assert refused.status_code == 429
+    for pid in broker.worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    for stream in streams:
+        stream.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            probe = requests.get(f"{broker.url}/stream/tasks", stream=True, timeout=5)
+        except requests.ConnectionError:
+            time.sleep(0.2)
+            continue
+        status = probe.status_code
+        probe.close()
+        if status == 200:
+            return
+        time.sleep(0.2)
+    pytest.fail("the streams of killed workers still counted")
+
+
+def test_channel_cap_refuses_new_channels_only(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_MAX_CHANNELS": "2"}).start()
+    for channel in ("one", "two"):
+        assert (
+            requests.post(f"{broker.url}/messages/{channel}", json={"sender": "a", "message": "m"}).status_code == 201
+        )
+    refused = requests.post(f"{broker.url}/messages/three", json={"sender": "a", "message": "m"})
+    assert "limit of 2 channels" in error_of(refused, 409)
+    assert requests.post(f"{broker.url}/messages/one", json={"sender": "a", "message": "m"}).status_code == 201
+    assert [c["name"] for c in requests.get(f"{broker.url}/channels").json()["channels"]] == ["one", "two"]
+    assert requests.get(f"{broker.url}/messages/three").json()["count"] == 0
+
+
+def test_concurrent_posts_to_new_channels_past_the_cap_fail_alone(own_broker):
+    """Posts that share a group commit: the one over the cap is refused, the rest stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    broker = own_broker(env={"AGENT_COMMS_MAX_CHANNELS": "5"}, workers=1).start()
+
+    def post(i):
+        return requests.post(f"{broker.url}/messages/ch-{i}", json={"sender": "a", "message": str(i)}).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(post, range(12)))
+    assert sorted(statuses) == [201] * 5 + [409] * 7
+    assert len(requests.get(f"{broker.url}/channels").json()["channels"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("env", "body", "expected"),
+    [
+        ({"AGENT_COMMS_MAX_MESSAGE": "1000"}, {"sender": "a", "message": "x" * 1001}, "limit of 1000 bytes"),
+        ({"AGENT_COMMS_MAX_MESSAGE": "1000"}, {"sender": "a", "message": "€" * 334}, "limit of 1000 bytes"),
+        ({"AGENT_COMMS_MAX_BATCH": "3"}, [{"sender": "a", "message": "m"}] * 4, "at most 3 messages"),
+        ({"AGENT_COMMS_MAX_BODY": "2000"}, [{"sender": "a", "message": "m" * 500}] * 4, "limit of 2000 bytes"),
+    ],
+)
+def test_size_caps_answer_413_and_store_nothing(own_broker, env, body, expected):
+    broker = own_broker(env=env).start()
+    assert expected in error_of(requests.post(f"{broker.url}/messages/caps", json=body), 413)
+    assert requests.get(f"{broker.url}/messages/caps").json()["count"] == 0
+    if "€" in str(body):
+        fits = {"sender": "a", "message": "€" * 333}
+        assert requests.post(f"{broker.url}/messages/caps", json=fits).status_code == 201
+
+
+def raw_request(broker, head):
+    connection = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10)
+    connection.connect()
+    connection.sock.sendall(head.encode())
+    reply = http.client.HTTPResponse(connection.sock)
+    reply.begin()
+    body = reply.read()
+    connection.close()
+    return reply, body
+
+
+def test_header_caps_answer_431_as_json(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_MAX_HEADER": "1024", "AGENT_COMMS_MAX_HEADERS": "10"}).start()
+    long_header = f"GET /status HTTP/1.1\r\nHost: x\r\nX-Agent-ID: {'a' * 2000}\r\n\r\n"
+    many_headers = "GET /status HTTP/1.1\r\nHost: x\r\n" + "".join(f"X-N{i}: v\r\n" for i in range(20)) + "\r\n"
+    for head in (long_header, many_headers):
+        reply, body = raw_request(broker, head)
+        assert reply.status == 431, body
+        assert reply.getheader("Content-Type") == "application/json"
+        assert b"error" in body and reply.getheader("X-Content-Type-Options") == "nosniff"
+    assert requests.get(f"{broker.url}/status", headers={"X-Agent-ID": "a" * 100}).status_code == 200
