@@ -22,12 +22,15 @@ def free_port():
 
 
 class BrokerProcess:
-    def __init__(self, db_path, workers=2, env=None, port=None):
+    def __init__(self, db_path, workers=2, env=None, port=None, ca=None):
         self.db_path = str(db_path)
         self.workers = workers
         self.extra_env = dict(env or {})
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.extra_env.get("AGENT_COMMS_TLS_CERT") else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        # The CA file that verifies an HTTPS broker's certificate.
+        self.verify = ca or True
         self.log_path = Path(self.db_path).with_suffix(f".{self.port}.log")
         self.process = None
 
@@ -58,7 +61,7 @@ class BrokerProcess:
                 raise RuntimeError(f"broker exited with {self.process.returncode}:\n{self.log()}")
             try:
                 # Healthy once one worker answers; gunicorn forks the others a moment apart.
-                healthy = requests.get(self.url + "/healthz", timeout=1).status_code == 200
+                healthy = requests.get(self.url + "/healthz", timeout=1, verify=self.verify).status_code == 200
                 if healthy and len(self.worker_pids()) >= self.workers:
                     return self
             except requests.ConnectionError:
