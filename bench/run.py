@@ -5,7 +5,8 @@ summary table and writes bench/results/latest.json.
 Usage: run.py [--only NAMES] [--seconds S] [--wrk-threads N] [--watchers N] [--messages N]
               [--rate R] [--big-store N] [--keep]
 
-Scenarios, in order: publish, read, fanout (also each worker's memory), big-store, cli-send.
+Scenarios, in order: publish, publish-secured (a token and the rate limiter on every post),
+read, fanout (also each worker's memory), big-store, cli-send.
 Exit status: 0 when every figure meets its target, 1 when one misses, 2 when a scenario
 could not run.
 """
@@ -34,6 +35,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 def scenarios(args):
     return {
         "publish": lambda report, workdir: publish.run(report, workdir, args.seconds, args.wrk_threads),
+        "publish-secured": lambda report, workdir: publish.run(
+            report, workdir, args.seconds, args.wrk_threads, secured=True
+        ),
         "read": lambda report, workdir: latest_read.run(report, workdir, args.seconds, args.wrk_threads),
         "fanout": lambda report, workdir: fanout.run(report, workdir, args.watchers, args.messages, args.rate),
         "big-store": lambda report, workdir: big_store.run(report, workdir, args.big_store),
@@ -67,7 +71,7 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         raise SystemExit(f"bench: no scenario {', '.join(unknown)}; there are {', '.join(table)}")
-    if {"publish", "read"} & set(chosen):
+    if {"publish", "publish-secured", "read"} & set(chosen):
         require_wrk()
     report = Report()
     workdir = Path(tempfile.mkdtemp(prefix="agent-comms-bench-"))

@@ -1,5 +1,6 @@
 -- wrk script: POST one message of a given size to the URL's channel on every request.
--- Arguments (after --): message size in bytes [1024], sender [bench-publisher].
+-- Arguments (after --): message size in bytes [1024], sender [bench-publisher],
+-- bearer token [none].
 
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(here .. "report.lua")
@@ -10,5 +11,8 @@ function init(args)
   local text = string.sub(string.rep("agent status update: all systems nominal. ", size), 1, size)
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
+  if args[3] then
+    wrk.headers["Authorization"] = "Bearer " .. args[3]
+  end
   wrk.body = '{"sender": "' .. sender .. '", "message": "' .. text .. '"}'
 end
