@@ -60,6 +60,14 @@ def test_each_agent_has_its_own_bucket(own_broker):
     assert requests.get(f"{broker.url}/channels").status_code == 200, "anonymous callers count by address"
 
 
+def test_a_forwarded_for_header_does_not_buy_a_new_bucket(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_RATE_LIMIT": "0.1", "AGENT_COMMS_RATE_BURST": "2"}).start()
+    statuses = [
+        requests.get(f"{broker.url}/channels", headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(4)
+    ]
+    assert statuses == [200, 200, 429, 429]
+
+
 def test_agent_chat_send_waits_out_a_short_rate_limit(own_broker, monkeypatch):
     broker = own_broker(env={"AGENT_COMMS_RATE_LIMIT": "1", "AGENT_COMMS_RATE_BURST": "1"}).start()
     monkeypatch.setenv("AGENT_COMMS_BROKER", broker.url)

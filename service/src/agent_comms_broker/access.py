@@ -39,7 +39,10 @@ def caller():
 def limit_key():
     """Whose bucket and stream count a request uses: the token's agent, else the address."""
     who = caller()
-    return f"agent:{who.agent}" if who is not None else f"address:{request.remote_addr}"
+    if who is not None:
+        return f"agent:{who.agent}"
+    # The socket's address: Bottle's remote_addr would believe a client's X-Forwarded-For.
+    return f"address:{request.environ.get('REMOTE_ADDR')}"
 
 
 def allow_read(channel):
