@@ -27,19 +27,30 @@ def error_of(reply, status):
 def test_rate_limit_holds_across_workers_with_retry_after(own_broker):
     broker = own_broker(env={"AGENT_COMMS_RATE_LIMIT": "2", "AGENT_COMMS_RATE_BURST": "10"}).start()
     started = time.monotonic()
-    replies = [fresh_get(f"{broker.url}/status") for _ in range(40)]
+    # A keep-alive connection stays with one worker: find one connection to each.
+    by_worker, spent = {}, 0
+    while len(by_worker) < 2 and spent < 8:
+        session = requests.Session()
+        reply = session.get(f"{broker.url}/status", timeout=10)
+        spent += 1
+        by_worker.setdefault(reply.json()["worker"], session)
+    assert len(by_worker) == 2, "could not reach both workers"
+    first, second = by_worker.values()
+    replies = [(first, second)[i % 2].get(f"{broker.url}/status", timeout=10) for i in range(30)]
     elapsed = time.monotonic() - started
-    allowed = [r for r in replies if r.status_code == 200]
-    refused = [r for r in replies if r.status_code == 429]
-    assert len(allowed) + len(refused) == 40
+    allowed = spent + sum(r.status_code == 200 for r in replies)
     # One bucket for both workers: the burst plus what refilled meanwhile, not twice that.
-    assert 10 <= len(allowed) <= 10 + 2 * elapsed + 1
-    assert len({r.json()["worker"] for r in allowed}) == 2, "both workers answered"
+    assert 10 <= allowed <= 10 + 2 * elapsed + 1
+    refused = [r for r in replies if r.status_code == 429]
+    assert {r.status_code for r in replies[0::2]} >= {429} <= {r.status_code for r in replies[1::2]}, (
+        "both workers refuse"
+    )
+    assert {r.json()["worker"] for r in replies if r.status_code == 200} <= set(by_worker)
     for reply in refused:
         assert "rate limit" in error_of(reply, 429)
         assert int(reply.headers["Retry-After"]) >= 1
     time.sleep(int(refused[-1].headers["Retry-After"]))
-    assert fresh_get(f"{broker.url}/status").status_code == 200
+    assert first.get(f"{broker.url}/status", timeout=10).status_code == 200
     assert all(fresh_get(f"{broker.url}/healthz").status_code == 200 for _ in range(20)), "health is never limited"
 
 
@@ -108,6 +119,22 @@ def test_open_streams_are_capped_per_agent_across_workers(own_broker):
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_waiting_long_polls_count_as_streams(own_broker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    broker = own_broker(env={"AGENT_COMMS_MAX_STREAMS": "2"}).start()
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [
+            pool.submit(requests.get, f"{broker.url}/messages/quiet?after=0&wait=3", timeout=10) for _ in range(2)
+        ]
+        time.sleep(1)
+        refused = requests.get(f"{broker.url}/messages/quiet?after=0&wait=3", timeout=10)
+        assert "too many open streams and long-polls" in error_of(refused, 429)
+        assert requests.get(f"{broker.url}/messages/quiet?after=0", timeout=10).status_code == 200, "no wait, no slot"
+        assert [future.result().status_code for future in waiting] == [200, 200]
+    assert requests.get(f"{broker.url}/messages/quiet?after=0&wait=0.2", timeout=10).status_code == 200
 
 
 def test_a_killed_workers_streams_no_longer_count(own_broker):

@@ -348,6 +348,8 @@ def create_app(settings, runtime, limits=None):
         page = read()
         if page.messages or not wait:
             return page
+        key = limit_key()
+        take_stream_slot(key)  # a waiting long-poll holds a connection as a stream does
         hub = runtime().hub
         watcher = hub.watch(channel)
         try:
@@ -361,7 +363,21 @@ def create_app(settings, runtime, limits=None):
                 page = read()
         finally:
             hub.unwatch(watcher)
+            give_stream_slot(key)
         return page
+
+    def take_stream_slot(key):
+        if settings.max_streams and not limits.open_stream(key, settings.max_streams):
+            raise HTTPError(
+                429,
+                f"too many open streams and long-polls: at most {settings.max_streams} per agent "
+                "(AGENT_COMMS_MAX_STREAMS); close one first",
+                **{"Retry-After": "5"},
+            )
+
+    def give_stream_slot(key):
+        if settings.max_streams:
+            limits.close_stream(key)
 
     def open_stream(channel):
         """A text/event-stream of a channel (or of all): backlog after the cursor, then live."""
@@ -393,13 +409,7 @@ def create_app(settings, runtime, limits=None):
             nonlocal cursor
             # Checked on the first step of the stream (Bottle takes it before replying),
             # so the `finally` below always gives the slot back.
-            if settings.max_streams and not limits.open_stream(stream_key, settings.max_streams):
-                raise HTTPError(
-                    429,
-                    f"too many open streams: at most {settings.max_streams} per agent "
-                    "(AGENT_COMMS_MAX_STREAMS); close one first",
-                    **{"Retry-After": "5"},
-                )
+            take_stream_slot(stream_key)
             watcher = hub.watch(channel)
             try:
                 yield b"retry: 2000\n\n"
@@ -432,8 +442,7 @@ def create_app(settings, runtime, limits=None):
                         return
             finally:
                 hub.unwatch(watcher)
-                if settings.max_streams:
-                    limits.close_stream(stream_key)
+                give_stream_slot(stream_key)
 
         return events()
 
