@@ -95,3 +95,16 @@ class BrokerProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def sessions_on_two_workers(url, tries=200):
+    """Two keep-alive sessions whose connections are served by different workers (each
+    try is one GET /status)."""
+    by_worker = {}
+    for _ in range(tries):
+        session = requests.Session()
+        worker = session.get(f"{url}/status").json()["worker"]
+        by_worker.setdefault(worker, session)
+        if len(by_worker) == 2:
+            return list(by_worker.values())
+    raise AssertionError("every connection landed on one worker")

@@ -6,20 +6,9 @@ import time
 
 import requests
 
+from broker_process import sessions_on_two_workers
 from conftest import post
 from sse_client import EventStream
-
-
-def sessions_on_two_workers(url, tries=200):
-    """Two keep-alive sessions whose connections are served by different workers."""
-    by_worker = {}
-    for _ in range(tries):
-        session = requests.Session()
-        worker = session.get(f"{url}/status").json()["worker"]
-        by_worker.setdefault(worker, session)
-        if len(by_worker) == 2:
-            return list(by_worker.values())
-    raise AssertionError("every connection landed on one worker")
 
 
 def post_later(url, channel, text, delay, session=None):
