@@ -305,3 +305,29 @@ def test_online_backup_while_writers_post_then_restore(own_broker, tmp_path):
         assert served == [(key, *value) for key, value in sorted(copied.items()) if value[0] == channel]
     status = requests.get(f"{broker.url}/status", timeout=10).json()
     assert status["messages"] == count
+
+
+def test_backup_and_restore_commands(own_broker, tmp_path):
+    """`agent-comms-broker backup` while the broker runs, `restore` once it is stopped."""
+    import subprocess
+
+    from broker_process import BIN
+
+    broker = own_broker().start()
+    for n in range(3):
+        requests.post(f"{broker.url}/messages/cli", json={"sender": "a", "message": f"m{n}"}, timeout=10)
+    command = [str(BIN / "agent-comms-broker")]
+    copy = tmp_path / "copy.db"
+    done = subprocess.run([*command, "backup", str(copy), "--db", broker.db_path], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("3 messages backed up"), done.stderr
+    again = subprocess.run([*command, "backup", str(copy), "--db", broker.db_path], capture_output=True, text=True)
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
+    busy = subprocess.run([*command, "restore", str(copy), "--db", broker.db_path], capture_output=True, text=True)
+    assert busy.returncode == 1 and "in use" in busy.stderr
+    requests.post(f"{broker.url}/messages/cli", json={"sender": "a", "message": "after the backup"}, timeout=10)
+    broker.stop()
+    done = subprocess.run([*command, "restore", str(copy), "--db", broker.db_path], capture_output=True, text=True)
+    assert done.returncode == 0 and "3 messages restored" in done.stdout and "kept as" in done.stdout, done.stderr
+    broker.start()
+    texts = [m["message"] for m in requests.get(f"{broker.url}/messages/cli", timeout=10).json()["messages"]]
+    assert texts == ["m0", "m1", "m2"]

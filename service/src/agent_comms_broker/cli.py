@@ -231,7 +231,8 @@ def backup_command(args, db_path):
             print(f"{count} messages backed up to {args['DEST']}")
         else:
             count, kept = backup.restore_database(args["SRC"], db_path)
-            print(f"{count} messages restored to {db_path}; the replaced database is kept as {kept}")
+            kept_note = f"; the replaced database is kept as {kept}" if kept else " (there was none before)"
+            print(f"{count} messages restored to {db_path}{kept_note}")
     except backup.BackupError as error:
         raise CommandError(str(error)) from None
     return 0

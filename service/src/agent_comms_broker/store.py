@@ -158,6 +158,13 @@ REVOKE_TOKEN = "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL"
 SELECT_TOKEN_IDS = "SELECT id FROM tokens WHERE id = ?"
 TOUCH_TOKEN = "UPDATE tokens SET last_used = ? WHERE id = ?"
 
+# Posts are refused (StoreFull) while free space is below what one checkpoint of a full
+# write-ahead log may need, plus a margin; never more than this share of the filesystem.
+# Refusing a little early means a checkpoint always has room, so freeing a little space
+# brings posting back; refusing only at ENOSPC could leave a checkpoint that never fits.
+DISK_RESERVE_MARGIN = 1 << 20
+DISK_RESERVE_SHARE = 0.25
+
 # Strictly rising timestamps: the next is at least this far after the last.
 TIMESTAMP_STEP = 1e-6
 PRUNE_BATCH = 2000
@@ -246,6 +253,9 @@ class Store:
         self._retry(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
         self._db.execute(f"PRAGMA synchronous = {synchronous}")
         self._retry(self._migrate)
+        page = self._db.execute("PRAGMA page_size").fetchone()[0]
+        checkpoint_pages = self._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        self.disk_reserve = page * checkpoint_pages + DISK_RESERVE_MARGIN
 
     def close(self):
         self._db.close()
@@ -324,6 +334,8 @@ class Store:
         """Store (channel, sender, message) tuples in one transaction; returns Messages.
         With max_channels, a post that would create a channel past the cap stores nothing."""
 
+        self._check_free_space()
+
         def work(db):
             if max_channels:
                 self._check_channel_cap(db, {entry[0] for entry in entries}, max_channels)
@@ -344,6 +356,16 @@ class Store:
             return stored
 
         return self._write(work)
+
+    def _check_free_space(self):
+        try:
+            disk = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return
+        reserve = min(self.disk_reserve, disk.f_blocks * disk.f_frsize * DISK_RESERVE_SHARE)
+        free = disk.f_bavail * disk.f_frsize
+        if free < reserve:
+            raise StoreFull(f"{free} bytes free, under the {int(reserve)} the broker keeps for SQLite's checkpoints")
 
     @staticmethod
     def _check_channel_cap(db, channels, max_channels):
