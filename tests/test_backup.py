@@ -14,6 +14,7 @@ import requests
 
 from agent_comms_broker.backup import BackupError, backup_database, check_database, restore_database
 from agent_comms_broker.store import SCHEMA_VERSION, Store
+from broker_process import BIN
 
 # Anything a writer in these tests may do quickly, without the broker's rate limit.
 UNLIMITED = {"AGENT_COMMS_RATE_LIMIT": "0"}
@@ -309,10 +310,6 @@ def test_online_backup_while_writers_post_then_restore(own_broker, tmp_path):
 
 def test_backup_and_restore_commands(own_broker, tmp_path):
     """`agent-comms-broker backup` while the broker runs, `restore` once it is stopped."""
-    import subprocess
-
-    from broker_process import BIN
-
     broker = own_broker().start()
     for n in range(3):
         requests.post(f"{broker.url}/messages/cli", json={"sender": "a", "message": f"m{n}"}, timeout=10)
