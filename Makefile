@@ -79,7 +79,11 @@ BACKUPS ?= backups
 BACKUP ?= $(lastword $(sort $(wildcard $(BACKUPS)/*.db)))
 # ARGS: more ansible-playbook options, such as ARGS="-e agent_comms_connection=ssh" or ARGS=-v.
 ARGS ?=
+# VAULT_PASSWORD_FILE: the ansible-vault password for the tokens' secrets, as a file
+# (or ARGS=--ask-vault-pass, or ANSIBLE_VAULT_PASSWORD_FILE in the environment).
+VAULT_PASSWORD_FILE ?=
 PLAYBOOK = ANSIBLE_CONFIG=ansible/ansible.cfg $(BIN)/ansible-playbook -i $(INVENTORY) $(ARGS) \
+	$(if $(VAULT_PASSWORD_FILE),--vault-password-file $(VAULT_PASSWORD_FILE)) \
 	-e agent_comms_broker_wheelhouse=$(abspath $(WHEELHOUSE)) -e agent_chat_client_wheelhouse=$(abspath $(WHEELHOUSE))
 
 $(BIN)/.ansible: $(BIN)/.installed ansible/requirements.txt ansible/requirements.yml

@@ -9,10 +9,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*command, timeout=120, env=None, check=True, cwd=ROOT):
-    """Runs a command to its end within timeout; a failure shows the end of its output."""
+def run(*command, timeout=120, env=None, check=True, cwd=ROOT, input=None):
+    """Runs a command to its end within timeout, with input on its stdin if given; a
+    failure shows the end of its output."""
     command = [str(part) for part in command]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, env=env, input=input, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         output = f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
         pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{output}")

@@ -2,13 +2,17 @@
 container with systemd and deploys the broker into it, the way it does CT-950 on the
 homelab's Proxmox node; then the day-2 targets run against it.
 
+After the day-2 targets, a second deploy turns on what issue 5 added, the way a user
+would: auth `required`, HTTPS with a certificate from a throwaway CA, and two tokens whose
+secrets (and the TLS key) are ansible-vault encrypted in host_vars beside the inventory.
+
 This machine stands in for the Proxmox node: Ansible reaches it over SSH on loopback (an
 sshd of the test's own, with a key of its own), and finds a `pct` and `pveam` there:
 tests/e2e/pct_standin.py, mapped onto lxc-create, lxc-start, lxc-attach... and installed
 as /usr/sbin/pct and /usr/sbin/pveam for the test only. The container sits on a bridge and
 subnet the test makes (acbr0, 10.250.77.0/24). Nothing is sent anywhere else.
 
-Needs root on Debian; installs what is missing (lxc, debootstrap, openssh-server) and
+Needs root on Debian; installs what is missing (lxc, debootstrap, openssh-server, openssl) and
 removes what it made at the end: the container, the bridge, the stand-ins, the sshd and
 its keys. It keeps caches for the next run: the Debian rootfs (/var/cache/lxc) and the
 wheelhouse (build/e2e-wheelhouse).
@@ -17,6 +21,7 @@ wheelhouse (build/e2e-wheelhouse).
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -50,7 +55,9 @@ CT_IP = "10.250.77.50"
 VMID = 9950
 HOST = "broker-e2e"
 URL = f"http://{CT_IP}:8080"
+SECURE_URL = f"https://{CT_IP}:8080"
 SERVICE = "agent-comms-broker"
+ADMIN = ["runuser", "-u", "agent-comms", "--", "/opt/agent-comms/venv/bin/agent-comms-broker"]
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates LXC containers and a bridge: needs root"),
@@ -68,7 +75,12 @@ def unique(text):
 @pytest.fixture(scope="module")
 def host_tools():
     """LXC, debootstrap and sshd on this machine, from apt if missing."""
-    needed = {"lxc": "/usr/bin/lxc-create", "debootstrap": "/usr/sbin/debootstrap", "openssh-server": "/usr/sbin/sshd"}
+    needed = {
+        "lxc": "/usr/bin/lxc-create",
+        "debootstrap": "/usr/sbin/debootstrap",
+        "openssh-server": "/usr/sbin/sshd",
+        "openssl": "/usr/bin/openssl",
+    }
     missing = [package for package, path in needed.items() if not Path(path).exists()]
     if missing:
         run("apt-get", "update", "-qq", timeout=300)
@@ -226,9 +238,14 @@ def inventory(sshd, tmp_path_factory):
 class Make:
     """The Makefile's targets, as a user runs them, against the test inventory."""
 
-    def __init__(self, inventory, backups, control_path_dir):
+    def __init__(self, inventory, backups, control_path_dir, vault_password_file):
         self.backups = backups
-        self.variables = [f"INVENTORY={inventory}", f"WHEELHOUSE={WHEELHOUSE}", f"BACKUPS={backups}"]
+        self.variables = [
+            f"INVENTORY={inventory}",
+            f"WHEELHOUSE={WHEELHOUSE}",
+            f"BACKUPS={backups}",
+            f"VAULT_PASSWORD_FILE={vault_password_file}",
+        ]
         self.control_path_dir = control_path_dir
         self.env = {
             **os.environ,
@@ -258,8 +275,18 @@ def recap(output):
 
 
 @pytest.fixture(scope="module")
-def make(inventory, tmp_path_factory):
-    make = Make(inventory, tmp_path_factory.mktemp("backups"), tmp_path_factory.mktemp("cp"))
+def vault_password_file(tmp_path_factory):
+    """The ansible-vault password, in a file only root reads, as a user keeps it."""
+    path = tmp_path_factory.mktemp("vault") / "password"
+    path.write_text(uuid.uuid4().hex + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def make(inventory, vault_password_file, tmp_path_factory):
+    backups, control_paths = tmp_path_factory.mktemp("backups"), tmp_path_factory.mktemp("cp")
+    make = Make(inventory, backups, control_paths, vault_password_file)
     yield make
     make.close_connections()
 
@@ -562,7 +589,8 @@ def test_backup_and_restore(ct, make, tmp_path):
     bogus.write_text("hello")
     failed = make("restore", f"BACKUP={bogus}", check=False)
     assert failed.returncode != 0
-    assert "not an agent-comms database" in failed.stdout + failed.stderr
+    # Long lines of Ansible's YAML output are folded: compare words, not lines.
+    assert "not an agent-comms database" in " ".join((failed.stdout + failed.stderr).split())
     assert kept in messages("e2e-backup")
 
 
@@ -576,7 +604,198 @@ def test_stop_and_start(ct, make):
     assert requests.get(f"{URL}/healthz", timeout=5).status_code == 200
 
 
-def test_second_deploy_changes_nothing(make):
+# -- security: auth `required`, HTTPS and vaulted tokens, by a second deploy ----------------
+
+# The agent user in the container whose token agent-chat installs, and the tokens: one
+# that may post to e2e-* channels, one that may only read.
+AGENT_USER = "warp"
+WRITER, READER = "e2e-warp", "e2e-reader"
+
+
+def make_certificates(directory):
+    """A throwaway CA and a server certificate for the container's address, with openssl."""
+
+    def openssl(*args):
+        run("openssl", *args, cwd=directory)
+
+    openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-subj", "/CN=agent-comms e2e CA", "-keyout", "ca.key", "-out", "ca.pem",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-subj", f"/CN={CT_IP}", "-keyout", "server.key", "-out", "server.csr",
+    )  # fmt: skip
+    (directory / "server.ext").write_text(
+        f"subjectAltName = IP:{CT_IP}\nextendedKeyUsage = serverAuth\nbasicConstraints = CA:FALSE\n"
+        "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n"
+    )
+    openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-extfile", "server.ext", "-out", "server.pem",
+    )  # fmt: skip
+    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+def admin(*args, secret=None):
+    """agent-comms-broker's admin command in the container, as the broker's user."""
+    command = [TOOLS[0], "exec", VMID, "--", *ADMIN, *args, "--db", "/opt/agent-comms/messages.db"]
+    return run(*command, input=secret).stdout
+
+
+def vaulted(agent):
+    """The token's secret as the vars refer to it: a variable of the vault file."""
+    return f"{{{{ vault_e2e_tokens['{agent}'] }}}}"
+
+
+def tokens_by_agent():
+    return {token["agent"]: token for token in json.loads(admin("token", "list", "--json"))}
+
+
+@pytest.fixture(scope="module")
+def secured(ct, make, inventory, vault_password_file, tmp_path_factory):
+    """The running broker switched to auth `required`, HTTPS and two tokens by `make
+    deploy`, set up as the role's defaults/main.yml tells a user to: the secrets and the
+    TLS key encrypted with ansible-vault (a vault file beside plain vars in host_vars/,
+    here beside the test inventory), the certificate and CA as files on the controller.
+
+    Before it, the broker gets two tokens of its own: one an earlier deploy registered
+    (note "ansible") that the inventory no longer lists, and one made by hand."""
+    ca, certificate, key = make_certificates(tmp_path_factory.mktemp("tls"))
+    secrets = {agent: f"e2e-{agent}-{uuid.uuid4().hex}" for agent in (WRITER, READER, "e2e-gone")}
+    host_vars = inventory.parent / "host_vars" / HOST
+    host_vars.mkdir(parents=True)
+    (host_vars / "vault.yml").write_text(
+        "vault_e2e_tokens:\n" + "".join(f"  {agent}: {secrets[agent]}\n" for agent in (WRITER, READER))
+    )
+    (host_vars / "main.yml").write_text(
+        json.dumps(
+            {
+                "agent_comms_broker_auth": "required",
+                "agent_comms_broker_tls_cert": str(certificate),
+                "agent_comms_broker_tls_key": str(key),
+                "agent_comms_broker_tls_ca": str(ca),
+                "agent_comms_broker_tokens": [
+                    {"agent": WRITER, "secret": vaulted(WRITER), "write": "e2e-*"},
+                    {"agent": READER, "secret": vaulted(READER), "write": "", "note": "read-only"},
+                ],
+                "agent_chat_client_token": vaulted(WRITER),
+                "agent_chat_client_user": AGENT_USER,
+            },
+            indent=2,
+        )
+    )
+    run(BIN / "ansible-vault", "encrypt", "--vault-password-file", vault_password_file, host_vars / "vault.yml", key)
+    assert "$ANSIBLE_VAULT" in key.read_text()
+
+    ct.check_output("useradd --create-home --shell /bin/bash %s", AGENT_USER)
+    admin("token", "add", "e2e-gone", "--note", "ansible", "--secret-stdin", secret=secrets["e2e-gone"])
+    admin("token", "add", "e2e-hand", "--note", "made by hand")
+
+    # -v --diff: what a user would look at must not show a secret either.
+    output = make("deploy", "ARGS=-v --diff", timeout=900)
+    assert all(counts["failed"] == 0 for counts in recap(output).values()), output
+    return {"output": output, "secrets": secrets, "ca": ca, "key": key}
+
+
+def secure_chat(*args, token=None, ca=True, secured):
+    """This checkout's agent-chat, on this machine, against the HTTPS broker: with the CA
+    and a token if given; no other setting leaks in from the environment or a config file."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AGENT_COMMS_", "REQUESTS_CA"))}
+    env["XDG_CONFIG_HOME"] = str(secured["ca"].parent / "no-config")
+    command = [BIN / "agent-chat", "--broker", SECURE_URL]
+    command += ["--ca", secured["ca"]] if ca else []
+    command += ["--token", secured["secrets"][token]] if token else []
+    return run(*command, *args, env=env, timeout=60, check=False)
+
+
+def test_secure_deploy_registers_the_listed_tokens_and_revokes_the_unlisted(secured):
+    assert recap(secured["output"])[HOST]["changed"] > 0
+    for secret in secured["secrets"].values():
+        assert secret not in secured["output"]
+    assert "BEGIN PRIVATE KEY" not in secured["output"]
+
+    tokens = tokens_by_agent()
+    grants = {agent: {key: tokens[agent][key] for key in ("state", "read", "write", "note")} for agent in tokens}
+    assert grants[WRITER] == {"state": "active", "read": "*", "write": "e2e-*", "note": "ansible"}
+    assert grants[READER] == {"state": "active", "read": "*", "write": "", "note": "ansible: read-only"}
+    assert tokens["e2e-gone"]["state"] == "revoked"
+    assert tokens["e2e-hand"]["state"] == "active"
+
+
+def test_secure_files_are_in_place_with_tight_modes(ct):
+    env = ct.file("/etc/agent-comms/broker.env").content_string
+    for line in [
+        "AGENT_COMMS_AUTH=required",
+        "AGENT_COMMS_TLS_CERT=/etc/agent-comms/tls/cert.pem",
+        "AGENT_COMMS_TLS_KEY=/etc/agent-comms/tls/key.pem",
+    ]:
+        assert line in env.splitlines(), env
+    tls = ct.file("/etc/agent-comms/tls")
+    assert (tls.user, tls.group, tls.mode) == ("root", "agent-comms", 0o750)
+    key = ct.file("/etc/agent-comms/tls/key.pem")
+    assert (key.user, key.group, key.mode) == ("root", "agent-comms", 0o640)
+    assert "PRIVATE KEY" in key.content_string  # decrypted from the vault on its way
+
+    # The token only in the agent user's own config; the system-wide one is for everyone.
+    system = ct.file("/etc/agent-comms/chat.ini")
+    assert system.mode == 0o644
+    assert f"broker = {SECURE_URL}" in system.content_string
+    assert "ca = /etc/agent-comms/ca.pem" in system.content_string
+    assert not [line for line in system.content_string.splitlines() if line.startswith("token")]
+    own = ct.file(f"/home/{AGENT_USER}/.config/agent-comms/config.ini")
+    assert (own.user, own.group, own.mode) == (AGENT_USER, AGENT_USER, 0o600)
+    for path in (f"/home/{AGENT_USER}/.config/agent-comms", f"/home/{AGENT_USER}/.config"):
+        directory = ct.file(path)
+        assert (directory.user, directory.group, directory.mode) == (AGENT_USER, AGENT_USER, 0o700), path
+
+
+def test_agent_chat_over_https_with_a_token(secured):
+    text = unique("over https")
+    sent = secure_chat("send", "e2e-secure", text, token=WRITER, secured=secured)
+    assert sent.returncode == 0, sent.stderr
+    read = secure_chat("read", "e2e-secure", "--json", "--limit", "50", token=READER, secured=secured)
+    assert read.returncode == 0, read.stderr
+    rows = [json.loads(line) for line in read.stdout.splitlines()]
+    assert (text, WRITER) in [(row["message"], row["sender"]) for row in rows]
+
+
+def test_agent_chat_is_refused_without_a_token_or_permission(secured):
+    # No token: 401 in `required` mode, for reads too.
+    for args in (["send", "e2e-secure", "no token"], ["read", "e2e-secure"]):
+        refused = secure_chat(*args, secured=secured)
+        assert refused.returncode == 3, (refused.stdout, refused.stderr)
+        assert "401" in refused.stderr or "token" in refused.stderr, refused.stderr
+    # The read-only token: 403 on a post. The writer's token: 403 outside e2e-*.
+    for token, channel in ((READER, "e2e-secure"), (WRITER, "tasks")):
+        refused = secure_chat("send", channel, "not allowed", token=token, secured=secured)
+        assert refused.returncode == 3, (refused.stdout, refused.stderr)
+        assert "403" in refused.stderr or "may not post" in refused.stderr, refused.stderr
+
+
+def test_https_only_and_verified(secured):
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{URL}/healthz", timeout=5)  # plain HTTP to the HTTPS port
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(f"{SECURE_URL}/healthz", timeout=5, verify=True)  # the CA is not a public one
+    assert requests.get(f"{SECURE_URL}/healthz", timeout=5, verify=secured["ca"]).json() == {"status": "ok"}
+    without = secure_chat("status", ca=False, token=WRITER, secured=secured)
+    assert without.returncode == 2 and "--ca" in without.stderr, without.stderr
+
+
+def test_agent_chat_in_the_container_uses_its_users_token(ct, secured):
+    text = unique("from the agent user")
+    sent = ct.run("runuser -l %s -c %s", AGENT_USER, f"agent-chat send e2e-inside {shlex.quote(text)}")
+    assert sent.rc == 0, sent.stderr
+    read = secure_chat("read", "e2e-inside", "--json", token=READER, secured=secured)
+    assert (text, WRITER) in [(row["message"], row["sender"]) for row in map(json.loads, read.stdout.splitlines())]
+    # root there has no token.
+    refused = ct.run("agent-chat send e2e-inside %s", "from root")
+    assert refused.rc == 3, (refused.stdout, refused.stderr)
+
+
+def test_second_deploy_changes_nothing(secured, make):
     output = make("deploy", timeout=900)
     counts = recap(output)
     assert HOST in counts, output
@@ -593,6 +812,8 @@ def test_direct_ssh_is_one_variable_away(ct, make, inventory):
     output = make("status", "ARGS=-e agent_comms_connection=ssh -vvv")
     assert "ESTABLISH SSH CONNECTION FOR USER: root" in output and f"<{CT_IP}>" in output
     assert "active (running)" in output
+    # /status over HTTPS, verified with the CA; anonymous in `required` mode, so without counts.
+    assert '"auth": "required"' in " ".join(output.split())
 
 
 def test_provision_brings_changed_settings_back_in_line(make):
