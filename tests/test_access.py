@@ -280,3 +280,21 @@ def test_agent_chat_reads_the_token_from_its_config_file(broker_in, tmp_path):
         requests.get(f"{broker.url}/messages/tasks", headers=bearer(token)).json()["messages"][0]["sender"]
         == "from-config"
     )
+
+
+def test_expiry_by_date_and_a_rerun_does_not_extend_a_duration(own_broker):
+    broker = own_broker().start()
+    secret = "a-chosen-secret-for-expiry-checks-0123456789"
+    admin(broker.db_path, "token", "add", "dated", "--expires", "2020-01-01")
+    admin(broker.db_path, "token", "add", "ops", "--expires", "30d", "--secret-stdin", stdin=secret)
+    first = {t["agent"]: t for t in json.loads(admin(broker.db_path, "token", "list", "--json").stdout)}
+    assert first["dated"]["state"] == "expired" and first["dated"]["expires"] == 1577836800
+    time.sleep(1.1)
+    rerun = admin(broker.db_path, "token", "add", "ops", "--expires", "30d", "--secret-stdin", stdin=secret)
+    assert rerun.stdout.startswith("unchanged ")
+    second = {t["agent"]: t for t in json.loads(admin(broker.db_path, "token", "list", "--json").stdout)}
+    assert second["ops"]["expires"] == first["ops"]["expires"]
+    moved = admin(broker.db_path, "token", "add", "ops", "--expires", "2030-06-01", "--secret-stdin", stdin=secret)
+    assert moved.stdout.startswith("updated ")
+    bad = admin(broker.db_path, "token", "add", "x", "--expires", "someday", check=False)
+    assert bad.returncode == 1 and "is not a duration" in bad.stderr

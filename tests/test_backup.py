@@ -319,6 +319,12 @@ def test_backup_and_restore_commands(own_broker, tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("3 messages backed up"), done.stderr
     again = subprocess.run([*command, "backup", str(copy), "--db", broker.db_path], capture_output=True, text=True)
     assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
+    checked = subprocess.run([*command, "check", str(copy)], capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.startswith("3 messages in"), checked.stderr
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("hello")
+    refused = subprocess.run([*command, "check", str(not_a_db)], capture_output=True, text=True)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     busy = subprocess.run([*command, "restore", str(copy), "--db", broker.db_path], capture_output=True, text=True)
     assert busy.returncode == 1 and "in use" in busy.stderr
     requests.post(f"{broker.url}/messages/cli", json={"sender": "a", "message": "after the backup"}, timeout=10)

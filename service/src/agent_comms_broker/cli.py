@@ -3,12 +3,13 @@ its tokens and backups.
 
 Usage:
   agent-comms-broker serve [--bind HOST:PORT] [--db PATH] [--workers N]
-  agent-comms-broker token add AGENT [--read PATTERNS] [--write PATTERNS] [--expires DURATION]
+  agent-comms-broker token add AGENT [--read PATTERNS] [--write PATTERNS] [--expires WHEN]
                                      [--note TEXT] [--secret-stdin] [--db PATH]
   agent-comms-broker token list [--json] [--db PATH]
   agent-comms-broker token revoke ID... [--db PATH]
   agent-comms-broker backup DEST [--db PATH]
   agent-comms-broker restore SRC [--db PATH]
+  agent-comms-broker check FILE
   agent-comms-broker config-path
   agent-comms-broker (-h | --help | --version)
 
@@ -24,6 +25,8 @@ Commands:
                  backup), check the copy and print how many messages it holds.
   restore        Put the backup SRC in place of the database, keeping the replaced
                  one beside it. Stop the broker first.
+  check          Is FILE a sound agent-comms database (a backup to restore)? Prints how
+                 many messages it holds; exit 1 if it is not.
   config-path    Print the path of the shared gunicorn.conf.py, for a plain
                  `gunicorn -c "$(agent-comms-broker config-path)"` invocation.
 
@@ -35,7 +38,10 @@ Options:
   --read PATTERNS       Channels the token may read: comma-separated names or patterns
                         such as tasks,team-*; * is every channel, '' none [default: *].
   --write PATTERNS      Channels the token may post to, the same way [default: *].
-  --expires DURATION    Expire the token after this long, e.g. 90d or 12h [default: never].
+  --expires WHEN        Expire the token after a duration (90d, 12h) or at a date or
+                        time (2027-03-01, 2027-03-01T12:00Z; UTC unless it says) [default:
+                        never]. With --secret-stdin, a duration counts from when the token
+                        was first added: running the command again does not extend it.
   --note TEXT           A note shown by `token list` [default: ].
   --secret-stdin        Read the token from stdin instead of making one.
   --json                One JSON array instead of a table.
@@ -82,7 +88,7 @@ def main(argv=None):
         settings = Settings.from_env()
         if args["token"]:
             return token_command(args, settings.db)
-        if args["backup"] or args["restore"]:
+        if args["backup"] or args["restore"] or args["check"]:
             return backup_command(args, settings.db)
     except (ConfigError, CommandError) as error:
         print(f"agent-comms-broker: {error}", file=sys.stderr)
@@ -138,17 +144,28 @@ def token_grants(args):
         write = auth.parse_patterns(args["--write"])
     except auth.TokenError as error:
         raise CommandError(str(error)) from None
-    expires = None
-    if args["--expires"] != "never":
-        try:
-            expires = time.time() + duration(args["--expires"])
-        except ValueError as error:
-            raise CommandError(f"--expires: {error}") from None
-    return agent, read, write, args["--note"], expires
+    return agent, read, write, args["--note"], expiry(args["--expires"])
+
+
+def expiry(text):
+    """(unix time or None, whether it was a duration counted from now)."""
+    if text == "never":
+        return None, False
+    try:
+        return time.time() + duration(text), True
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandError(f"--expires: {text!r} is not a duration (90d, 12h) or a date (2027-03-01)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp(), False
 
 
 def add_token(store, args):
-    agent, read, write, note, expires = token_grants(args)
+    agent, read, write, note, (expires, relative) = token_grants(args)
     if not args["--secret-stdin"]:
         secret = auth.new_secret()
         token = store.add_token(auth.new_token_id(), auth.digest(secret), agent, read, write, note, expires)
@@ -171,14 +188,12 @@ def add_token(store, args):
         return 0
     if known.agent != agent:
         raise CommandError(f"that token is already registered to agent {known.agent} (token {known.id})")
-    # An expiry given as a duration moves on every run: compare it to the day.
-    same_expiry = (known.expires is None) == (expires is None) and (
-        expires is None or abs(known.expires - expires) < 86400
-    )
-    if (known.read, known.write, known.note, known.revoked) == (read, write, note, None) and same_expiry:
+    if relative and known.expires is not None:
+        expires = known.expires  # a duration counts from the first add: re-runs do not extend it
+    if (known.read, known.write, known.note, known.revoked, known.expires) == (read, write, note, None, expires):
         print(f"unchanged {known.id} {agent}")
         return 0
-    store.update_token(known.id, read, write, note, expires if not same_expiry else known.expires)
+    store.update_token(known.id, read, write, note, expires)
     print(f"updated {known.id} {agent}")
     return 0
 
@@ -226,7 +241,10 @@ def backup_command(args, db_path):
     from . import backup
 
     try:
-        if args["backup"]:
+        if args["check"]:
+            count = backup.check_database(args["FILE"])
+            print(f"{count} messages in {args['FILE']}: a sound agent-comms database")
+        elif args["backup"]:
             count = backup.backup_database(db_path, args["DEST"])
             print(f"{count} messages backed up to {args['DEST']}")
         else:
