@@ -352,7 +352,9 @@ def test_resolution_order_and_defaults(tmp_path):
     user = tmp_path / "config.ini"
     user.write_text("[agent-comms]\nbroker = http://user:1\n")
     found = resolve({}, environ={}, paths=[str(user), str(system)])
-    assert found == {"broker": "http://user:1", "agent_id": "system-agent", "token": "s"}
+    assert found == {"broker": "http://user:1", "agent_id": "system-agent", "token": "s", "ca": None}
+    # With a token and no agent id anywhere, there is none: the broker names the sender.
+    assert resolve({"--token": "t"}, environ={}, paths=[])["agent_id"] is None
     found = resolve({"--broker": "http://flag:1/"}, environ={"AGENT_COMMS_BROKER": "http://env:1"}, paths=[])
     assert found["broker"] == "http://flag:1"
     defaults = resolve({}, environ={}, paths=[str(tmp_path / "missing.ini")])

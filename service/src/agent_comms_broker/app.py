@@ -381,10 +381,14 @@ def create_app(settings, runtime, limits=None):
 
     def open_stream(channel):
         """A text/event-stream of a channel (or of all): backlog after the cursor, then live."""
-        raw = request.headers.get("Last-Event-ID") or request.query.get("after")
+        # Both are checked when both are given; the header (what EventSource sends on a
+        # reconnect) wins over the query's starting point.
+        after = _int_param("after", 0)
+        header = request.headers.get("Last-Event-ID")
+        resumed_at = whole_number(header, "Last-Event-ID", 0) if header is not None else after
         store = runtime().store
-        if raw is not None:
-            cursor = whole_number(raw, "Last-Event-ID (or after)", 0)
+        if resumed_at is not None:
+            cursor = resumed_at
             resumed = True
         else:
             cursor = store.max_id()

@@ -38,10 +38,11 @@ Options:
   --read PATTERNS       Channels the token may read: comma-separated names or patterns
                         such as tasks,team-*; * is every channel, '' none [default: *].
   --write PATTERNS      Channels the token may post to, the same way [default: *].
-  --expires WHEN        Expire the token after a duration (90d, 12h) or at a date or
-                        time (2027-03-01, 2027-03-01T12:00Z; UTC unless it says) [default:
-                        never]. With --secret-stdin, a duration counts from when the token
-                        was first added: running the command again does not extend it.
+  --expires WHEN        When the token expires: after a duration (90d, 12h), or at a
+                        date or time (2027-03-01, 2027-03-01T12:00Z; UTC unless it says).
+                        With --secret-stdin, a duration counts from when the token was
+                        first added: running the command again does not extend it
+                        [default: never].
   --note TEXT           A note shown by `token list` [default: ].
   --secret-stdin        Read the token from stdin instead of making one.
   --json                One JSON array instead of a table.
@@ -149,7 +150,7 @@ def token_grants(args):
 
 def expiry(text):
     """(unix time or None, whether it was a duration counted from now)."""
-    if text == "never":
+    if text in (None, "never"):
         return None, False
     try:
         return time.time() + duration(text), True

@@ -82,6 +82,8 @@ INSERT INTO channels (name, message_count, last_activity)
 SELECT channel, count(*), max(timestamp) FROM messages GROUP BY channel"""
 
 LAST_TIMESTAMP = "SELECT timestamp FROM messages ORDER BY id DESC LIMIT 1"
+# When retention has emptied the table, the newest timestamp it removed.
+LAST_PRUNED_TIMESTAMP = "SELECT max(pruned_timestamp) FROM channels"
 MAX_ID = "SELECT coalesce(max(id), 0) FROM messages"
 INSERT_MESSAGE = "INSERT INTO messages (channel, sender, message, timestamp) VALUES (?, ?, ?, ?)"
 UPSERT_CHANNEL = """
@@ -340,8 +342,11 @@ class Store:
             if max_channels:
                 self._check_channel_cap(db, {entry[0] for entry in entries}, max_channels)
             clock = time.time() if now is None else now
-            row = db.execute(LAST_TIMESTAMP).fetchone()
-            stamp = clock if row is None else max(clock, row[0] + TIMESTAMP_STEP)
+            # The newest message is never pruned while any other is kept, so only an empty
+            # table needs the pruned timestamps: either way a clock stepped back cannot
+            # give a new message a time a reader with `since=` has already passed.
+            row = db.execute(LAST_TIMESTAMP).fetchone() or db.execute(LAST_PRUNED_TIMESTAMP).fetchone()
+            stamp = clock if row is None or row[0] is None else max(clock, row[0] + TIMESTAMP_STEP)
             stored, per_channel, per_agent = [], {}, {}
             for channel, sender, text in entries:
                 cursor = db.execute(INSERT_MESSAGE, (channel, sender, text, stamp))
