@@ -298,3 +298,96 @@ def test_expiry_by_date_and_a_rerun_does_not_extend_a_duration(own_broker):
     assert moved.stdout.startswith("updated ")
     bad = admin(broker.db_path, "token", "add", "x", "--expires", "someday", check=False)
     assert bad.returncode == 1 and "is not a duration" in bad.stderr
+
+
+def test_an_open_stream_ends_when_its_token_is_revoked(own_broker):
+    """At its next keep-alive or message after the token's re-check (every second)."""
+    broker = own_broker(env={"AGENT_COMMS_AUTH": "required", "AGENT_COMMS_KEEPALIVE": "0.5"}).start()
+    token = add_token(broker, "watcher")
+    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    reply = requests.get(f"{broker.url}/stream/tasks", headers=bearer(token), stream=True, timeout=10)
+    assert reply.status_code == 200
+    admin(broker.db_path, "token", "revoke", token_id)
+    started = time.monotonic()
+    with reply:
+        for _ in reply.iter_content(chunk_size=None):  # keep-alives until the stream ends
+            assert time.monotonic() - started < 10, "the stream outlived its token"
+    assert time.monotonic() - started < 10
+    assert requests.get(f"{broker.url}/stream/tasks", headers=bearer(token), timeout=10).status_code == 401
+
+
+def test_a_narrowed_grant_applies_to_an_open_stream(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_AUTH": "required", "AGENT_COMMS_KEEPALIVE": "0.3"}).start()
+    secret = "a-chosen-secret-for-the-stream-grant-test-0123"
+    admin(broker.db_path, "token", "add", "reader", "--secret-stdin", stdin=secret)
+    poster = add_token(broker, "poster")
+    session = requests.Session()
+    session.headers.update(bearer(secret))
+    stream = EventStream(f"{broker.url}/stream", last_event_id=0, session=session)
+    try:
+        requests.post(f"{broker.url}/messages/team-a", json={"message": "before"}, headers=bearer(poster))
+        assert [m["message"] for m in stream.messages(1)] == ["before"]
+        admin(broker.db_path, "token", "add", "reader", "--read", "ops", "--secret-stdin", stdin=secret)
+        time.sleep(1.5)  # past the stream's token re-check
+        for channel, text in (("team-a", "hidden"), ("ops", "shown")):
+            requests.post(f"{broker.url}/messages/{channel}", json={"message": text}, headers=bearer(poster))
+        assert [m["message"] for m in stream.messages(1)] == ["shown"]
+    finally:
+        stream.close()
+
+
+def test_a_revoked_secret_cannot_be_registered_again(own_broker):
+    broker = own_broker().start()
+    secret = "a-chosen-secret-that-will-leak-0123456789"
+    admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin=secret)
+    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    admin(broker.db_path, "token", "revoke", token_id)
+    again = admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin=secret, check=False)
+    assert again.returncode == 1 and "was revoked: choose a new secret" in again.stderr
+    assert requests.get(f"{broker.url}/status", headers=bearer(secret)).status_code == 401
+
+
+def test_anonymous_status_in_required_mode_records_no_agent(broker_in):
+    broker = broker_in("required")
+    token = add_token(broker, "admin")
+    assert requests.get(f"{broker.url}/status", headers={"X-Agent-ID": "fake-admin"}).status_code == 200
+    agents = [a["id"] for a in requests.get(f"{broker.url}/agents", headers=bearer(token)).json()["agents"]]
+    assert "fake-admin" not in agents
+
+
+def test_the_all_channels_stream_needs_some_read_grant(broker_in):
+    broker = broker_in("required")
+    token = add_token(broker, "writer-only", "--read", "")
+    reply = requests.get(f"{broker.url}/stream", headers=bearer(token), timeout=10)
+    assert reply.status_code == 403 and "may not read any channel" in reply.json()["error"]
+
+
+def test_the_access_log_names_the_token_and_its_agent(broker_in):
+    broker = broker_in("required")
+    token = add_token(broker, "logged-agent")
+    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    requests.get(f"{broker.url}/channels", headers={**bearer(token), "X-Agent-ID": "claims-to-be-someone"})
+    deadline = time.monotonic() + 10
+    while f"token={token_id}(logged-agent)" not in broker.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert f"token={token_id}(logged-agent)" in broker.log()
+    assert secret_free(broker.log(), token)
+
+
+def secret_free(text, secret):
+    return secret not in text
+
+
+def test_a_long_poll_answers_401_if_its_token_goes_while_it_waits(broker_in):
+    from concurrent.futures import ThreadPoolExecutor
+
+    broker = broker_in("required")
+    token = add_token(broker, "poller")
+    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    url = f"{broker.url}/messages/quiet?after=0&wait=3"
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(requests.get, url, headers=bearer(token), timeout=15)
+        time.sleep(0.5)
+        admin(broker.db_path, "token", "revoke", token_id)
+        reply = waiting.result()
+    assert reply.status_code == 401 and "while the request waited" in reply.json()["error"]

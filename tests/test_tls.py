@@ -51,6 +51,14 @@ def test_the_broker_serves_https_with_hsts(tls_broker, certificates):
     assert reply.headers["Strict-Transport-Security"].startswith("max-age=")
 
 
+def test_gunicorns_own_refusals_carry_hsts_over_tls(tls_broker, certificates):
+    reply = requests.get(
+        f"{tls_broker.url}/status", headers={"X-Long": "x" * 9000}, verify=certificates["ca"], timeout=10
+    )
+    assert reply.status_code == 431
+    assert reply.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
 def test_plain_http_to_the_tls_port_gets_no_answer(tls_broker):
     with pytest.raises(requests.ConnectionError):
         requests.get(tls_broker.url.replace("https://", "http://") + "/status", timeout=10)

@@ -22,6 +22,7 @@ from . import auth
 log = logging.getLogger("agent_comms_broker.access")
 
 CALLER = "agent_comms.caller"
+LOGGED_TOKEN = "agent_comms.token"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agent-comms"'}
 # A token's last use is recorded at most this often (per worker).
 TOKEN_TOUCH_INTERVAL = 60.0
@@ -74,7 +75,9 @@ class AccessPlugin:
             return callback
 
         def wrapper(*args, **kwargs):
-            request.environ[CALLER] = self.identify()
+            who = request.environ[CALLER] = self.identify()
+            if who is not None:  # for the access log: the agent the token proved
+                request.environ[LOGGED_TOKEN] = f"{who.token_id}({who.agent})"
             self.spend()
             if request.environ[CALLER] is None:
                 self.admit_anonymous(need)
@@ -99,7 +102,15 @@ class AccessPlugin:
             reason = {"unknown": "is not known to this broker", "expired": "has expired", "revoked": "was revoked"}
             raise unauthorized(f"the bearer token {reason[state]}")
         self.touch(token, now)
-        return auth.Caller(token.agent, token.id, token.read, token.write)
+        return auth.Caller(token.agent, token.id, token.read, token.write, token.hash)
+
+    def refresh(self, who):
+        """The caller as its token stands now (grants may have changed), or None once the
+        token is revoked or expired: long-lived requests ask this as they go."""
+        token = self.runtime().store.token_by_hash(who.digest)
+        if token is None or token.state(time.time()) != "active":
+            return None
+        return auth.Caller(token.agent, token.id, token.read, token.write, token.hash)
 
     def spend(self):
         """One request from the caller's bucket, or 429."""

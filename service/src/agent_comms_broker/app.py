@@ -33,6 +33,9 @@ ID_MAX = 2**63 - 1
 STREAM_BACKLOG_PAGE = 500
 # Reads naming an agent refresh its last-seen at most this often (per worker).
 TOUCH_INTERVAL = 1.0
+# An open stream re-reads its token at most this often: revoked or expired, the stream
+# ends; changed grants apply.
+TOKEN_RECHECK = 1.0
 
 
 def _bad_request(text):
@@ -206,7 +209,8 @@ def create_app(settings, runtime, limits=None):
     app.install(bottle.JSONPlugin(json_dumps=orjson.dumps))
     app.default_error_handler = _json_error
     app.install(StoreErrorsPlugin())
-    app.install(AccessPlugin(settings, runtime, limits))
+    access = AccessPlugin(settings, runtime, limits)
+    app.install(access)
     started = time.time()
     last_touch = {}
 
@@ -245,7 +249,8 @@ def create_app(settings, runtime, limits=None):
 
     @app.get("/status", access="public")
     def status():
-        touch_reader()
+        if caller() is not None or settings.auth != "required":
+            touch_reader()  # anonymous callers in `required` mode write nothing
         store = runtime().store
         now = time.time()
         reply = {
@@ -364,6 +369,13 @@ def create_app(settings, runtime, limits=None):
         finally:
             hub.unwatch(watcher)
             give_stream_slot(key)
+        who = caller()
+        if who is not None:  # the token may have gone while the request waited
+            fresh = access.refresh(who)
+            if fresh is None:
+                raise HTTPError(401, "the bearer token was revoked or expired while the request waited")
+            if not fresh.may_read(channel):
+                raise HTTPError(403, f"token {who.token_id} (agent {who.agent}) may no longer read channel {channel!r}")
         return page
 
     def take_stream_slot(key):
@@ -409,6 +421,17 @@ def create_app(settings, runtime, limits=None):
         def readable(message):
             return who is None or channel is not None or who.may_read(message.channel)
 
+        checked = time.monotonic()
+
+        def still_allowed():
+            """Whether the stream's token still holds (re-read at most every TOKEN_RECHECK)."""
+            nonlocal who, checked
+            if who is None or time.monotonic() - checked < TOKEN_RECHECK:
+                return True
+            checked = time.monotonic()
+            who = access.refresh(who)
+            return who is not None and (channel is None or who.may_read(channel))
+
         def events():
             nonlocal cursor
             # Checked on the first step of the stream (Bottle takes it before replying),
@@ -423,6 +446,8 @@ def create_app(settings, runtime, limits=None):
                     # Catch up from the store: on connect, and whenever this stream fell behind.
                     while True:
                         messages = read_after(cursor)
+                        if not still_allowed():
+                            return
                         if messages:
                             frames = b"".join(sse_frame(message) for message in messages if readable(message))
                             if frames:
@@ -432,10 +457,14 @@ def create_app(settings, runtime, limits=None):
                             break
                     while not watcher.closed:
                         if not watcher.event.wait(settings.keepalive):
+                            if not still_allowed():
+                                return
                             yield b": keep-alive\n\n"
                             touch(agent)  # a watching agent stays active
                             continue
                         items, overflowed = watcher.take()
+                        if not still_allowed():
+                            return
                         if overflowed:
                             break
                         fresh = [frame for message, frame in items if message.id > cursor and readable(message)]
@@ -452,6 +481,9 @@ def create_app(settings, runtime, limits=None):
 
     @app.get("/stream")
     def stream_all():
+        who = caller()
+        if who is not None and not who.read:
+            raise HTTPError(403, f"token {who.token_id} (agent {who.agent}) may not read any channel")
         return open_stream(None)
 
     @app.get("/stream/<channel>")

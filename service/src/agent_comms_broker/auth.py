@@ -62,6 +62,7 @@ class Caller:
     token_id: str
     read: str
     write: str
+    digest: str
 
     def may_read(self, channel):
         return matches(self.read, channel)

@@ -189,9 +189,12 @@ def add_token(store, args):
         return 0
     if known.agent != agent:
         raise CommandError(f"that token is already registered to agent {known.agent} (token {known.id})")
+    if known.revoked is not None:
+        # A revoked secret may have leaked: a re-run (an idempotent deploy) must not revive it.
+        raise CommandError(f"that token ({known.id}, agent {agent}) was revoked: choose a new secret")
     if relative and known.expires is not None:
         expires = known.expires  # a duration counts from the first add: re-runs do not extend it
-    if (known.read, known.write, known.note, known.revoked, known.expires) == (read, write, note, None, expires):
+    if (known.read, known.write, known.note, known.expires) == (read, write, note, expires):
         print(f"unchanged {known.id} {agent}")
         return 0
     store.update_token(known.id, read, write, note, expires)

@@ -36,7 +36,8 @@ control_socket_disable = True
 loglevel = _settings.log_level
 errorlog = "-"
 accesslog = _settings.access_log or None
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms agent=%({x-agent-id}i)s'
+# agent= is what the client claims (X-Agent-ID); token= the token it proved, and its agent.
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms agent=%({x-agent-id}i)s token=%({agent_comms.token}e)s'
 
 
 def on_starting(server):

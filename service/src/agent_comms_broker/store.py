@@ -155,7 +155,7 @@ TOKEN_COLUMNS = "id, hash, agent, read, write, note, created, expires, revoked, 
 INSERT_TOKEN = f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)"
 SELECT_TOKEN_BY_HASH = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?"
 SELECT_TOKENS = f"SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created, id"
-UPDATE_TOKEN_GRANTS = "UPDATE tokens SET read = ?, write = ?, note = ?, expires = ?, revoked = NULL WHERE id = ?"
+UPDATE_TOKEN_GRANTS = "UPDATE tokens SET read = ?, write = ?, note = ?, expires = ? WHERE id = ?"
 REVOKE_TOKEN = "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL"
 SELECT_TOKEN_IDS = "SELECT id FROM tokens WHERE id = ?"
 TOUCH_TOKEN = "UPDATE tokens SET last_used = ? WHERE id = ?"
@@ -525,7 +525,7 @@ class Store:
         return self.token_by_hash(digest)
 
     def update_token(self, token_id, read, write, note, expires):
-        """New grants and expiry for a token; a revoked token becomes active again."""
+        """New grants and expiry for a token (a revoked one stays revoked)."""
         self._write(lambda db: db.execute(UPDATE_TOKEN_GRANTS, (read, write, note, expires, token_id)))
 
     def token_by_hash(self, digest):

@@ -13,12 +13,15 @@ from gevent.hub import Hub
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
-from .headers import SECURITY_HEADERS
+from .headers import security_headers
+
+# Set by the worker from its config: HSTS too when it serves TLS.
+_refusal_headers = security_headers(tls=False)
 
 
 def write_json_error(sock, status_int, reason, mesg):
     body = json.dumps({"error": f"{reason.lower()}: {mesg}"}).encode()
-    security = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS)
+    security = "".join(f"{name}: {value}\r\n" for name, value in _refusal_headers)
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n{security}Cache-Control: no-store\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -28,6 +31,8 @@ def write_json_error(sock, status_int, reason, mesg):
 
 class BrokerWorker(GeventWorker):
     def init_process(self):
+        global _refusal_headers
+        _refusal_headers = security_headers(tls=bool(self.cfg.certfile))
         util.write_error = write_json_error
         # A client that gives up on the TLS handshake (wrong CA, plain HTTP to the HTTPS
         # port) is the client's problem: no traceback in the broker's log for it.
