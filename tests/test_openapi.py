@@ -399,6 +399,18 @@ def test_access_refusals_match_the_document(own_broker):
             )
         if "{channel}" in template:
             refusal(method, template, 403, operation_call(method, template, "closed", headers=token))
+    blind = subprocess.run(
+        [str(BIN / "agent-comms-broker"), "token", "add", "blind", "--read", "", "--db", broker.db_path],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    refusal(
+        "get",
+        "/stream",
+        403,
+        operation_call("get", "/stream", "-", headers={"Authorization": f"Bearer {blind.stdout.strip()}"}),
+    )
     assert operation_call("post", MESSAGES, "open-a", headers=token).status_code == 201
     refusal("post", MESSAGES, 409, operation_call("post", MESSAGES, "open-b", headers=token))
 
