@@ -28,3 +28,13 @@ def wait_for(condition, timeout):
             return True
         time.sleep(0.5)
     return False
+
+
+def stop_process(process, grace):
+    """SIGTERM, then SIGKILL if it has not exited within `grace` seconds."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)

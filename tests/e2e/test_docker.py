@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from host_commands import run, wait_for
+from host_commands import run, stop_process, wait_for
 
 from broker_process import free_port
 
@@ -62,15 +62,6 @@ def start_dockerd():
     return dockerd
 
 
-def stop_dockerd(dockerd):
-    dockerd.terminate()
-    try:
-        dockerd.wait(60)
-    except subprocess.TimeoutExpired:
-        dockerd.kill()
-        dockerd.wait(10)
-
-
 @pytest.fixture(scope="module")
 def docker_engine():
     """A Docker engine that answers; one this fixture started is stopped again."""
@@ -79,7 +70,7 @@ def docker_engine():
     dockerd = None if docker_answers() else start_dockerd()
     yield
     if dockerd is not None:
-        stop_dockerd(dockerd)
+        stop_process(dockerd, 60)
 
 
 # -- Compose v2 --------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from host_commands import ROOT, run, wait_for
+from host_commands import ROOT, run, stop_process, wait_for
 from testinfra.backend.base import BaseBackend
 from testinfra.host import Host
 
@@ -173,12 +173,7 @@ def sshd(host_tools, tmp_path_factory):
     if not wait_for(lambda: process.poll() is not None or listening(), 20) or process.poll() is not None:
         pytest.fail(f"sshd did not start:\n{(directory / 'sshd.log').read_text()}")
     yield {"port": port, "key": directory / "client_key", "known_hosts": directory / "known_hosts"}
-    process.terminate()
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
+    stop_process(process, 20)
     if made_privsep:
         shutil.rmtree(privsep, ignore_errors=True)
 
