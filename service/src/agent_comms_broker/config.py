@@ -6,7 +6,7 @@ config file, the WSGI app and every worker read the same values from one place.
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -78,62 +78,67 @@ def positive_duration(text):
     return value
 
 
+def setting(default, parse=str):
+    """A field of Settings: its default, and how to read it from the environment."""
+    return field(default=default, metadata={"parse": parse})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting, with its default. The environment variable is AGENT_COMMS_<NAME>."""
 
-    bind: str = "0.0.0.0:8080"
-    db: str = "/opt/agent-comms/messages.db"
-    workers: int = 2
+    bind: str = setting("0.0.0.0:8080")
+    db: str = setting("/opt/agent-comms/messages.db")
+    workers: int = setting(2, positive_int)
     # gevent connections one worker holds at once: watchers plus requests in flight.
-    worker_connections: int = 4096
+    worker_connections: int = setting(4096, positive_int)
     # FULL: a 2xx survives a power cut (fsync per group commit). NORMAL: survives a killed
     # process; a power cut may drop the last commits, never corrupt the file.
-    synchronous: str = "FULL"
+    synchronous: str = setting("FULL", synchronous)
     # open: anyone may read and post (the old broker's behaviour). write-requires-token:
     # posts need a token, reads do not. required: everything but /healthz needs a token.
-    auth: str = "open"
+    auth: str = setting("open", auth_mode)
     # HTTPS when both are set: PEM certificate (chain) and private key.
-    tls_cert: str = ""
-    tls_key: str = ""
+    tls_cert: str = setting("")
+    tls_key: str = setting("")
     # Token bucket per agent (per address for anonymous callers), shared by all workers:
     # `rate_limit` requests a second on average, bursts of up to `rate_burst`. 0: off.
-    rate_limit: float = 100.0
-    rate_burst: int = 200
+    rate_limit: float = setting(100.0, rate)
+    rate_burst: int = setting(200, positive_int)
     # Open SSE streams per agent (per address for anonymous callers). 0: no cap.
-    max_streams: int = 64
+    max_streams: int = setting(64, count)
     # Channels the broker creates at most; posts to existing channels still work. 0: no cap.
-    max_channels: int = 10000
-    max_body: int = 1048576
-    max_message: int = 65536
-    max_batch: int = 500
+    max_channels: int = setting(10000, count)
+    max_body: int = setting(1048576, positive_int)
+    max_message: int = setting(65536, positive_int)
+    max_batch: int = setting(500, positive_int)
     # gunicorn's limits on the request head: bytes of one header line, number of headers.
-    max_header: int = 8190
-    max_headers: int = 50
+    max_header: int = setting(8190, positive_int)
+    max_headers: int = setting(50, positive_int)
     # Browser origins allowed to call the API (CORS); none by default.
-    cors_origins: tuple = ()
-    max_wait: float = 60.0
-    keepalive: float = 15.0
-    active_window: float = 300.0
-    retention_max_age: float = 0.0
-    retention_max_messages: int = 0
-    prune_interval: float = 60.0
-    wakeup_interval: float = 0.02
-    graceful_timeout: float = 10.0
-    log_level: str = "info"
-    access_log: str = "-"
+    cors_origins: tuple = setting((), origins)
+    max_wait: float = setting(60.0, duration)
+    keepalive: float = setting(15.0, positive_duration)
+    active_window: float = setting(300.0, positive_duration)
+    retention_max_age: float = setting(0.0, duration)
+    retention_max_messages: int = setting(0, count)
+    prune_interval: float = setting(60.0, positive_duration)
+    wakeup_interval: float = setting(0.02, positive_duration)
+    graceful_timeout: float = setting(10.0, duration)
+    log_level: str = setting("info")
+    access_log: str = setting("-")
 
     @classmethod
     def from_env(cls, environ=None):
         environ = os.environ if environ is None else environ
         values = {}
-        for field in fields(cls):
-            name = "AGENT_COMMS_" + field.name.upper()
+        for each in fields(cls):
+            name = "AGENT_COMMS_" + each.name.upper()
             raw = environ.get(name)
             if raw is None or raw == "":
                 continue
             try:
-                values[field.name] = _PARSERS[field.name](raw)
+                values[each.name] = each.metadata["parse"](raw)
             except ValueError as error:
                 raise ConfigError(f"{name}: {error}") from None
         settings = cls(**values)
@@ -144,35 +149,3 @@ class Settings:
     @property
     def tls(self):
         return bool(self.tls_cert and self.tls_key)
-
-
-_PARSERS = {
-    "bind": str,
-    "db": str,
-    "workers": positive_int,
-    "worker_connections": positive_int,
-    "synchronous": synchronous,
-    "auth": auth_mode,
-    "tls_cert": str,
-    "tls_key": str,
-    "rate_limit": rate,
-    "rate_burst": positive_int,
-    "max_streams": count,
-    "max_channels": count,
-    "max_body": positive_int,
-    "max_message": positive_int,
-    "max_batch": positive_int,
-    "max_header": positive_int,
-    "max_headers": positive_int,
-    "cors_origins": origins,
-    "max_wait": duration,
-    "keepalive": positive_duration,
-    "active_window": positive_duration,
-    "retention_max_age": duration,
-    "retention_max_messages": count,
-    "prune_interval": positive_duration,
-    "wakeup_interval": positive_duration,
-    "graceful_timeout": duration,
-    "log_level": str,
-    "access_log": str,
-}
