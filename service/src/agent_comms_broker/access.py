@@ -79,7 +79,7 @@ class AccessPlugin:
             if who is not None:  # for the access log: the agent the token proved
                 request.environ[LOGGED_TOKEN] = f"{who.token_id}({who.agent})"
             self.spend()
-            if request.environ[CALLER] is None:
+            if who is None:
                 self.admit_anonymous(need)
             return callback(*args, **kwargs)
 
@@ -102,7 +102,7 @@ class AccessPlugin:
             reason = {"unknown": "is not known to this broker", "expired": "has expired", "revoked": "was revoked"}
             raise unauthorized(f"the bearer token {reason[state]}")
         self.touch(token, now)
-        return auth.Caller(token.agent, token.id, token.read, token.write, token.hash)
+        return auth.Caller.of(token)
 
     def refresh(self, who):
         """The caller as its token stands now (grants may have changed), or None once the
@@ -110,7 +110,7 @@ class AccessPlugin:
         token = self.runtime().store.token_by_hash(who.digest)
         if token is None or token.state(time.time()) != "active":
             return None
-        return auth.Caller(token.agent, token.id, token.read, token.write, token.hash)
+        return auth.Caller.of(token)
 
     def spend(self):
         """One request from the caller's bucket, or 429."""

@@ -16,7 +16,7 @@ import orjson
 from bottle import HTTPError, request, response
 
 from . import __version__
-from .access import AccessPlugin, allow_read, allow_write, caller, limit_key
+from .access import CALLER, AccessPlugin, allow_read, allow_write, caller, limit_key
 from .live import sse_frame
 from .store import ChannelLimit, StoreBusy, StoreFull
 
@@ -370,12 +370,11 @@ def create_app(settings, runtime, limits=None):
             hub.unwatch(watcher)
             give_stream_slot(key)
         who = caller()
-        if who is not None:  # the token may have gone while the request waited
-            fresh = access.refresh(who)
-            if fresh is None:
+        if who is not None:  # the token may have gone, or lost the channel, while the request waited
+            request.environ[CALLER] = access.refresh(who)
+            if request.environ[CALLER] is None:
                 raise HTTPError(401, "the bearer token was revoked or expired while the request waited")
-            if not fresh.may_read(channel):
-                raise HTTPError(403, f"token {who.token_id} (agent {who.agent}) may no longer read channel {channel!r}")
+            allow_read(channel)
         return page
 
     def take_stream_slot(key):

@@ -64,6 +64,11 @@ class Caller:
     write: str
     digest: str
 
+    @classmethod
+    def of(cls, token):
+        """The caller a valid store.Token speaks for."""
+        return cls(token.agent, token.id, token.read, token.write, token.hash)
+
     def may_read(self, channel):
         return matches(self.read, channel)
 

@@ -82,11 +82,15 @@ class SharedLimits:
 
     # -- streams --------------------------------------------------------------------------
 
+    def _stream_set(self, name):
+        """`name`'s key and the first slot of the set its stream counts live in."""
+        key = key_of(name)
+        return key, self._streams_base + (key % STREAM_SETS) * STREAM_WAYS
+
     def open_stream(self, name, cap, pid=None):
         """Count one more open stream for `name` if it has fewer than `cap`; False if not."""
         pid = os.getpid() if pid is None else pid
-        key = key_of(name)
-        first = self._streams_base + (key % STREAM_SETS) * STREAM_WAYS
+        key, first = self._stream_set(name)
         self._lock()
         try:
             total, mine, free = 0, None, None
@@ -107,8 +111,7 @@ class SharedLimits:
 
     def close_stream(self, name, pid=None):
         pid = os.getpid() if pid is None else pid
-        key = key_of(name)
-        first = self._streams_base + (key % STREAM_SETS) * STREAM_WAYS
+        key, first = self._stream_set(name)
         self._lock()
         try:
             for index, (slot_key, owner, count, _) in self._slots(first, STREAM_WAYS):
