@@ -57,6 +57,7 @@ start or a command fails (one line on stderr).
 import datetime
 import json
 import os
+import sqlite3
 import sys
 import time
 from importlib import resources
@@ -65,6 +66,7 @@ from docopt import docopt
 
 from . import __version__, auth, preflight
 from .config import ConfigError, Settings, duration
+from .store import Store
 
 FLAGS = {"--bind": "AGENT_COMMS_BIND", "--db": "AGENT_COMMS_DB", "--workers": "AGENT_COMMS_WORKERS"}
 
@@ -108,12 +110,8 @@ def main(argv=None):
 
 def open_store(db_path):
     """The broker's store, for admin commands: the database must exist already."""
-    from .store import Store
-
     if not os.path.exists(db_path):
         raise CommandError(f"no database at {db_path}: start the broker once, or give --db PATH")
-    import sqlite3
-
     try:
         return Store(db_path)
     except (sqlite3.Error, OSError, RuntimeError) as error:
@@ -133,13 +131,15 @@ def token_command(args, db_path):
 
 
 def token_grants(args):
+    from bottle import HTTPError
+
     from .app import validate_agent_id  # the same rule as a post's sender
 
     agent = args["AGENT"]
     try:
         validate_agent_id(agent, "AGENT")
-    except Exception as error:
-        raise CommandError(getattr(error, "body", str(error))) from None
+    except HTTPError as error:
+        raise CommandError(error.body) from None
     try:
         read = auth.parse_patterns(args["--read"])
         write = auth.parse_patterns(args["--write"])
