@@ -17,8 +17,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 import agent_comms_broker
-from agent_comms_broker.app import create_app
 from agent_comms_broker.config import Settings
+from agent_comms_broker.http.app import create_app
 from broker_process import BIN
 
 DOCUMENT_FILE = resources.files("agent_comms_broker").joinpath("openapi.json")

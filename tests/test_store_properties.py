@@ -16,7 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from agent_comms_broker.app import ID_MAX, LIMIT_MAX
+from agent_comms_broker.http.validate import ID_MAX, LIMIT_MAX
 from agent_comms_broker.store import Store
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "200"))

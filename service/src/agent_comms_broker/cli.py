@@ -133,7 +133,7 @@ def token_command(args, db_path):
 def token_grants(args):
     from bottle import HTTPError
 
-    from .app import validate_agent_id  # the same rule as a post's sender
+    from .http.validate import validate_agent_id  # the same rule as a post's sender
 
     agent = args["AGENT"]
     try:

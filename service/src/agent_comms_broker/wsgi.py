@@ -9,9 +9,9 @@ import os
 import gevent
 
 from . import limits
-from .app import create_app
 from .config import Settings
 from .headers import ResponseHeaders
+from .http.app import create_app
 from .live import GroupCommitter, Hub, run_retention
 from .store import Store
 

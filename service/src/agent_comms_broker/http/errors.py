@@ -1,0 +1,44 @@
+"""Errors as JSON {"error": "..."}: Bottle's error pages replaced, and the store's
+refusals (full disk, channel cap, busy database) turned into answers a client can act on."""
+
+import json
+
+from bottle import HTTPError, request, response
+
+from ..store import ChannelLimit, StoreBusy, StoreFull
+
+
+def json_error(res):
+    """Bottle's default error page, as JSON; never a traceback."""
+    response.content_type = "application/json"
+    if res.status_code >= 500 and res.status_code not in (503, 507):
+        body = "internal server error"
+    else:
+        body = res.body if isinstance(res.body, str) and res.body else res.status_line[4:].lower()
+    if res.status_code == 404 and body.startswith("Not found:"):
+        body = f"no such route: {request.method} {request.path}"
+    elif res.status_code == 405:
+        body = f"method {request.method} is not allowed on {request.path}; allowed: {res.headers.get('Allow', '')}"
+    return json.dumps({"error": body})
+
+
+class StoreErrorsPlugin:
+    """Turns the store's refusals into JSON answers a client can act on."""
+
+    name = "store_errors"
+    api = 2
+
+    def apply(self, callback, route):
+        def wrapper(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except StoreFull:
+                raise HTTPError(507, "the broker's disk is full: nothing was stored; retry later") from None
+            except ChannelLimit as error:
+                raise HTTPError(409, f"{error}: nothing was stored") from None
+            except StoreBusy:
+                raise HTTPError(
+                    503, "the database is busy: nothing was stored; retry later", **{"Retry-After": "1"}
+                ) from None
+
+        return wrapper

@@ -1,0 +1,115 @@
+"""POST and GET /messages/{channel}: posting (one message or a batch), pages by cursor,
+and the long-poll that waits for the next message."""
+
+import functools
+import time
+
+from bottle import HTTPError, request, response
+
+from ..access import CALLER, allow_read, allow_write, caller, limit_key
+from .validate import (
+    LIMIT_DEFAULT,
+    LIMIT_MAX,
+    bad_request,
+    int_param,
+    parse_timestamp,
+    read_json_body,
+    validate_channel,
+    validate_post,
+    wait_param,
+)
+
+
+def register(app, broker):
+    app.post("/messages/<channel>", callback=functools.partial(post_messages, broker), access="write")
+    app.get("/messages/<channel>", callback=functools.partial(get_messages, broker))
+
+
+def post_messages(broker, channel):
+    settings = broker.settings
+    validate_channel(channel)
+    allow_write(channel)
+    broker.touch_reader()
+    body = read_json_body(settings.max_body)
+    who = caller()
+    if isinstance(body, list):
+        if not body:
+            raise bad_request("a batch must hold at least one message")
+        if len(body) > settings.max_batch:
+            raise HTTPError(413, f"a batch holds at most {settings.max_batch} messages")
+        entries = [
+            (channel, *validate_post(item, settings.max_message, who, f"item {i}: ")) for i, item in enumerate(body)
+        ]
+    else:
+        entries = [(channel, *validate_post(body, settings.max_message, who))]
+    stored = broker.committer.append(entries)
+    response.status = 201
+    if isinstance(body, list):
+        return {"status": "success", "messages": [m.as_dict() for m in stored], "count": len(stored)}
+    return {"status": "success", **stored[0].as_dict()}
+
+
+def get_messages(broker, channel):
+    validate_channel(channel)
+    allow_read(channel)
+    limit = int_param("limit", 1, LIMIT_MAX) or LIMIT_DEFAULT
+    after = int_param("after", 0)
+    since_raw = request.query.get("since")
+    since = parse_timestamp(since_raw) if since_raw is not None else None
+    if after is not None and since is not None:
+        raise bad_request("give either after or since, not both")
+    wait = wait_param(broker.settings.max_wait)
+    if wait and after is None and since is None:
+        raise bad_request("wait needs a cursor: after=ID (take it from a previous reply's cursor)")
+    broker.touch_reader()
+    store = broker.store
+    if after is None and since is None:
+        return message_page(channel, store.latest(channel, limit))
+    if after is not None:
+        read = functools.partial(store.after_id, channel, after, limit)
+    else:
+        read = functools.partial(store.after_time, channel, since, limit)
+    return message_page(channel, long_poll(broker, read, channel, wait))
+
+
+def long_poll(broker, read, channel, wait):
+    """read() now; if that page is empty, read again as each message of the channel
+    arrives, until one is there or `wait` seconds pass."""
+    page = read()
+    if page.messages or not wait:
+        return page
+    key = limit_key()
+    broker.take_stream_slot(key)  # a waiting long-poll holds a connection as a stream does
+    hub = broker.hub
+    watcher = hub.watch(channel)
+    try:
+        page = read()  # again, now that a commit cannot slip between read and watch
+        deadline = time.monotonic() + wait
+        while not page.messages and not watcher.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not watcher.event.wait(remaining):
+                break
+            watcher.take()
+            page = read()
+    finally:
+        hub.unwatch(watcher)
+        broker.give_stream_slot(key)
+    who = caller()
+    if who is not None:  # the token may have gone, or lost the channel, while the request waited
+        request.environ[CALLER] = broker.access.refresh(who)
+        if request.environ[CALLER] is None:
+            raise HTTPError(401, "the bearer token was revoked or expired while the request waited")
+        allow_read(channel)
+    return page
+
+
+def message_page(channel, page):
+    messages = [message.as_dict() for message in page.messages]
+    return {
+        "channel": channel,
+        "messages": messages,
+        "count": len(messages),
+        "cursor": page.cursor,
+        "gap": page.gap,
+        "more": page.more,
+    }

@@ -1,0 +1,131 @@
+"""Request parsing and validation: channels, agent ids, cursors, query values and bodies.
+Every refusal is an HTTPError with a message a client can act on."""
+
+import datetime
+import json
+import math
+import re
+
+from bottle import HTTPError, request
+
+CHANNEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+AGENT_ID_MAX = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DIGITS = re.compile(r"^[0-9]{1,20}$")
+LIMIT_DEFAULT = 50
+LIMIT_MAX = 1000
+# SQLite's largest integer: no cursor can be past it.
+ID_MAX = 2**63 - 1
+
+
+def bad_request(text):
+    return HTTPError(400, text)
+
+
+def validate_channel(channel):
+    if not CHANNEL_PATTERN.match(channel):
+        raise bad_request(
+            "invalid channel name: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return channel
+
+
+def validate_agent_id(value, what):
+    if not isinstance(value, str):
+        raise bad_request(f"{what} must be a string")
+    if not value or len(value) > AGENT_ID_MAX or _CONTROL.search(value):
+        raise bad_request(f"{what} must be 1 to {AGENT_ID_MAX} characters, without control characters")
+    _require_unicode(value, what)
+    return value
+
+
+def _require_unicode(value, what):
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{what} is not valid Unicode (lone surrogate)") from None
+
+
+def whole_number(raw, name, low, high=ID_MAX):
+    value = int(raw) if _DIGITS.match(raw) else None
+    if value is None or not low <= value <= high:
+        raise bad_request(f"{name} must be a whole number from {low} to {high}")
+    return value
+
+
+def int_param(name, low, high=ID_MAX):
+    raw = request.query.get(name)
+    return None if raw is None else whole_number(raw, name, low, high)
+
+
+def parse_timestamp(raw, name="since"):
+    """Unix seconds as a number, or an ISO 8601 time (naive means UTC, as the seed's were)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            moment = datetime.datetime.fromisoformat(raw.strip())
+        except ValueError:
+            raise bad_request(f"{name} must be unix seconds (e.g. 1732406400.5) or an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        value = moment.timestamp()
+    if not math.isfinite(value) or value < 0:
+        raise bad_request(f"{name} must be a finite number of 0 or more (1970 or later)")
+    return value
+
+
+def wait_param(max_wait):
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise bad_request("wait must be a number of seconds, 0 or more")
+    return min(value, max_wait)
+
+
+def read_json_body(max_body):
+    """The request body parsed as JSON, within the size limit."""
+    length = request.content_length
+    if length > max_body:
+        raise HTTPError(413, f"request body is over the limit of {max_body} bytes")
+    stream = request.environ["wsgi.input"]
+    raw = stream.read(length) if length >= 0 else stream.read(max_body + 1)
+    if len(raw) > max_body:
+        raise HTTPError(413, f"request body is over the limit of {max_body} bytes")
+    if not raw.strip():
+        raise bad_request('request body is empty: send JSON {"sender": "...", "message": "..."}')
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise bad_request(f"request body is not valid JSON: {error}") from None
+
+
+def validate_post(item, max_message, caller=None, where=""):
+    """(sender, message) of one post. With a token the sender is the token's agent: it may
+    be left out, and naming another agent is refused."""
+    if not isinstance(item, dict):
+        raise bad_request(f'{where}must be a JSON object {{"sender": "...", "message": "..."}}')
+    if "sender" not in item and caller is None:
+        raise bad_request(f"{where}missing field: sender")
+    if "message" not in item:
+        raise bad_request(f"{where}missing field: message")
+    if "sender" in item:
+        sender = validate_agent_id(item["sender"], f"{where}sender")
+        if caller is not None and sender != caller.agent:
+            raise HTTPError(403, f"{where}this token belongs to agent {caller.agent!r}: it cannot post as {sender!r}")
+    else:
+        sender = caller.agent
+    text = item["message"]
+    if not isinstance(text, str):
+        raise bad_request(f"{where}message must be a string")
+    if not text:
+        raise bad_request(f"{where}message must not be empty")
+    _require_unicode(text, f"{where}message")
+    if len(text) > max_message // 4 and len(text.encode()) > max_message:
+        raise HTTPError(413, f"{where}message is over the limit of {max_message} bytes")
+    return sender, text
