@@ -47,10 +47,12 @@ def channel(request):
 @pytest.fixture(autouse=True)
 def _no_default_broker(monkeypatch, broker, tmp_path):
     """No command a test runs can fall back to the deployed broker, or read a config file
-    of the machine's user."""
+    of the machine (the user's or /etc/agent-comms/chat.ini): AGENT_COMMS_CONFIG names the
+    only file agent-chat reads, and /dev/null holds nothing."""
     monkeypatch.setenv("AGENT_COMMS_BROKER", broker.url)
+    monkeypatch.setenv("AGENT_COMMS_CONFIG", os.devnull)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
-    for variable in ("AGENT_COMMS_AGENT_ID", "AGENT_COMMS_TOKEN"):
+    for variable in ("AGENT_COMMS_AGENT_ID", "AGENT_COMMS_TOKEN", "AGENT_COMMS_CA"):
         monkeypatch.delenv(variable, raising=False)
 
 

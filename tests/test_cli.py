@@ -4,6 +4,7 @@ broker, under both entry points (`agent-chat` and the old `python3 client/chat.p
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -12,16 +13,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from agent_comms_chat.client import BrokerClient
-from agent_comms_chat.config import DEFAULT_BROKER, resolve
-from broker_process import BIN, BrokerProcess, free_port
+from agent_comms_chat.config import DEFAULT_BROKER, SYSTEM_CONFIG, config_paths, resolve
+from broker_process import BrokerProcess, free_port
+from cli_process import CHAT, ENTRY_POINTS, ROOT, Running, until_watching
 from conftest import post
-
-ROOT = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = {
-    "agent-chat": [str(BIN / "agent-chat")],
-    "chat.py": [sys.executable, str(ROOT / "client" / "chat.py")],
-}
+from http_peer import Peer
 
 
 @pytest.fixture(params=list(ENTRY_POINTS))
@@ -100,18 +96,17 @@ def test_the_seed_readme_commands(chat, url):
 
 
 def test_seed_watch_command_prints_new_messages(chat, url, channel):
-    """`watch tasks --interval 5`: live, not a poll every 5 s."""
-    watcher = subprocess.Popen([*chat.entry, "watch", channel, "--interval", "5"], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(1.0)  # let it connect; what was posted before it started is not printed
+    """`watch tasks --interval 5`: live, not a poll every 5 s; what was posted before it
+    started is not printed."""
+    post(url, channel, "warp-ct200", "posted before the watcher")
+    with Running([*chat.entry, "watch", channel, "--interval", "5"]) as watcher:
+        probes = until_watching(watcher, lambda text: post(url, channel, "probe", text))
         post(url, channel, "warp-ct200", "Download media file: movie.mkv")
         started = time.monotonic()
-        line = watcher.stdout.readline()
-        assert "warp-ct200: Download media file: movie.mkv" in line
+        line = watcher.line(timeout=4)
         assert time.monotonic() - started < 4, "watch polled instead of following the stream"
-    finally:
-        watcher.terminate()
-        watcher.wait(10)
+        assert "warp-ct200: Download media file: movie.mkv" in line
+        assert not any("posted before" in seen for seen in probes)
 
 
 def test_old_path_with_the_system_python(url, tmp_path):
@@ -196,19 +191,23 @@ def test_watch_count_exits_after_n(chat, url, channel):
 
 
 def test_watch_until_exits_zero_on_a_match(chat, url, channel):
-    watcher = subprocess.Popen(
-        [*chat.entry, "watch", channel, "--until", "✅ Download completed", "--timeout", "30"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(1.0)
-    post(url, channel, "a", "Download started")
-    post(url, channel, "a", "✅ Download completed: movie.mkv")
-    post(url, channel, "a", "after the match")
-    assert watcher.wait(30) == 0
-    printed = watcher.stdout.read()
-    assert "Download started" in printed and "✅ Download completed: movie.mkv" in printed
-    assert "after the match" not in printed
+    with Running([*chat.entry, "watch", channel, "--until", "✅ Download completed", "--timeout", "30"]) as watcher:
+        until_watching(watcher, lambda text: post(url, channel, "probe", text))
+        post(url, channel, "a", "Download started")
+        post(url, channel, "a", "✅ Download completed: movie.mkv")
+        post(url, channel, "a", "after the match")
+        assert watcher.wait(30) == 0
+        printed = watcher.rest()
+    assert [line.split(": ", 1)[1] for line in printed] == ["Download started", "✅ Download completed: movie.mkv"]
+
+
+def test_watch_interrupted_exits_130(chat, url, channel):
+    """Ctrl-C (SIGINT) while watching: exit status 130, nothing on stderr."""
+    with Running([*chat.entry, "watch", channel]) as watcher:
+        until_watching(watcher, lambda text: post(url, channel, "probe", text))
+        watcher.process.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 130
+        assert watcher.rest() == [] and watcher.stderr() == ""
 
 
 def test_watch_timeout_exits_124(chat, channel):
@@ -222,23 +221,16 @@ def test_watch_survives_a_broker_restart(chat, own_broker):
     broker = own_broker().start()
     env = {**os.environ, "AGENT_COMMS_BROKER": broker.url}
     cursor = post(broker.url, "tasks", "a", "before")["id"]
-    watcher = subprocess.Popen(
-        [*chat.entry, "watch", "tasks", "--after", str(cursor), "--count", "6", "--json", "--timeout", "60"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    sent = [post(broker.url, "tasks", "a", f"m{n}") for n in range(3)]
-    deadline = time.monotonic() + 10
-    while len(latest(broker.url, "tasks")) < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    broker.stop()
-    time.sleep(1.0)  # the watcher retries against a broker that is down
-    broker.start()
-    sent += [post(broker.url, "tasks", "a", f"m{n}") for n in range(3, 6)]
-    assert watcher.wait(60) == 0
-    printed = [json.loads(line)["id"] for line in watcher.stdout.read().splitlines()]
+    command = [*chat.entry, "watch", "tasks", "--after", str(cursor), "--count", "6", "--json", "--timeout", "60"]
+    with Running(command, env=env) as watcher:
+        sent = [post(broker.url, "tasks", "a", f"m{n}") for n in range(3)]
+        printed = [json.loads(watcher.line())["id"] for _ in range(3)]
+        broker.stop()
+        time.sleep(1.0)  # the watcher retries against a broker that is down
+        broker.start()
+        sent += [post(broker.url, "tasks", "a", f"m{n}") for n in range(3, 6)]
+        assert watcher.wait(60) == 0
+        printed += [json.loads(line)["id"] for line in watcher.rest()]
     assert printed == [m["id"] for m in sent], "lost or repeated messages across the restart"
 
 
@@ -289,11 +281,11 @@ def test_unreachable_broker_is_one_line_and_exit_2(chat, args):
 
 
 def test_http_error_is_one_line_and_exit_2(chat, url):
-    one_line_error(chat("read", "bad name!"), 2, f"{url}/messages/bad name!", "400", "invalid channel name")
+    one_line_error(chat("read", "bad name!"), 2, f"{url}/messages/bad%20name%21", "400", "invalid channel name")
 
 
-def test_invalid_broker_url_is_one_line(chat):
-    one_line_error(chat("--broker", "not-a-url", "status"), 2, "not-a-url")
+def test_invalid_broker_url_is_one_line_and_exit_1(chat):
+    one_line_error(chat("--broker", "not-a-url", "status"), 1, "not-a-url", "http://not-a-url")
 
 
 @pytest.mark.parametrize(
@@ -310,15 +302,13 @@ def test_invalid_broker_url_is_one_line(chat):
     ],
 )
 def test_usage_errors_exit_1(chat, args):
-    result = chat(*args)
-    assert result.returncode == 1, result
-    assert result.stderr.startswith("agent-chat: ") and "Traceback" not in result.stderr
+    one_line_error(chat(*args), 1)
 
 
 def test_help_documents_commands_and_exit_codes(chat):
     result = chat("--help")
     assert result.returncode == 0
-    for text in ("send CHANNEL MESSAGE", "watch CHANNEL", "124", "broker is unreachable"):
+    for text in ("send CHANNEL MESSAGE", "watch CHANNEL", "124", "130", "broker is unreachable", "AGENT_COMMS_CONFIG"):
         assert text in result.stdout
     assert chat("--version").stdout.strip() == "0.2.0"
 
@@ -327,22 +317,88 @@ def test_help_documents_commands_and_exit_codes(chat):
 
 
 def test_config_order_flag_env_file(chat, url, tmp_path, channel):
-    config_dir = tmp_path / "xdg-config" / "agent-comms"
-    config_dir.mkdir(parents=True)
-    (config_dir / "config.ini").write_text(f"[agent-comms]\nbroker = {url}\nagent_id = from-file\n")
-    env = {key: value for key, value in os.environ.items() if key != "AGENT_COMMS_BROKER"}
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg-config")
-    run = chat.entry
+    """The flag beats the environment, which beats the config file (here the one
+    AGENT_COMMS_CONFIG names), which beats the default."""
+    named = tmp_path / "named.ini"
+    named.write_text(f"[agent-comms]\nbroker = http://127.0.0.1:{free_port()}\nagent_id = from-file\n")
 
-    def send(*args, extra=None):
-        result = subprocess.run([*run, *args], capture_output=True, text=True, env={**env, **(extra or {})})
+    def sender(*args, **env):
+        result = chat(*args, env={"AGENT_COMMS_CONFIG": str(named), **env})
         assert result.returncode == 0, result.stderr
         return latest(url, channel)[-1]["sender"]
 
-    assert send("send", channel, "x") == "from-file"
-    assert send("send", channel, "x", extra={"AGENT_COMMS_AGENT_ID": "from-env"}) == "from-env"
-    assert send("--agent-id", "from-flag", "send", channel, "x", extra={"AGENT_COMMS_AGENT_ID": "from-env"}) == (
-        "from-flag"
+    assert sender("send", channel, "x") == "from-file"  # and the broker of the environment
+    assert sender("send", channel, "x", AGENT_COMMS_AGENT_ID="from-env") == "from-env"
+    assert sender("--agent-id", "from-flag", "send", channel, "x", AGENT_COMMS_AGENT_ID="from-env") == "from-flag"
+
+
+def test_config_named_by_agent_comms_config_or_config_is_the_only_one(chat, url, tmp_path, channel):
+    user = Path(os.environ["XDG_CONFIG_HOME"]) / "agent-comms" / "config.ini"
+    user.parent.mkdir(parents=True)
+    user.write_text("[agent-comms]\nagent_id = from-user-config\n")
+    named, flagged = tmp_path / "named.ini", tmp_path / "flagged.ini"
+    named.write_text("[agent-comms]\nagent_id = from-named-config\n")
+    flagged.write_text("[agent-comms]\nagent_id = from-config-flag\n")
+
+    def sender(*args):
+        result = chat(*args, env={"AGENT_COMMS_CONFIG": str(named)})
+        assert result.returncode == 0, result.stderr
+        return latest(url, channel)[-1]["sender"]
+
+    assert sender("send", channel, "x") == "from-named-config"
+    assert sender("--config", str(flagged), "send", channel, "x") == "from-config-flag"
+    missing = chat("send", channel, "x", env={"AGENT_COMMS_CONFIG": str(tmp_path / "absent.ini")})
+    one_line_error(missing, 1, "absent.ini", "No such file")
+    broken = tmp_path / "broken.ini"
+    broken.write_text("agent_id = no section\n")
+    one_line_error(chat("--config", str(broken), "send", channel, "x"), 1, "broken.ini", "no section headers")
+    assert "%" in sender("--config", str(_config(tmp_path, "agent_id = 100%-raw")), "send", channel, "x")
+
+
+def _config(folder, line):
+    path = folder / "one.ini"
+    path.write_text(f"[agent-comms]\n{line}\n")
+    return path
+
+
+# Runs agent-chat's main() in this Python with an audit hook that records every file
+# opened (configparser opens each path it tries, there or not), written to $OPENED.
+AUDITED_CHAT = """
+import json, os, sys
+opened = []
+sys.addaudithook(lambda event, args: event == "open" and isinstance(args[0], str) and opened.append(args[0]))
+from agent_comms_chat.cli import main
+status = main(sys.argv[1:])
+with open(os.environ["OPENED"], "w") as record:
+    json.dump(opened, record)
+sys.exit(status)
+"""
+
+
+def test_the_tests_agent_chat_reads_no_config_of_the_host(url, channel, tmp_path):
+    """Under the autouse fixture, a fake user config (where $XDG_CONFIG_HOME and $HOME
+    point) does not reach agent-chat, and it opens neither ~/.config/agent-comms nor
+    /etc/agent-comms/chat.ini. Without AGENT_COMMS_CONFIG the same run opens both."""
+    fake = "[agent-comms]\nagent_id = leaked-from-a-user-config\n"
+    home = tmp_path / "home"
+    for folder in (Path(os.environ["XDG_CONFIG_HOME"]), home / ".config"):
+        (folder / "agent-comms").mkdir(parents=True)
+        (folder / "agent-comms" / "config.ini").write_text(fake)
+    record = tmp_path / "opened.json"
+    env = {**os.environ, "HOME": str(home), "OPENED": str(record)}
+    command = [sys.executable, "-c", AUDITED_CHAT, "send", channel, "isolated"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert latest(url, channel)[-1]["sender"] != "leaked-from-a-user-config"
+    opened = json.loads(record.read_text())
+    assert not [path for path in opened if path.endswith("agent-comms/config.ini") or "/etc/agent-comms" in path]
+    # The same run without AGENT_COMMS_CONFIG, stopped by a usage error before any request.
+    del env["AGENT_COMMS_CONFIG"]
+    done = subprocess.run([*command[:3], "read", channel, "--limit", "0"], env=env, capture_output=True, timeout=30)
+    assert done.returncode == 1
+    opened = json.loads(record.read_text())
+    assert (
+        "/etc/agent-comms/chat.ini" in opened and str(Path(env["XDG_CONFIG_HOME"]) / "agent-comms/config.ini") in opened
     )
 
 
@@ -360,13 +416,26 @@ def test_resolution_order_and_defaults(tmp_path):
     defaults = resolve({}, environ={}, paths=[str(tmp_path / "missing.ini")])
     assert defaults["broker"] == DEFAULT_BROKER and defaults["token"] is None
     assert defaults["agent_id"].startswith("agent-") and defaults["agent_id"] == resolve({}, {}, [])["agent_id"]
+    # Where the files are looked for: the user's (under XDG_CONFIG_HOME), then the system's;
+    # or only the one that --config or AGENT_COMMS_CONFIG names.
+    assert config_paths({}, {"XDG_CONFIG_HOME": "/x"}) == (["/x/agent-comms/config.ini", SYSTEM_CONFIG], False)
+    assert config_paths({}, {"AGENT_COMMS_CONFIG": "/a.ini"}) == (["/a.ini"], True)
+    assert config_paths({"--config": "/f.ini"}, {"AGENT_COMMS_CONFIG": "/a.ini"}) == (["/f.ini"], True)
 
 
-def test_token_is_sent_as_a_bearer_token():
-    client = BrokerClient("http://127.0.0.1:9", agent_id="a", token="s3cret")
-    assert client.headers["Authorization"] == "Bearer s3cret"  # on sends (http.client)
-    assert client.session.headers["Authorization"] == "Bearer s3cret"  # on reads (requests)
-    assert client.session.headers["X-Agent-ID"] == "a"
+def test_token_and_agent_id_are_sent_as_headers():
+    """A token as `Authorization: Bearer ...`, an agent id (any Unicode) as X-Agent-ID in
+    UTF-8, on sends (http.client) and reads (requests) alike."""
+    stored = {"status": "success", "id": 1, "channel": "c", "sender": "café", "message": "m", "timestamp": 1.0}
+    page = {"channel": "c", "messages": [], "count": 0, "cursor": 0, "gap": False, "more": False}
+    with Peer([(201, stored, {}), (200, page, {})]) as peer:
+        options = ["--broker", peer.url, "--token", "s3cret", "--agent-id", "café"]
+        for command in (["send", "c", "m"], ["read", "c"]):
+            done = subprocess.run([*CHAT, *options, *command], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+    for _method, _path, headers, _body, _when in peer.requests:
+        assert headers["Authorization"] == "Bearer s3cret"
+        assert headers["X-Agent-ID"].encode("latin-1").decode("utf-8") == "café"
 
 
 @pytest.mark.parametrize("command", [["status", "--json"], ["send", "late", "posted once"]])
@@ -374,15 +443,52 @@ def test_retries_until_a_starting_broker_answers(chat, tmp_path, command):
     """A read or a send started just before the broker comes up retries opening its
     connection with backoff and succeeds; the send is stored exactly once."""
     broker = BrokerProcess(tmp_path / "late.db", port=free_port())
-    started = subprocess.Popen([*chat.entry, "--broker", broker.url, *command], stdout=subprocess.PIPE, text=True)
-    try:
-        broker.start()
-        assert started.wait(30) == 0
-        printed = started.stdout.read()
-        if command[0] == "send":
-            assert [m["message"] for m in latest(broker.url, "late")] == ["posted once"]
-            assert printed.strip() == str(latest(broker.url, "late")[0]["id"])
-        else:
-            assert json.loads(printed)["status"] == "running"
-    finally:
-        broker.stop()
+    with Running([*chat.entry, "--broker", broker.url, *command]) as started:
+        try:
+            broker.start()
+            assert started.wait(30) == 0
+            printed = started.rest()
+            if command[0] == "send":
+                assert [m["message"] for m in latest(broker.url, "late")] == ["posted once"]
+                assert printed == [str(latest(broker.url, "late")[0]["id"])]
+            else:
+                assert json.loads(printed[0])["status"] == "running"
+        finally:
+            broker.stop()
+
+
+def test_send_refused_with_503_is_sent_again_after_retry_after():
+    """A post refused with 503 was not stored: agent-chat waits the Retry-After and sends
+    it again (the peer is a loopback server of this test: a real broker answers 503 only
+    when its database stays locked for 10 s)."""
+    stored = {"status": "success", "id": 7, "channel": "tasks", "sender": "a", "message": "m", "timestamp": 1.0}
+    replies = [(503, {"error": "database is busy"}, {"Retry-After": "1"}), (201, stored, {})]
+    with Peer(replies) as peer:
+        started = time.monotonic()
+        done = subprocess.run(
+            [*CHAT, "--broker", peer.url, "send", "tasks", "m"], capture_output=True, text=True, timeout=30
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, "7\n", "")
+    posts = [request for request in peer.requests if request[0] == "POST"]
+    assert len(posts) == 2 and posts[0][3] == posts[1][3] and json.loads(posts[0][3])["message"] == "m"
+    assert posts[1][4] - posts[0][4] >= 0.95, "sent again before Retry-After"
+    assert time.monotonic() - started < 10
+
+
+def test_send_gives_up_when_retry_after_is_past_its_budget():
+    with Peer([(503, {"error": "database is busy"}, {"Retry-After": "3600"})]) as peer:
+        done = subprocess.run(
+            [*CHAT, "--broker", peer.url, "send", "tasks", "m"], capture_output=True, text=True, timeout=30
+        )
+    one_line_error(done, 2, "answered 503", "database is busy")
+    assert len(peer.requests) == 1
+
+
+def test_read_refused_with_503_is_asked_again_after_retry_after():
+    page = {"channel": "tasks", "messages": [], "count": 0, "cursor": 0, "gap": False, "more": False}
+    with Peer([(503, {"error": "database is busy"}, {"Retry-After": "1"}), (200, page, {})]) as peer:
+        done = subprocess.run(
+            [*CHAT, "--broker", peer.url, "read", "tasks"], capture_output=True, text=True, timeout=30
+        )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert len(peer.requests) == 2 and peer.requests[1][4] - peer.requests[0][4] >= 0.95

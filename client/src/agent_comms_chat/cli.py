@@ -1,4 +1,4 @@
-"""agent-chat: send, read and watch messages on an agent-comms broker.
+r"""agent-chat: send, read and watch messages on an agent-comms broker.
 
 Usage:
   agent-chat [options] send CHANNEL MESSAGE
@@ -23,9 +23,9 @@ Commands:
   status     Show the broker's status and statistics.
 
 Options:
-  --broker URL          Broker to use. Else $AGENT_COMMS_BROKER, else `broker` in
-                        ~/.config/agent-comms/config.ini or /etc/agent-comms/chat.ini,
-                        else http://192.168.122.86:8080.
+  --broker URL          Broker to use, http://HOST:PORT or https://HOST:PORT. Else
+                        $AGENT_COMMS_BROKER, else `broker` in the config file, else
+                        http://192.168.122.86:8080.
   --agent-id ID         Who you are: the sender of what you send. Else
                         $AGENT_COMMS_AGENT_ID, else `agent_id` in the config file,
                         else agent-<short host name>.
@@ -35,6 +35,11 @@ Options:
   --ca FILE             CA certificate(s) to verify an https:// broker with. Else
                         $AGENT_COMMS_CA, else `ca` in the config file, else the system's
                         trusted CAs. Verification is never turned off.
+  --config FILE         Read the settings above from FILE only (INI, a section
+                        [agent-comms] with broker, agent_id, token, ca). Else
+                        $AGENT_COMMS_CONFIG, else ~/.config/agent-comms/config.ini
+                        (under $XDG_CONFIG_HOME if set), then /etc/agent-comms/chat.ini.
+                        AGENT_COMMS_CONFIG=/dev/null reads no file at all.
   --json                Print JSON (one message per line for read and watch).
   --limit N             How many messages read prints [default: 10].
   --since TIMESTAMP     Messages after this time: unix seconds, or ISO 8601 (UTC).
@@ -46,9 +51,19 @@ Options:
   -h --help             Show this text.
   --version             Show the version.
 
+Output:
+  A message prints as "[time] sender: text", each further line of it indented by 4
+  spaces (on a terminal, long lines are folded the same way). What the broker sends is
+  shown, never obeyed: control characters (ESC, CR, BEL, DEL, C1), Unicode format
+  characters (bidi overrides, zero-width spaces) and line separators in a message, a
+  sender, a channel or an agent id print as escapes such as \x1b, \x0d or \u202e. A
+  tab, and the zero-width joiners emoji and some scripts need, stay in message text; a
+  backslash prints as itself. With --json they are JSON escapes, which decode exactly.
+
 Exit status:
-  0    success (watch: --count reached or --until matched)
-  1    usage error
+  0    success (watch: --count reached or --until matched); also when the reader of
+       the output stops early (agent-chat read tasks | head -1)
+  1    usage error: the command line, the broker URL, the agent id or a config file
   2    the broker is unreachable or answered with an error (one line on stderr)
   3    the broker refused: no token, a bad token, or no permission (401, 403)
   124  watch --timeout ran out
@@ -59,13 +74,15 @@ Waiting for a reply in a script:
   agent-chat watch tasks --after "$id" --until '✅ Download completed' --timeout 3600
 """
 
+import os
 import sys
 import time
 
-from docopt import DocoptExit, docopt
+from docopt import DocoptExit, DocoptLanguageError, docopt
 
 from . import __version__
 from .config import ConfigError, resolve
+from .output import visible
 
 EXIT_USAGE, EXIT_BROKER, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 124, 130
 
@@ -87,24 +104,58 @@ def _number(args, option, kind=int, low=1):
     return value
 
 
+def _text(value, what):
+    """A command-line text, which the shell may have handed over as bytes that are not UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 text") from None
+    return value
+
+
+def say(text):
+    """One line on stderr, with what came from outside made visible rather than obeyed."""
+    try:
+        print(f"agent-chat: {visible(text)}", file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        pass  # nobody reads stderr; the exit status still tells
+
+
 def main(argv=None):
+    """agent-chat's command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    # A terminal or pipe that cannot take some character gets an escape for it, not a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        args = docopt(__doc__, argv=argv, version=__version__)
-    except DocoptExit:
-        usage = getattr(DocoptExit, "usage", "").strip()
-        print(
-            f"agent-chat: that command line does not match the usage (see agent-chat --help)\n{usage}", file=sys.stderr
-        )
-        return EXIT_USAGE
-    try:
-        return run(args)
-    except UsageError as error:
-        print(f"agent-chat: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        status = _command_line(argv)
+        sys.stdout.flush()  # so that a closed pipe shows here, not at exit
+        return status
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        # The reader has gone (`agent-chat read tasks | head -1`) and had what it wanted.
+        # Python would complain again when it flushes stdout at exit: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _command_line(argv):
+    try:
+        args = docopt(__doc__, argv=argv, version=__version__)
+    except (DocoptExit, DocoptLanguageError):
+        from .usage import Usage
+
+        say(Usage(__doc__).explain(argv))
+        return EXIT_USAGE
+    except SystemExit as done:  # --help or --version, printed
+        return done.code or 0
+    try:
+        return run(args)
+    except UsageError as error:
+        say(str(error))
+        return EXIT_USAGE
 
 
 def run(args):
@@ -113,6 +164,7 @@ def run(args):
     except ConfigError as error:
         raise UsageError(str(error)) from None
     # Validate every option before any request is made.
+    channel = _text(args["CHANNEL"], "CHANNEL") if args["CHANNEL"] is not None else None
     limit = _number(args, "--limit")
     after = _number(args, "--after", low=0)
     since = args["--since"]
@@ -128,15 +180,11 @@ def run(args):
     out = Printer(as_json=args["--json"])
     try:
         if args["send"]:
-            # From stdin, drop the final newline as the shell's $(...) does: `echo hi |` sends "hi".
-            text = sys.stdin.read().removesuffix("\n") if args["MESSAGE"] == "-" else args["MESSAGE"]
-            if not text:
-                raise UsageError("the message is empty")
-            out.sent(broker.send(args["CHANNEL"], text))
+            out.sent(broker.send(channel, _message(args["MESSAGE"])))
         elif args["read"]:
-            out.messages(broker.read(args["CHANNEL"], limit=limit, since=since, after=after)["messages"])
+            out.messages(broker.read(channel, limit=limit, since=since, after=after)["messages"])
         elif args["watch"]:
-            return watch(broker, out, args["CHANNEL"], after, count, until, timeout)
+            return watch(broker, out, channel, after, count, until, timeout)
         elif args["channels"]:
             out.channels(broker.channels())
         elif args["agents"]:
@@ -144,9 +192,25 @@ def run(args):
         elif args["status"]:
             out.status(broker.status())
     except BrokerError as error:
-        print(f"agent-chat: {error}", file=sys.stderr)
+        say(str(error))
         return EXIT_REFUSED if error.status in (401, 403) else EXIT_BROKER
     return 0
+
+
+def _message(argument):
+    """MESSAGE, or with "-" standard input without its final newline (as the shell's $(...)
+    drops it: `echo hi |` sends "hi")."""
+    if argument == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("the message on standard input is not UTF-8 text") from None
+        text = text[:-1] if text.endswith("\n") else text
+    else:
+        text = _text(argument, "MESSAGE")
+    if not text:
+        raise UsageError("the message is empty")
+    return text
 
 
 def _compile(pattern):
@@ -166,16 +230,13 @@ def watch(broker, out, channel, after, count, until, timeout):
         after = broker.latest_cursor(channel)
 
     def gap(cursor):
-        print(
-            f"agent-chat: retention removed messages of {channel} after id {cursor} before they were read",
-            file=sys.stderr,
-        )
+        say(f"retention removed messages of {channel} after id {cursor} before they were read")
 
     seen = 0
     for message in broker.watch(channel, after, deadline=deadline, on_gap=gap):
         out.message(message)
         seen += 1
-        if until is not None and until.search(message["message"]):
+        if until is not None and until.search(str(message.get("message"))):
             return 0
         if count is not None and seen >= count:
             return 0

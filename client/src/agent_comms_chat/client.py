@@ -9,7 +9,6 @@ Python code can use it:
 """
 
 import json
-import re
 import time
 
 from . import __version__
@@ -39,31 +38,92 @@ class BrokerError(Exception):
         self.status = status
 
 
-def _tls_hint(url, error):
-    return (
-        f"cannot verify the TLS certificate of {url} ({getattr(error, 'reason', None) or error}): "
-        "give the CA that signed it with --ca FILE (or AGENT_COMMS_CA)"
-    )
+def _chain(error):
+    """`error` and the errors inside it (requests wraps urllib3's, which wraps the socket's)."""
+    for _ in range(10):
+        if error is None:
+            return
+        yield error
+        inner = [arg for arg in error.args if isinstance(arg, BaseException)]
+        reason = getattr(error, "reason", None)
+        error = inner[0] if inner else reason if isinstance(reason, BaseException) else error.__context__
 
 
 def _cause(error):
-    text = str(error)
-    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
-    if found:
-        return found.group(1).strip().lower()
-    if "timed out" in text.lower() or "timeout" in type(error).__name__.lower():
-        return "timed out"
-    if "Name or service not known" in text or "NameResolution" in text:
-        return "unknown host"
+    """A few words on why a connection failed: "connection refused", "unknown host"..."""
+    import socket
+    from http.client import BadStatusLine, RemoteDisconnected
+
+    for inner in _chain(error):
+        if isinstance(inner, socket.gaierror) or type(inner).__name__ == "NameResolutionError":
+            return "unknown host"
+        if isinstance(inner, TimeoutError) or "timed out" in str(inner) or "Timeout" in type(inner).__name__:
+            return "timed out"
+        if isinstance(inner, (RemoteDisconnected, BadStatusLine)):
+            return "the connection closed without an answer"
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror.lower()
     return type(error).__name__
 
 
-def _os_cause(error):
-    if isinstance(error, TimeoutError) or "timed out" in str(error):
-        return "timed out"
-    if error.__class__.__name__ == "gaierror":
-        return "unknown host"
-    return (getattr(error, "strerror", None) or str(error) or type(error).__name__).lower()
+def _closed_unanswered(error):
+    """Whether a connection was made and then closed without an HTTP answer: what a TLS
+    server does with a plain-HTTP request."""
+    from http.client import BadStatusLine, RemoteDisconnected
+
+    return any(isinstance(inner, (RemoteDisconnected, BadStatusLine, ConnectionResetError)) for inner in _chain(error))
+
+
+def _speaks_tls(host, port):
+    """Whether HOST:PORT completes a TLS handshake. Only to explain a failure: nothing is
+    sent over it, so its certificate does not matter here."""
+    import socket
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT[0]) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+    except OSError:
+        return False
+
+
+# OpenSSL's reasons for a handshake that got something other than TLS back (a plain-HTTP
+# answer): the port does not speak TLS.
+_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL")
+# X.509 verification results that another CA cannot fix.
+_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH = 62, 64
+_X509_NOT_YET_VALID, _X509_EXPIRED = 9, 10
+
+
+def _tls_failure(url, error):
+    """One line on why TLS with the broker at `url` failed, and what would fix it."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    for inner in _chain(error):
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            why = inner.verify_message or inner.reason or "verification failed"
+            if inner.verify_code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
+                return (
+                    f"the TLS certificate of {url} is not for {parts.hostname} ({why}): "
+                    "use the broker's name that its certificate names"
+                )
+            if inner.verify_code in (_X509_NOT_YET_VALID, _X509_EXPIRED):
+                return f"the TLS certificate of {url} is not valid now ({why}): the broker needs a new certificate"
+            return (
+                f"cannot verify the TLS certificate of {url} ({why}): "
+                "give the CA that signed it with --ca FILE (or AGENT_COMMS_CA)"
+            )
+    reason = next((inner.reason for inner in _chain(error) if isinstance(inner, ssl.SSLError) and inner.reason), None)
+    plain = parts._replace(scheme="http").geturl()
+    if reason in _NOT_TLS_REASONS:
+        return f"{url} does not speak TLS ({reason}): for a plain-HTTP broker use {plain}"
+    return f"the TLS handshake with {url} failed ({reason or error}): if the broker serves plain HTTP, use {plain}"
 
 
 class BrokerClient:
@@ -76,10 +136,11 @@ class BrokerClient:
         # Given with each request: a session's own `verify` loses to $REQUESTS_CA_BUNDLE.
         self.verify = ca or True
         self.headers = {"User-Agent": f"agent-chat/{__version__}"}
+        # Header values go out as UTF-8, as the broker reads them: an agent may be "café".
         if agent_id:
-            self.headers["X-Agent-ID"] = agent_id
+            self.headers["X-Agent-ID"] = agent_id.encode("utf-8")
         if token:
-            self.headers["Authorization"] = f"Bearer {token}"
+            self.headers["Authorization"] = f"Bearer {token}".encode()
         self._session = None
 
     @property
@@ -110,6 +171,35 @@ class BrokerClient:
             self._session.mount("https://", adapter)
         return self._session
 
+    def _https_instead(self, error):
+        """For an http:// broker whose connection closed without an answer (what a TLS
+        port does with plain HTTP): its https:// URL if the port speaks TLS, else None."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme == "http" and _closed_unanswered(error) and _speaks_tls(parts.hostname, parts.port or 80):
+            return parts._replace(scheme="https").geturl()
+        return None
+
+    def _unreachable(self, url, error):
+        """The one line for a request that got no HTTP answer."""
+        https = self._https_instead(error)
+        if https:
+            return f"cannot reach {url}: the broker there speaks TLS: use {https}"
+        return f"cannot reach {url}: {_cause(error)}"
+
+    def _refused(self, method, url, status, detail):
+        """The one line for an error answer; a 404 means no such route, so the URL given
+        is not a broker's root."""
+        from urllib.parse import urlsplit
+
+        text = f"{method} {url} answered {status}: {detail}"
+        parts = urlsplit(self.url)
+        if status == 404 and parts.path not in ("", "/"):
+            root = parts._replace(path="").geturl()
+            text += f" (the broker URL has a path, {parts.path}: is the broker at {root}?)"
+        return text
+
     # -- plain requests -------------------------------------------------------------------
 
     def _call(self, method, path, timeout=TIMEOUT, **kwargs):
@@ -118,20 +208,29 @@ class BrokerClient:
         requests = self._requests
         try:
             reply = session.request(method, url, timeout=timeout, verify=self.verify, **kwargs)
-        except requests.exceptions.InvalidURL as error:
-            raise BrokerError(f"invalid broker URL {self.url}: {error}") from None
-        except requests.exceptions.MissingSchema:
-            raise BrokerError(f"invalid broker URL {self.url}: it must start with http:// or https://") from None
         except requests.exceptions.SSLError as error:
-            raise BrokerError(_tls_hint(url, _ssl_cause(error))) from None
+            raise BrokerError(_tls_failure(self.url, error)) from None
         except requests.RequestException as error:
-            raise BrokerError(f"cannot reach {url}: {_cause(error)}") from None
+            raise BrokerError(self._unreachable(url, error)) from None
         if reply.status_code >= 400:
-            raise BrokerError(f"{method} {url} answered {reply.status_code}: {_error_text(reply)}", reply.status_code)
+            raise BrokerError(self._refused(method, url, reply.status_code, _error_text(reply)), reply.status_code)
         try:
-            return reply.json()
+            answer = reply.json()
         except ValueError:
-            raise BrokerError(f"{method} {url} answered {reply.status_code} with something that is not JSON") from None
+            answer = None
+        if not isinstance(answer, dict):
+            raise BrokerError(f"{method} {url} answered {reply.status_code} with something that is not a JSON object")
+        return answer
+
+    def _expect(self, answer, path, key, kind):
+        """answer[key], checked to be a `kind`: a server that is not an agent-comms broker
+        (or a broken one) gets one line, not a traceback."""
+        value = answer.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BrokerError(f"{self.url}{path} answered without {key!r}: is it an agent-comms broker?")
+        if kind is list and not all(isinstance(item, dict) for item in value):
+            raise BrokerError(f"{self.url}{path} answered a {key!r} that is not a list of objects")
+        return value
 
     def send(self, channel, message, sender=None):
         """Post one message; returns the stored message (with its id).
@@ -155,25 +254,26 @@ class BrokerClient:
             if status not in (429, 503) or retry_after is None or time.monotonic() + retry_after > give_up:
                 break
             time.sleep(retry_after)
-        url = f"{self.url}/messages/{channel}"
+        url = f"{self.url}{_channel_path('messages', channel)}"
         try:
             answer = json.loads(data)
         except ValueError:
             answer = None
         if status >= 400:
             detail = answer.get("error") if isinstance(answer, dict) else None
-            raise BrokerError(f"POST {url} answered {status}: {detail or reason}", status)
+            raise BrokerError(self._refused("POST", url, status, detail or reason), status)
         if not isinstance(answer, dict):
-            raise BrokerError(f"POST {url} answered {status} with something that is not JSON")
+            raise BrokerError(f"POST {url} answered {status} with something that is not a JSON object")
+        self._expect(answer, _channel_path("messages", channel), "id", int)
         return answer
 
     def _post_once(self, parts, channel, body):
         """One POST: (status, reason, body, Retry-After seconds or None)."""
         import ssl
         from http.client import HTTPConnection, HTTPException, HTTPSConnection
-        from urllib.parse import quote
 
-        url = f"{self.url}/messages/{channel}"
+        path = _channel_path("messages", channel)
+        url = f"{self.url}{path}"
         headers = {**self.headers, "Content-Type": "application/json"}
         for attempt in range(SEND_CONNECT_TRIES):
             if parts.scheme == "https":
@@ -185,21 +285,26 @@ class BrokerClient:
                 connection.connect()
             except ssl.SSLError as error:
                 connection.close()
-                raise BrokerError(_tls_hint(url, error)) from None
+                raise BrokerError(_tls_failure(self.url, error)) from None
             except OSError as error:
                 connection.close()
                 if attempt + 1 == SEND_CONNECT_TRIES:
-                    raise BrokerError(f"cannot reach {url}: {_os_cause(error)}") from None
+                    raise BrokerError(f"cannot reach {url}: {_cause(error)}") from None
                 time.sleep(0.3 * 2**attempt)
                 continue
             try:
                 connection.sock.settimeout(TIMEOUT[1])
-                connection.request("POST", f"{parts.path}/messages/{quote(channel, safe='')}", body, headers)
+                connection.request("POST", f"{parts.path}{path}", body, headers)
                 reply = connection.getresponse()
                 status, reason, data = reply.status, reply.reason, reply.read()
                 retry_after = reply.getheader("Retry-After")
             except (OSError, HTTPException) as error:
-                raise BrokerError(f"POST {url} got no answer ({_os_cause(error)}): it may have been stored") from None
+                https = self._https_instead(error)
+                if https:
+                    raise BrokerError(
+                        f"POST {url} got no answer: the broker there speaks TLS, so nothing was stored: use {https}"
+                    ) from None
+                raise BrokerError(f"POST {url} got no answer ({_cause(error)}): it may have been stored") from None
             finally:
                 connection.close()
             try:
@@ -211,17 +316,24 @@ class BrokerClient:
         """One page: {"messages": [...], "cursor": ..., "gap": ..., "more": ...}."""
         params = {"limit": limit, "since": since, "after": after, "wait": wait}
         timeout = (TIMEOUT[0], TIMEOUT[1] + float(wait or 0))
-        return self._call("GET", f"/messages/{channel}", timeout=timeout, params=params)
+        path = _channel_path("messages", channel)
+        page = self._call("GET", path, timeout=timeout, params=params)
+        self._expect(page, path, "messages", list)
+        return page
 
     def latest_cursor(self, channel):
         """The cursor of the channel's newest message: watch after it for what comes next."""
-        return self.read(channel, limit=1)["cursor"]
+        return self._expect(self.read(channel, limit=1), _channel_path("messages", channel), "cursor", int)
 
     def channels(self):
-        return self._call("GET", "/channels")
+        reply = self._call("GET", "/channels")
+        self._expect(reply, "/channels", "channels", list)
+        return reply
 
     def agents(self):
-        return self._call("GET", "/agents")
+        reply = self._call("GET", "/agents")
+        self._expect(reply, "/agents", "agents", list)
+        return reply
 
     def status(self):
         return self._call("GET", "/status")
@@ -237,11 +349,11 @@ class BrokerClient:
         requests = self._requests
         cursor = after
         pause = RECONNECT_FIRST
+        url = f"{self.url}{_channel_path('stream', channel)}"
         while True:
             silence = STREAM_SILENCE if deadline is None else min(STREAM_SILENCE, deadline - time.monotonic())
             if silence <= 0:
                 return
-            url = f"{self.url}/stream/{channel}"
             try:
                 with session.get(
                     url,
@@ -252,7 +364,7 @@ class BrokerClient:
                 ) as reply:
                     if 400 <= reply.status_code < 500 and reply.status_code != 429:
                         raise BrokerError(
-                            f"GET {url} answered {reply.status_code}: {_error_text(reply)}", reply.status_code
+                            self._refused("GET", url, reply.status_code, _error_text(reply)), reply.status_code
                         )
                     if reply.status_code < 400:
                         pause = RECONNECT_FIRST
@@ -261,13 +373,13 @@ class BrokerClient:
                                 if on_gap:
                                     on_gap(cursor)
                             elif "data" in event and event.get("event", "message") == "message":
-                                message = json.loads(event["data"])
+                                message = _message(event["data"])
                                 cursor = message["id"]
                                 yield message
                             if deadline is not None and time.monotonic() >= deadline:
                                 return
             except requests.exceptions.SSLError as error:
-                raise BrokerError(_tls_hint(url, _ssl_cause(error))) from None
+                raise BrokerError(_tls_failure(self.url, error)) from None
             except (requests.RequestException, ValueError):
                 pass  # dropped, refused or garbled: reconnect from the cursor below
             if deadline is not None and time.monotonic() + pause >= deadline:
@@ -277,14 +389,20 @@ class BrokerClient:
             pause = min(pause * 2, RECONNECT_MAX)
 
 
-def _ssl_cause(error):
-    """The ssl module's own error inside what requests raised, for its short reason."""
-    while error is not None:
-        if getattr(error, "reason", None) and error.__class__.__module__ == "ssl":
-            return error
-        inner = error.args[0] if error.args and isinstance(error.args[0], BaseException) else None
-        error = inner or error.__context__
-    return "TLS handshake failed"
+def _channel_path(route, channel):
+    """/messages/CHANNEL or /stream/CHANNEL with the name quoted: whatever a user types
+    as a channel ("a/b", "a?b") stays one path segment, for the broker to judge."""
+    from urllib.parse import quote
+
+    return f"/{route}/{quote(channel, safe='')}"
+
+
+def _message(data):
+    """A stream event's message; ValueError (a garbled stream: reconnect) if it is not one."""
+    message = json.loads(data)
+    if not isinstance(message, dict) or not isinstance(message.get("id"), int):
+        raise ValueError("an event without a message id")
+    return message
 
 
 def _error_text(reply):

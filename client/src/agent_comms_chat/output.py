@@ -1,42 +1,158 @@
-"""How agent-chat prints: lines and aligned tables for people, JSON for programs."""
+"""How agent-chat prints: lines and aligned tables for people, JSON for programs.
+
+Everything a broker sends is untrusted: a sender, a channel name or a message could carry
+terminal escapes (ESC, BEL, C1 controls), a carriage return that redraws a line, or Unicode
+bidi overrides that reorder it. People see such characters as escapes (\\x1b, \\u202e);
+JSON output escapes them too (\\u001b, \\u202e), which JSON parsers read back exactly."""
 
 import json
+import re
 import sys
 import time
+import unicodedata
+
+# Unicode categories never printed raw: controls (C0, DEL, C1), format characters (bidi
+# overrides and isolates, zero-width characters, tags), lone surrogates, and the line and
+# paragraph separators.
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# In message text only: the zero-width non-joiner and joiner shape Persian and Indic scripts
+# and join emoji sequences; they cannot move the cursor or reorder anything.
+MESSAGE_KEEPS = frozenset("\t\u200c\u200d")
+# A message's own lines (and lines folded to the terminal's width) are indented by this, so
+# no line of a message can start where a "[time] sender: ..." line starts.
+INDENT = "    "
+
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
+_NOT_ASCII_OR_DEL = re.compile(r"[^\x00-\x7e]")
+_LINE_BREAK = re.compile(r"\r\n|\n")
+_hidden_cache = {}
+
+
+def _hidden(char):
+    hidden = _hidden_cache.get(char)
+    if hidden is None:
+        hidden = _hidden_cache[char] = unicodedata.category(char) in HIDDEN_CATEGORIES
+    return hidden
+
+
+def _escape(char):
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def visible(text, keep=frozenset()):
+    """`text` with every control, format or separator character shown as an escape."""
+    text = str(text)
+    if text.isprintable():  # the common case, at C speed: nothing to escape
+        return text
+
+    def shown(found):
+        char = found.group()
+        return _escape(char) if char not in keep and _hidden(char) else char
+
+    return _NOT_PRINTABLE_ASCII.sub(shown, text)
+
+
+def json_line(value, ascii_only=False):
+    """`value` as one line of JSON, with the characters `visible` escapes written as JSON
+    escapes, so the line is safe on a terminal and decodes to exactly `value`. Those
+    characters can only occur inside JSON strings, where an escape means the same."""
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    if text.isascii() and "\x7f" not in text:
+        return text
+
+    def escaped(found):
+        char = found.group()
+        if not _hidden(char):
+            return char
+        data = char.encode("utf-16-be", "surrogatepass")
+        return "".join(f"\\u{int.from_bytes(data[i : i + 2], 'big'):04x}" for i in range(0, len(data), 2))
+
+    return _NOT_ASCII_OR_DEL.sub(escaped, text)
+
+
+def _columns(char, column):
+    """Terminal columns `char` takes at `column`, never fewer than a terminal uses: an
+    ASCII character one, a tab up to the next multiple of 8, anything else two."""
+    if char == "\t":
+        return 8 - column % 8
+    return 1 if " " <= char <= "~" else 2
+
+
+def fold(line, width):
+    """`line` cut into pieces of at most `width` terminal columns, the pieces after the
+    first indented: the terminal never wraps a line itself, so a long message cannot
+    wrap into what looks like a line of its own."""
+    width = max(width, len(INDENT) + 8)
+    pieces, piece, column = [], [], 0
+    for char in line:
+        taken = _columns(char, column)
+        if column + taken > width and column > len(INDENT):
+            pieces.append("".join(piece))
+            piece, column = [INDENT], len(INDENT)
+            taken = _columns(char, column)
+        piece.append(char)
+        column += taken
+    pieces.append("".join(piece))
+    return pieces
 
 
 def _when(timestamp):
     if timestamp is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return visible(timestamp)
 
 
-def _table(headers, rows):
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    for row in [headers, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+def _utf8(stream):
+    return (getattr(stream, "encoding", None) or "").lower().replace("-", "") in ("utf8", "utf8sig")
 
 
 class Printer:
     def __init__(self, as_json=False, stream=None):
         self.as_json = as_json
         self.stream = stream or sys.stdout
+        # A message is folded to the terminal's width only on a terminal.
+        self.width = None
+        if not as_json and self.stream.isatty():
+            import shutil
+
+            self.width = shutil.get_terminal_size().columns - 1
+
+    def _print(self, text):
+        print(text, file=self.stream, flush=True)
 
     def _json(self, value):
-        print(json.dumps(value, ensure_ascii=False), file=self.stream, flush=True)
+        # On a stream that cannot take UTF-8, every non-ASCII character is escaped: still exact.
+        self._print(json_line(value, ascii_only=not _utf8(self.stream)))
+
+    def _table(self, headers, rows):
+        rows = [[visible(cell) for cell in row] for row in rows]
+        widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+        for row in [headers, *rows]:
+            self._print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
     def sent(self, stored):
         if self.as_json:
             self._json(stored)
         else:
-            print(stored["id"], file=self.stream)
+            self._print(visible(stored["id"]))
 
     def message(self, message):
         if self.as_json:
             self._json(message)
             return
-        text = message["message"].replace("\n", "\n    ")
-        print(f"[{_when(message['timestamp'])}] {message['sender']}: {text}", file=self.stream, flush=True)
+        header = f"[{_when(message.get('timestamp'))}] {visible(message.get('sender'))}: "
+        lines = _LINE_BREAK.split(str(message.get("message")))
+        shown = [header + visible(lines[0], MESSAGE_KEEPS)]
+        shown += [INDENT + visible(line, MESSAGE_KEEPS) for line in lines[1:]]
+        if self.width is not None:
+            shown = [piece for line in shown for piece in fold(line, self.width)]
+        self._print("\n".join(shown))
 
     def messages(self, messages):
         for message in messages:
@@ -46,7 +162,7 @@ class Printer:
         if self.as_json:
             return self._json(reply)
         rows = [(c["name"], c["message_count"], _when(c["last_activity"])) for c in reply["channels"]]
-        _table(("CHANNEL", "MESSAGES", "LAST ACTIVITY"), rows)
+        self._table(("CHANNEL", "MESSAGES", "LAST ACTIVITY"), rows)
 
     def agents(self, reply):
         if self.as_json:
@@ -57,15 +173,16 @@ class Printer:
                 "active" if a.get("active") else "idle",
                 a.get("message_count", 0),
                 _when(a.get("first_seen")),
-                _when(a["last_seen"]),
+                _when(a.get("last_seen")),
             )
             for a in reply["agents"]
         ]
-        _table(("AGENT", "STATUS", "MESSAGES", "FIRST SEEN", "LAST SEEN"), rows)
+        self._table(("AGENT", "STATUS", "MESSAGES", "FIRST SEEN", "LAST SEEN"), rows)
 
     def status(self, reply):
         if self.as_json:
             return self._json(reply)
-        width = max(len(key) for key in reply) + 1
+        keys = {key: visible(key) + ":" for key in reply}
+        width = max((len(key) for key in keys.values()), default=0) + 1
         for key, value in reply.items():
-            print(f"{key + ':':<{width}}  {value}", file=self.stream)
+            self._print(f"{keys[key]:<{width}}  {visible(value)}")

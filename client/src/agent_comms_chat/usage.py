@@ -1,0 +1,120 @@
+"""Why a command line does not match agent-chat's usage, said in one line. The commands,
+their options, the options' values and which options exclude each other are all read from
+the usage text itself, so the explanation cannot drift from what docopt accepts."""
+
+import difflib
+import re
+
+# "[--since TIMESTAMP | --after ID]": options of which a command takes at most one.
+_ALTERNATIVES = re.compile(r"\[([^\[\]]*\|[^\[\]]*)\]")
+_BRACKETED = re.compile(r"\[[^\[\]]*\]|\([^()]*\)")
+
+
+class Usage:
+    def __init__(self, doc, program="agent-chat"):
+        self.program = program
+        self.patterns = {}  # command: its usage line, continuation lines joined
+        self.takes_value = {}  # option: whether it takes a value
+        self._read_patterns(doc)
+        self._read_options(doc)
+        mentioned = {word for pattern in self.patterns.values() for word in self._options_in(pattern)}
+        # docopt's [options]: every option no usage line names, allowed with any command.
+        self.common = {option for option in self.takes_value if option not in mentioned}
+
+    def _read_patterns(self, doc):
+        section = doc.split("Usage:", 1)[1].split("\n\n", 1)[0]
+        command = None  # the command of the line being read
+        for line in section.splitlines():
+            line = line.strip()
+            if line.startswith(self.program + " "):
+                words = [word for word in line.split()[1:] if word != "[options]"]
+                command = words[0] if words and re.fullmatch(r"[a-z]+", words[0]) else None
+                if command:
+                    self.patterns[command] = line
+            elif command and line:
+                self.patterns[command] += " " + line
+
+    def _read_options(self, doc):
+        section = doc.split("Options:", 1)[1]
+        for line in section.splitlines():
+            if line and not line[0].isspace():
+                break  # the next section
+            described = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+            if not described.startswith("-"):
+                continue
+            words = described.replace(",", " ").replace("=", " ").split()
+            for name in (word for word in words if word.startswith("-")):
+                self.takes_value[name] = any(not word.startswith("-") for word in words)
+
+    @staticmethod
+    def _options_in(pattern):
+        return re.findall(r"(?<![\w-])--?[a-z][\w-]*", pattern)
+
+    def _complete(self, name):
+        """An option's full name from a unique prefix, as docopt accepts it; (name, None)
+        or (None, why not)."""
+        if name in self.takes_value:
+            return name, None
+        started = sorted(option for option in self.takes_value if option.startswith(name) and name.startswith("--"))
+        if len(started) == 1:
+            return started[0], None
+        if started:
+            return None, f"{name} is ambiguous: it could be {', '.join(started)}"
+        close = difflib.get_close_matches(name, list(self.takes_value), n=1)
+        return None, f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else "")
+
+    def explain(self, argv):
+        """One line on why `argv` matches none of the usage lines."""
+        words, used = [], []
+        tokens = list(argv)
+        index = 0
+        while index < len(tokens):
+            token = tokens[index]
+            index += 1
+            if token == "--":
+                words += tokens[index:]
+                break
+            if not token.startswith("-") or token == "-":
+                words.append(token)
+                continue
+            name, has_value, _ = token.partition("=")
+            option, problem = self._complete(name)
+            if problem:
+                return problem
+            if self.takes_value[option] and not has_value:
+                if index == len(tokens):
+                    return f"{option} needs a value"
+                index += 1
+            elif has_value and not self.takes_value[option]:
+                return f"{option} takes no value"
+            used.append(option)
+        commands = ", ".join(self.patterns)
+        if not words:
+            return f"no command given: the commands are {commands} ({self.program} --help)"
+        command = words[0]
+        if command not in self.patterns:
+            return f"unknown command {command!r}: the commands are {commands} ({self.program} --help)"
+        return f"{self._mismatch(command, words[1:], used)}; usage: {self.patterns[command]}"
+
+    def _mismatch(self, command, arguments, used):
+        pattern = self.patterns[command]
+        own = set(self._options_in(pattern))
+        for option in used:
+            if option not in own and option not in self.common:
+                others = [name for name, line in self.patterns.items() if option in self._options_in(line)]
+                where = f" (it is an option of {', '.join(others)})" if others else ""
+                return f"{option} is not an option of {command}{where}"
+        for group in _ALTERNATIVES.findall(pattern):
+            given = [option for option in self._options_in(group) if option in used]
+            if len(given) > 1:
+                return f"{' and '.join(given)} exclude each other: give one of them"
+        for option in used:
+            if used.count(option) > 1:
+                return f"{option} is given twice"
+        expected = [word for word in _BRACKETED.sub(" ", pattern).split() if word.isupper()]
+        if len(arguments) < len(expected):
+            return f"{command} needs {' '.join(expected[len(arguments) :])}"
+        if len(arguments) > len(expected):
+            takes = " ".join(expected) or "no arguments"
+            return f"{command} takes {takes}: {arguments[len(expected)]!r} is one too many (quote a text with spaces)"
+        return "that does not match the usage"
