@@ -6,6 +6,9 @@ import requests
 
 from broker_process import BrokerProcess
 
+# Under CI=true a skipped e2e or reliability test is a failure (tests/ci_skip_rule.py).
+pytest_plugins = ["ci_skip_rule"]
+
 _channel_numbers = itertools.count(1)
 
 

@@ -1,22 +1,27 @@
 #!/usr/bin/python3
 """Stand-ins for Proxmox's `pct` and `pveam`, for the end-to-end tests only (never deployed):
-the subcommands the proxmox_lxc role and the proxmox_pct_remote connection use, mapped onto
-plain LXC (lxc-create, lxc-start, lxc-stop, lxc-info, lxc-attach, lxc-destroy). The test
-installs this file as /usr/sbin/pct and /usr/sbin/pveam (the name it is called by picks the
-tool) and removes both afterwards.
+the subcommands the proxmox_lxc role and the proxmox_pct_remote connection use, done the
+way pve-container does them, on plain LXC (lxc-start, lxc-stop, lxc-info, lxc-attach,
+lxc-destroy). The test installs this file as /usr/sbin/pct and /usr/sbin/pveam (the name
+it is called by picks the tool) and removes both afterwards.
 
-As on Proxmox, a container is named by its VMID, and its Proxmox configuration (what
-`pct config` prints, what `pct set` changes) is applied the way Proxmox applies it: the
-network, hostname and autostart to the LXC config and to /etc/network/interfaces,
-/etc/hostname and /etc/hosts inside the container; cores (a cpuset) and memory to cgroup
-limits. `unprivileged` and `features` are recorded and printed but the container runs
-privileged: an unprivileged container needs an id-shifted root filesystem, which
-lxc-create's debian template does not make.
+As on Proxmox:
+- `pveam download STORAGE NAME` puts a template archive into the storage's template
+  directory. Proxmox fetches it from its appliance server; here the server is the
+  directory REPOSITORY on this machine, where the test puts the archive it built.
+- `pct create VMID STORAGE:vztmpl/NAME` extracts that archive into the container's root
+  file system (tar, as pve-container's restore_tar_archive), then does what its
+  post_create_hook does for Debian: removes the machine id (systemd makes a new one at
+  first boot), keeps systemd-networkd off (Debian uses ifupdown), makes new SSH host keys
+  with ssh-keygen on this host, and writes the network, host name and DNS settings into
+  the container's files. It writes the LXC config itself, from the Proxmox config.
+- A container is named by its VMID. Its Proxmox configuration (what `pct config` prints,
+  what `pct set` changes) is applied the way Proxmox applies it: network, hostname and
+  autostart to the LXC config and to /etc/network/interfaces, /etc/hostname, /etc/hosts
+  and /etc/resolv.conf inside the container; cores (a cpuset) and memory to cgroup limits.
 
-Templates are names only: `pveam download` records one, and `pct create` from a Debian 12
-template builds Debian 12 with lxc-create's debian template (debootstrap on this host,
-cached in /var/cache/lxc), with the packages in $PCT_STANDIN_PACKAGES, since the container
-cannot reach a package registry later.
+`unprivileged` and `features` are recorded and printed but the container runs
+privileged: an unprivileged container needs an id-shifted root file system.
 """
 
 import os
@@ -30,12 +35,20 @@ from pathlib import Path
 
 LXC_PATH = Path("/var/lib/lxc")
 STATE = Path(os.environ.get("PCT_STANDIN_STATE", "/var/lib/pct-standin"))
-PACKAGES = os.environ.get("PCT_STANDIN_PACKAGES", "python3,python3-venv,iproute2")
+# The stand-in's appliance server: template archives `pveam download` can fetch.
+REPOSITORY = Path("/var/cache/agent-comms-e2e/templates")
 NODE = os.uname().nodename.split(".")[0]
-AVAILABLE = ["debian-12-standard_12.12-1_amd64.tar.zst"]
-# Keys of the LXC config that follow the Proxmox config; rewritten on every change.
-NESTING = "lxc.include = /usr/share/lxc/config/nesting.conf"
-MANAGED_LXC_KEYS = ("lxc.net.0.", "lxc.uts.name", "lxc.start.auto", "lxc.cgroup.", NESTING)
+LXC_COMMON_CONFIG = Path("/usr/share/lxc/config/common.conf")
+# What `pct create` runs tar with, as pve-container (restore_tar_archive, COMMON_TAR_FLAGS).
+TAR_FLAGS = [
+    "--totals", "--sparse", "--numeric-owner", "--acls", "--xattrs",
+    "--xattrs-include=user.*", "--xattrs-include=security.capability",
+    "--warning=no-file-ignored", "--warning=no-xattr-write",
+    "--skip-old-files", "--anchored", "--exclude", "./dev/*",
+]  # fmt: skip
+COMPRESSION = {".zst": "--zstd", ".gz": "-z", ".xz": "-J", ".bz2": "-j"}
+SSH_HOST_KEYS = {"rsa": "ssh_host_rsa_key", "ecdsa": "ssh_host_ecdsa_key", "ed25519": "ssh_host_ed25519_key"}
+PVE_SECTION = ("# --- BEGIN PVE ---", "# --- END PVE ---")
 
 
 class PctError(Exception):
@@ -45,7 +58,8 @@ class PctError(Exception):
 def run(*argv, check=True, **kwargs):
     result = subprocess.run(argv, **kwargs)
     if check and result.returncode != 0:
-        raise PctError(f"command '{' '.join(argv)}' failed: exit code {result.returncode}")
+        output = "".join(text[-2000:] for text in (result.stdout, result.stderr) if isinstance(text, str))
+        raise PctError(f"command '{' '.join(map(str, argv))}' failed: exit code {result.returncode}\n{output}")
     return result
 
 
@@ -69,6 +83,21 @@ def split_list(value):
 def join_list(values, first=("name",)):
     keys = [key for key in first if key in values] + sorted(key for key in values if key not in first)
     return ",".join(f"{key}={values[key]}" for key in keys)
+
+
+def with_pve_section(text, section):
+    """text with its `# --- BEGIN PVE ---` ... `# --- END PVE ---` part replaced by
+    section (appended if it had none), as pve-container's ct_modify_file."""
+    begin, end = PVE_SECTION
+    kept, inside = [], False
+    for line in text.splitlines():
+        if line.strip() == begin:
+            inside = True
+        elif line.strip() == end:
+            inside = False
+        elif not inside:
+            kept.append(line)
+    return "\n".join([*kept, begin, *section, end]) + "\n"
 
 
 # -- one container ---------------------------------------------------------------------
@@ -108,42 +137,30 @@ class Container:
         out = run("lxc-info", "-n", self.vmid, "-s", "-H", capture_output=True, text=True, check=False)
         return "running" if out.stdout.strip() == "RUNNING" else "stopped"
 
+    def file(self, path):
+        """A file of the container's root file system (its directories are real ones in
+        a Debian template, so no symlink leads out of it)."""
+        return self.rootfs / path.lstrip("/")
+
+    def write(self, path, text):
+        """Writes a file of the container's; a symlink there is replaced, never followed
+        (it could point at this host's own file)."""
+        target = self.file(path)
+        if target.is_symlink():
+            target.unlink()
+        target.write_text(text)
+
     def apply(self, values):
         """The Proxmox config into the LXC config and the container's own files."""
+        self.lxc_conf.write_text(self.lxc_config(values))
         net = split_list(values.get("net0", ""))
-        lines = [
-            line
-            for line in self.lxc_conf.read_text().splitlines()
-            if not line.startswith(MANAGED_LXC_KEYS) and line != "# managed by the pct stand-in"
-        ]
-        lines.append("# managed by the pct stand-in")
-        lines.append(f"lxc.uts.name = {values['hostname']}")
-        lines.append(f"lxc.start.auto = {values.get('onboot', '0')}")
-        if net:
-            lines += [
-                "lxc.net.0.type = veth",
-                f"lxc.net.0.link = {net['bridge']}",
-                "lxc.net.0.flags = up",
-                f"lxc.net.0.name = {net.get('name', 'eth0')}",
-                f"lxc.net.0.hwaddr = {net['hwaddr']}",
-            ]
-        cores = min(int(values.get("cores", os.cpu_count())), os.cpu_count())
-        memory = int(values.get("memory", 512))
-        if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2, as on Debian 12
-            lines.append(f"lxc.cgroup2.cpuset.cpus = 0-{cores - 1}")
-            lines.append(f"lxc.cgroup2.memory.max = {memory}M")
-        else:
-            lines.append(f"lxc.cgroup.cpuset.cpus = 0-{cores - 1}")
-            lines.append(f"lxc.cgroup.memory.limit_in_bytes = {memory}M")
-        if "nesting=1" in values.get("features", ""):
-            lines.append(NESTING)
-        self.lxc_conf.write_text("\n".join(lines) + "\n")
-
         hostname = values["hostname"]
-        etc = self.rootfs / "etc"
-        (etc / "hostname").write_text(hostname + "\n")
-        hosts = [line for line in (etc / "hosts").read_text().splitlines() if not line.startswith("127.0.1.1")]
-        (etc / "hosts").write_text("\n".join([*hosts, f"127.0.1.1\t{hostname}"]) + "\n")
+        self.write("/etc/hostname", hostname.split(".")[0] + "\n")
+        address = net.get("ip", "dhcp").split("/")[0]
+        name = address if address not in ("dhcp", "manual") else "127.0.1.1"
+        hosts = self.file("/etc/hosts")
+        old_hosts = hosts.read_text() if hosts.is_file() and not hosts.is_symlink() else ""
+        self.write("/etc/hosts", with_pve_section(old_hosts, [f"{name} {hostname}"]))
         if net:
             interface = net.get("name", "eth0")
             stanza = [f"auto {interface}"]
@@ -154,9 +171,85 @@ class Container:
                 stanza.append(f"\taddress {net['ip']}")
                 if net.get("gw"):
                     stanza.append(f"\tgateway {net['gw']}")
-            (etc / "network" / "interfaces").write_text(
-                "auto lo\niface lo inet loopback\n\n" + "\n".join(stanza) + "\n"
-            )
+            self.write("/etc/network/interfaces", "auto lo\niface lo inet loopback\n\n" + "\n".join(stanza) + "\n")
+        # DNS: the configured server, else this host's (Proxmox's lookup_dns_conf).
+        if values.get("nameserver"):
+            dns = [f"nameserver {server}" for server in values["nameserver"].split()]
+        else:
+            dns = [line for line in Path("/etc/resolv.conf").read_text().splitlines() if line.startswith("nameserver")]
+        if values.get("searchdomain"):
+            dns.insert(0, f"search {values['searchdomain']}")
+        self.write("/etc/resolv.conf", with_pve_section("", dns))
+
+    def lxc_config(self, values):
+        """The LXC config of this Proxmox config, rewritten whole on every change as
+        Proxmox does (its debian.common.conf is common.conf without /dev/lxc ttys)."""
+        lines = [
+            "# Written by the pct stand-in from pct.conf; rewritten on every change.",
+            f"lxc.include = {LXC_COMMON_CONFIG}",
+            "lxc.tty.dir =",
+            f"lxc.arch = {values.get('arch', 'amd64')}",
+            f"lxc.rootfs.path = dir:{self.rootfs}",
+            f"lxc.uts.name = {values['hostname']}",
+            f"lxc.start.auto = {values.get('onboot', '0')}",
+            "lxc.tty.max = 2",
+        ]
+        net = split_list(values.get("net0", ""))
+        if net:
+            lines += [
+                "lxc.net.0.type = veth",
+                f"lxc.net.0.link = {net['bridge']}",
+                "lxc.net.0.flags = up",
+                f"lxc.net.0.name = {net.get('name', 'eth0')}",
+                f"lxc.net.0.hwaddr = {net['hwaddr']}",
+            ]
+        cores = min(int(values.get("cores", os.cpu_count())), os.cpu_count())
+        memory = int(values.get("memory", 512))
+        if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2 only
+            lines.append(f"lxc.cgroup2.cpuset.cpus = 0-{cores - 1}")
+            lines.append(f"lxc.cgroup2.memory.max = {memory}M")
+        else:
+            lines.append(f"lxc.cgroup.cpuset.cpus = 0-{cores - 1}")
+            lines.append(f"lxc.cgroup.memory.limit_in_bytes = {memory}M")
+        if "nesting=1" in values.get("features", ""):
+            lines.append("lxc.include = /usr/share/lxc/config/nesting.conf")
+        return "\n".join(lines) + "\n"
+
+    def extract(self, archive):
+        """The template archive into the root file system, as pve-container does."""
+        suffix = archive.suffix if archive.name.endswith(f".tar{archive.suffix}") else ""
+        if not archive.name.endswith(".tar") and suffix not in COMPRESSION:
+            raise PctError(f"file does not look like a template archive: {archive}")
+        compression = [COMPRESSION[suffix]] if suffix else []
+        self.rootfs.mkdir(parents=True)
+        print(f"extracting archive '{archive}'")
+        run("tar", "xpf", archive, *compression, *TAR_FLAGS, "-C", self.rootfs, capture_output=True, text=True)
+        if not self.file("/etc/debian_version").exists():
+            raise PctError("unable to detect OS distribution (the stand-in knows Debian only)")
+        init = self.file("/sbin/init")
+        if not (init.exists() or init.is_symlink()):
+            raise PctError(f"the template has no /sbin/init: {archive}")
+
+    def post_create(self, hostname):
+        """What pve-container's post_create_hook does for a new Debian container."""
+        for machine_id in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+            if not self.file(machine_id).is_symlink():
+                self.file(machine_id).unlink(missing_ok=True)
+        self.file("/etc/systemd/system-preset").mkdir(parents=True, exist_ok=True)
+        self.write("/etc/systemd/system-preset/00-proxmox.preset", "disable systemd-networkd.service\n")
+        ssh = self.file("/etc/ssh")
+        if not ssh.is_dir():
+            return
+        with tempfile.TemporaryDirectory() as keys:
+            for key_type, name in SSH_HOST_KEYS.items():
+                key = Path(keys, name)
+                print(f"Creating SSH host key '{name}' - this may take some time ...")
+                run("ssh-keygen", "-q", "-f", key, "-t", key_type, "-N", "", "-C", f"root@{hostname.split('.')[0]}")
+                for path, mode in ((key, 0o600), (key.with_name(f"{name}.pub"), 0o644)):
+                    target = ssh / path.name
+                    target.unlink(missing_ok=True)
+                    target.write_bytes(path.read_bytes())
+                    target.chmod(mode)
 
 
 def normalise(values, vmid, previous=None):
@@ -175,6 +268,11 @@ def normalise(values, vmid, previous=None):
     return values
 
 
+def template_path(volume):
+    storage, _, name = volume.partition(":vztmpl/")
+    return STATE / "template" / storage / name
+
+
 # -- pct -------------------------------------------------------------------------------
 
 CREATE_ONLY = {"start", "storage", "password", "ssh-public-keys", "unique", "restore", "force", "pool"}
@@ -184,11 +282,9 @@ def pct_create(vmid, template, *args):
     ct = Container(vmid)
     if ct.exists() or ct.dir.exists():
         raise PctError(f"CT {vmid} already exists on node '{NODE}'")
-    storage, _, name = template.partition(":vztmpl/")
-    if not (STATE / "template" / storage / name).exists():
+    archive = template_path(template)
+    if not archive.exists():
         raise PctError(f"volume '{template}' does not exist")
-    if not name.startswith("debian-12-"):
-        raise PctError(f"the stand-in builds Debian 12 only, not {name}")
     opts = options(args)
     values = {key: value for key, value in opts.items() if key not in CREATE_ONLY}
     values.setdefault("hostname", f"CT{vmid}")
@@ -197,17 +293,13 @@ def pct_create(vmid, template, *args):
     values.setdefault("arch", "amd64")
     values.setdefault("ostype", "debian")
     values = normalise(values, vmid)
-    with tempfile.NamedTemporaryFile("w", suffix=".conf") as base:
-        base.write("lxc.net.0.type = empty\n")
-        base.flush()
-        created = run(
-            "lxc-create", "-n", ct.vmid, "-f", base.name, "-t", "debian",
-            "--", "-r", "bookworm", f"--packages={PACKAGES}",
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-    if created.returncode != 0:
-        raise PctError(f"lxc-create failed:\n{created.stdout[-2000:]}{created.stderr[-2000:]}")
-    ct.write_config(values)
+    try:
+        ct.extract(archive)
+        ct.post_create(values["hostname"])
+        ct.write_config(values)
+    except BaseException:
+        shutil.rmtree(ct.dir, ignore_errors=True)  # as Proxmox: no half-made container
+        raise
     print(f"CT {vmid} created from {template}")
     if opts.get("start") == "1":
         pct_start(vmid)
@@ -230,7 +322,11 @@ def pct_start(vmid, *args):
     ct = Container(vmid).require()
     if ct.state() == "running":
         raise PctError(f"CT {vmid} already running")
-    run("lxc-start", "-n", ct.vmid)
+    log = ct.dir / "start.log"
+    started = run("lxc-start", "-n", ct.vmid, "-l", "INFO", "-o", log, check=False)
+    if started.returncode != 0:
+        lines = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+        raise PctError(f"startup for container '{vmid}' failed:\n" + "\n".join(lines))
     run("lxc-wait", "-n", ct.vmid, "-s", "RUNNING", "-t", "30")
 
 
@@ -313,7 +409,7 @@ def pct_destroy(vmid, *args):
         if opts.get("force") != "1":
             raise PctError(f"CT {vmid} is running - destroy failed")
         run("lxc-stop", "-n", ct.vmid, "-k")
-    run("lxc-destroy", "-n", ct.vmid, capture_output=True)
+    run("lxc-destroy", "-n", ct.vmid, capture_output=True, text=True)
     print(f"CT {vmid} destroyed")
 
 
@@ -325,30 +421,34 @@ def pveam_update(*args):
 
 
 def pveam_available(*args):
-    for name in AVAILABLE:
-        print(f"{'system':<15} {name}")
+    for archive in sorted(REPOSITORY.glob("*.tar*")):
+        print(f"{'system':<15} {archive.name}")
 
 
 def pveam_download(storage, name, *args):
-    if name not in AVAILABLE:
-        raise PctError(f"400 Parameter verification failed.\ntemplate: no such template '{name}'")
-    path = STATE / "template" / storage / name
+    source = REPOSITORY / name
+    if not source.is_file():
+        raise PctError(
+            f"400 Parameter verification failed.\ntemplate: no such template '{name}'\n"
+            f"(the stand-in's appliance server is {REPOSITORY}: the test builds the template there)"
+        )
+    path = template_path(f"{storage}:vztmpl/{name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
-    print(f"downloading {name} to {storage}\nTASK OK")
+    print(f"downloading {name} to {storage}")
+    partial = path.with_name(f"{name}.tmp.{os.getpid()}")
+    shutil.copyfile(source, partial)
+    partial.rename(path)
+    print("TASK OK")
 
 
 def pveam_list(storage, *args):
     print(f"{'NAME':<60} SIZE")
     for path in sorted((STATE / "template" / storage).glob("*")):
-        print(f"{storage + ':vztmpl/' + path.name:<60} 0.00MB")
+        print(f"{storage + ':vztmpl/' + path.name:<60} {path.stat().st_size / 2**20:.2f}MB")
 
 
 def pveam_remove(volume, *args):
-    storage, _, name = volume.partition(":vztmpl/")
-    path = STATE / "template" / storage / name
-    if path.exists():
-        path.unlink()
+    template_path(volume).unlink(missing_ok=True)
 
 
 TOOLS = {
@@ -372,8 +472,8 @@ def main(argv):
     if len(argv) < 2 or argv[1] not in commands:
         sys.stderr.write(f"usage: {tool} {{{'|'.join(commands)}}} ... (stand-in for tests)\n")
         return 2
-    if not shutil.which("lxc-create"):
-        sys.stderr.write(f"{tool}: LXC is not installed\n")
+    if not shutil.which("lxc-start") or not LXC_COMMON_CONFIG.exists():
+        sys.stderr.write(f"{tool}: LXC is not installed (no lxc-start or {LXC_COMMON_CONFIG})\n")
         return 255
     try:
         commands[argv[1]](*argv[2:])

