@@ -12,9 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Peer:
     def __init__(self, replies, tls=None):
-        """replies: (status, JSON body, headers) in the order requests will get them; the
-        last is repeated. tls: (certificate file, key file) to serve HTTPS with."""
-        self.replies = list(replies)
+        """replies: (status, JSON body, headers) in the order requests will get them, the
+        last repeated; or a function of the request's number (0, 1, ...) and path that
+        gives them. tls: (certificate file, key file) to serve HTTPS with."""
+        self.replies = replies if callable(replies) else list(replies)
         self.requests = []  # (method, path, headers, body, time.monotonic())
         peer = self
 
@@ -23,7 +24,10 @@ class Peer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 peer.requests.append((self.command, self.path, dict(self.headers), body, time.monotonic()))
-                status, reply, headers = peer.replies[min(len(peer.requests), len(peer.replies)) - 1]
+                if callable(peer.replies):
+                    status, reply, headers = peer.replies(len(peer.requests) - 1, self.path)
+                else:
+                    status, reply, headers = peer.replies[min(len(peer.requests), len(peer.replies)) - 1]
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

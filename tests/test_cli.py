@@ -267,6 +267,45 @@ def test_channels_agents_status_tables_and_json(chat, url, channel):
         assert isinstance(json.loads(chat(command, "--json").stdout), dict)
 
 
+def test_channels_and_agents_follow_every_page(own_broker):
+    """Past the broker's 1000 rows a page, the whole listing; agents most recently seen first."""
+    broker = own_broker().start()
+    session = requests.Session()
+    for first in range(0, 1203, 401):
+        batch = [{"sender": f"agent-{n:04}", "message": "m"} for n in range(first, first + 401)]
+        assert session.post(f"{broker.url}/messages/tasks", json=batch, timeout=30).status_code == 201
+    for n in range(1002):
+        assert session.post(f"{broker.url}/messages/ch-{n:04}", json={"sender": "a", "message": "m"}).status_code == 201
+    time.sleep(1.1)  # last-seen has a resolution of one second
+    session.get(f"{broker.url}/status", headers={"X-Agent-ID": "seen-last"}, timeout=10)
+    env = {**os.environ, "AGENT_COMMS_BROKER": broker.url, "AGENT_COMMS_AGENT_ID": "lister"}
+    agents = json.loads(subprocess.run([*CHAT, "agents", "--json"], capture_output=True, env=env, timeout=60).stdout)
+    ids = [agent["id"] for agent in agents["agents"]]
+    assert len(ids) == len(set(ids)) == agents["count"] == 1203 + 3 and not agents["more"]
+    assert ids[:2] == ["lister", "seen-last"]  # lister: seen by the request itself
+    seen = [agent["last_seen"] for agent in agents["agents"]]
+    assert seen == sorted(seen, reverse=True)
+    channels = json.loads(
+        subprocess.run([*CHAT, "channels", "--json"], capture_output=True, env=env, timeout=60).stdout
+    )
+    names = [channel["name"] for channel in channels["channels"]]
+    assert names == sorted(names) and len(names) == channels["count"] == 1002 + 1
+    table = subprocess.run([*CHAT, "agents"], capture_output=True, text=True, env=env, timeout=60).stdout.splitlines()
+    assert len(table) == 1 + 1206 and table[2].startswith("seen-last ")
+
+
+def test_a_listing_stops_after_100_pages_and_says_so():
+    def page(number, path):
+        row = {"id": f"a{number:05}", "first_seen": 1.0, "last_seen": 1.0 + number, "message_count": 0}
+        return 200, {"agents": [row], "count": 1, "more": True, "cursor": row["id"]}, {}
+
+    with Peer(page) as peer:
+        done = subprocess.run([*CHAT, "--broker", peer.url, "agents"], capture_output=True, text=True, timeout=60)
+    assert len(peer.requests) == 100 and peer.requests[1][1] == "/agents?after=a00000"
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1 + 100
+    one_line_error(done, 0, "listed the first 100 agents; there are more (after 'a00099')")
+
+
 # -- errors and exit codes --------------------------------------------------------------
 
 

@@ -138,7 +138,9 @@ def test_https_to_a_plain_http_broker_says_to_use_http(url, command):
     one_line(chat("--broker", https, *command), 2, f"{https} does not speak TLS", f"use {url}")
 
 
-@pytest.mark.parametrize("command", [["status"], ["read", "tasks"], ["watch", "tasks"]])
+@pytest.mark.parametrize(
+    "command", [["status"], ["read", "tasks"], ["watch", "tasks"], ["watch", "tasks", "--after", "0"]]
+)
 def test_http_to_an_https_broker_says_to_use_https(tls, command):
     https = tls["current"].url
     plain = https.replace("https://", "http://")

@@ -19,7 +19,8 @@ Commands:
              polling), until interrupted, --count, --until or --timeout. A broker
              restart is survived: it reconnects from the last message seen.
   channels   List the channels with their message counts and last activity.
-  agents     List the agents with first and last seen, messages sent, and activity.
+  agents     List the agents, the most recently seen first, with first and last seen,
+             messages sent, and activity.
   status     Show the broker's status and statistics.
 
 Options:
@@ -186,15 +187,21 @@ def run(args):
         elif args["watch"]:
             return watch(broker, out, channel, after, count, until, timeout)
         elif args["channels"]:
-            out.channels(broker.channels())
+            out.channels(_complete(broker.channels(), "channels"))
         elif args["agents"]:
-            out.agents(broker.agents())
+            out.agents(_complete(broker.agents(), "agents"))
         elif args["status"]:
             out.status(broker.status())
     except BrokerError as error:
         say(str(error))
         return EXIT_REFUSED if error.status in (401, 403) else EXIT_BROKER
     return 0
+
+
+def _complete(listing, key):
+    if listing["more"]:
+        say(f"listed the first {listing['count']} {key}; there are more (after {listing['cursor']!r})")
+    return listing
 
 
 def _message(argument):

@@ -27,6 +27,9 @@ SEND_CONNECT_TRIES = 5
 # A post refused with 429 (rate limit) or 503 (busy) was not stored: sending it again is
 # safe. It is, after the broker's Retry-After, for at most this many seconds in all.
 SEND_RETRY_BUDGET = 10.0
+# The channels and agents listings are read page after page (1000 rows each), up to this
+# many pages.
+LISTING_PAGES = 100
 
 
 class BrokerError(Exception):
@@ -325,15 +328,35 @@ class BrokerClient:
         """The cursor of the channel's newest message: watch after it for what comes next."""
         return self._expect(self.read(channel, limit=1), _channel_path("messages", channel), "cursor", int)
 
+    def _listing(self, path, key):
+        """Every row of a paged listing (GET /channels, /agents), page after page for at
+        most LISTING_PAGES pages: {key: rows, "count": n, "more": whether rows were left
+        unread, "cursor": where the next page would start}. A broker that does not page
+        answers once, without `more`."""
+        rows, after, reply = [], None, {}
+        for _ in range(LISTING_PAGES):
+            reply = self._call("GET", path, params=None if after is None else {"after": after})
+            rows += self._expect(reply, path, key, list)
+            cursor = reply.get("cursor")
+            if reply.get("more") is not True or not isinstance(cursor, str) or cursor == after:
+                break
+            after = cursor
+        return {key: rows, "count": len(rows), "more": reply.get("more") is True, "cursor": reply.get("cursor")}
+
     def channels(self):
-        reply = self._call("GET", "/channels")
-        self._expect(reply, "/channels", "channels", list)
-        return reply
+        """Every channel, in the broker's order (by name)."""
+        return self._listing("/channels", "channels")
 
     def agents(self):
-        reply = self._call("GET", "/agents")
-        self._expect(reply, "/agents", "agents", list)
-        return reply
+        """Every agent, the most recently seen first."""
+        listing = self._listing("/agents", "agents")
+
+        def recent_first(agent):
+            seen = agent.get("last_seen")
+            return (-seen if isinstance(seen, (int, float)) else float("inf"), str(agent.get("id")))
+
+        listing["agents"].sort(key=recent_first)
+        return listing
 
     def status(self):
         return self._call("GET", "/status")
@@ -380,8 +403,14 @@ class BrokerClient:
                                 return
             except requests.exceptions.SSLError as error:
                 raise BrokerError(_tls_failure(self.url, error)) from None
-            except (requests.RequestException, ValueError):
-                pass  # dropped, refused or garbled: reconnect from the cursor below
+            except requests.RequestException as error:
+                # Dropped or refused (a broker restarting): reconnect from the cursor below;
+                # but no retry mends plain HTTP sent to a TLS port.
+                https = self._https_instead(error)
+                if https:
+                    raise BrokerError(f"cannot reach {url}: the broker there speaks TLS: use {https}") from None
+            except ValueError:
+                pass  # a garbled event: reconnect from the cursor below
             if deadline is not None and time.monotonic() + pause >= deadline:
                 time.sleep(max(0.0, deadline - time.monotonic()))
                 return
