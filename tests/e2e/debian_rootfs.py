@@ -80,4 +80,4 @@ def debootstrap(target, files, variant=None, timeout=900):
     missing = missing_files(target, files)
     if result.returncode != 0 or missing:
         what = f"exited {result.returncode}" if result.returncode else f"did not produce {', '.join(missing)}"
-        pytest.fail(f"{' '.join(command)} {what} in {target}:\n{last_lines(output)}", pytrace=False)
+        pytest.fail(f"{' '.join(map(str, command))} {what}:\n{last_lines(output)}", pytrace=False)

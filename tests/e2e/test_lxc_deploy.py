@@ -422,6 +422,13 @@ def deployed(template, bridge, standin, make, tmp_path_factory):
     return output
 
 
+@pytest.fixture(scope="module", autouse=True)
+def deployed_first(deployed):
+    """Every test of this module checks the deployment, so none runs unless it worked: a
+    test would otherwise send to the container's address with no bridge to keep that
+    traffic on this machine."""
+
+
 # -- checks inside the container -----------------------------------------------------------
 
 
