@@ -917,8 +917,8 @@ def test_second_deploy_changes_nothing(secured, make):
 
 
 def test_direct_ssh_is_one_variable_away(ct, make, inventory):
-    """agent_comms_connection=ssh: Ansible logs into the container itself (Debian's
-    template, unlike Proxmox's, runs sshd), with the same key."""
+    """agent_comms_connection=ssh: Ansible logs into the container itself (its template,
+    like Proxmox's, runs sshd, with host keys `pct create` made), with the same key."""
     key = Path(json.loads(inventory.read_text())["all"]["vars"]["ansible_private_key_file"])
     ct.check_output("install -d -m 0700 /root/.ssh")
     run(TOOLS[0], "push", VMID, key.with_suffix(".pub"), "/root/.ssh/authorized_keys", "--perms", "0600")
