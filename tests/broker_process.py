@@ -12,7 +12,12 @@ from pathlib import Path
 import requests
 
 BIN = Path(sys.executable).parent
-TEST_ENV = {"AGENT_COMMS_GRACEFUL_TIMEOUT": "3", "AGENT_COMMS_RATE_LIMIT": "0", "AGENT_COMMS_MAX_STREAMS": "0"}
+TEST_ENV = {
+    "AGENT_COMMS_GRACEFUL_TIMEOUT": "3",
+    "AGENT_COMMS_RATE_LIMIT": "0",
+    "AGENT_COMMS_BYTE_RATE": "0",
+    "AGENT_COMMS_MAX_STREAMS": "0",
+}
 
 
 def free_port():
@@ -47,8 +52,8 @@ class BrokerProcess:
         ]
 
     def start(self, timeout=20):
-        # Every test posts from 127.0.0.1: the per-address limits are off unless a test
-        # sets them (tests/test_limits.py does).
+        # Every test posts from 127.0.0.1: the per-address limits (requests, bytes, streams)
+        # are off unless a test sets them (tests/test_limits.py does).
         env = {**os.environ, **TEST_ENV, **self.extra_env}
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(

@@ -2,6 +2,7 @@
 tokens, agent-chat and plain HTTP use them, and every refusal says what is missing."""
 
 import json
+import os
 import sqlite3
 import subprocess
 import time
@@ -32,7 +33,13 @@ def bearer(token):
 
 
 def chat(broker, *args, token=None, env=None):
-    environment = {"AGENT_COMMS_BROKER": broker.url, "PATH": "/usr/bin:/bin", **(env or {})}
+    """agent-chat with this environment only: no config file of the machine's is read."""
+    environment = {
+        "AGENT_COMMS_BROKER": broker.url,
+        "AGENT_COMMS_CONFIG": os.devnull,
+        "PATH": "/usr/bin:/bin",
+        **(env or {}),
+    }
     if token:
         environment["AGENT_COMMS_TOKEN"] = token
     return subprocess.run([CHAT, *args], capture_output=True, text=True, env=environment, timeout=30)
@@ -105,6 +112,7 @@ def test_admin_mistakes_get_one_line_and_exit_1(own_broker, args, expected):
 def test_admin_needs_an_existing_database(tmp_path):
     done = admin(tmp_path / "absent.db", "token", "list", check=False)
     assert done.returncode == 1 and "no database at" in done.stderr
+    assert "make run` keeps ./data/messages.db" in done.stderr  # the local broker's, for a new user
 
 
 def test_revoked_and_expired_tokens_are_refused_at_once(broker_in):
@@ -271,10 +279,9 @@ def test_agent_chat_refusals_exit_3_with_one_line(broker_in):
 def test_agent_chat_reads_the_token_from_its_config_file(broker_in, tmp_path):
     broker = broker_in("required")
     token = add_token(broker, "from-config")
-    config = tmp_path / "xdg" / "agent-comms" / "config.ini"
-    config.parent.mkdir(parents=True)
+    config = tmp_path / "config.ini"
     config.write_text(f"[agent-comms]\ntoken = {token}\n")
-    done = chat(broker, "send", "tasks", "hi", env={"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+    done = chat(broker, "send", "tasks", "hi", env={"AGENT_COMMS_CONFIG": str(config)})
     assert done.returncode == 0, done.stderr
     assert (
         requests.get(f"{broker.url}/messages/tasks", headers=bearer(token)).json()["messages"][0]["sender"]
@@ -384,10 +391,95 @@ def test_a_long_poll_answers_401_if_its_token_goes_while_it_waits(broker_in):
     broker = broker_in("required")
     token = add_token(broker, "poller")
     token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
-    url = f"{broker.url}/messages/quiet?after=0&wait=3"
+    url = f"{broker.url}/messages/quiet?after=0&wait=20"
     with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(requests.get, url, headers=bearer(token), timeout=15)
+        waiting = pool.submit(requests.get, url, headers=bearer(token), timeout=30)
         time.sleep(0.5)
         admin(broker.db_path, "token", "revoke", token_id)
+        revoked = time.monotonic()
         reply = waiting.result()
+        answered = time.monotonic() - revoked
     assert reply.status_code == 401 and "while the request waited" in reply.json()["error"]
+    # Within a second or so of the revocation (the README), not when its 20 s wait ends.
+    assert answered < 3, answered
+
+
+def test_a_long_poll_answers_403_soon_after_its_grant_narrows(broker_in):
+    from concurrent.futures import ThreadPoolExecutor
+
+    broker = broker_in("required")
+    secret = "s" * 40
+    admin(broker.db_path, "token", "add", "narrowed", "--secret-stdin", stdin=secret)
+    url = f"{broker.url}/messages/quiet?after=0&wait=20"
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(requests.get, url, headers=bearer(secret), timeout=30)
+        time.sleep(0.5)
+        admin(broker.db_path, "token", "add", "narrowed", "--read", "other", "--secret-stdin", stdin=secret)
+        changed = time.monotonic()
+        reply = waiting.result()
+    assert reply.status_code == 403 and "may not read channel 'quiet'" in reply.json()["error"]
+    assert time.monotonic() - changed < 3
+
+
+def test_an_open_stream_ends_within_seconds_of_its_token_being_revoked(own_broker):
+    """Not at its next keep-alive (15 s by default): within about a second."""
+    broker = own_broker(env={"AGENT_COMMS_AUTH": "required"}).start()
+    token = add_token(broker, "watcher")
+    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    with requests.get(f"{broker.url}/stream/quiet", headers=bearer(token), stream=True, timeout=30) as reply:
+        assert reply.status_code == 200
+        chunks = reply.iter_content(chunk_size=None)
+        assert next(chunks).startswith(b"retry:")
+        admin(broker.db_path, "token", "revoke", token_id)
+        revoked = time.monotonic()
+        assert list(chunks) == []  # the broker ends the stream
+    assert time.monotonic() - revoked < 3
+
+
+# -- an agent that holds a token is that token ---------------------------------------------
+
+
+def agent_seen(broker, agent):
+    """The agent's last-seen, as /agents lists it (read anonymously: no one is seen)."""
+    agents = requests.get(f"{broker.url}/agents", timeout=10).json()["agents"]
+    return next((a["last_seen"] for a in agents if a["id"] == agent), None)
+
+
+@pytest.mark.parametrize("mode", ["open", "write-requires-token"])
+def test_an_anonymous_x_agent_id_cannot_make_a_token_holder_look_online(broker_in, mode):
+    broker = broker_in(mode)
+    token = add_token(broker, "alice")
+    requests.get(f"{broker.url}/status", headers=bearer(token), timeout=10)
+    before = agent_seen(broker, "alice")
+    assert before is not None
+    time.sleep(1.2)  # past the broker's once-a-second refresh of last-seen
+    for path in ("/status", "/channels", "/agents", "/messages/general", "/messages/general?after=0&wait=0.1"):
+        assert requests.get(broker.url + path, headers={"X-Agent-ID": "alice"}, timeout=10).status_code == 200
+    assert agent_seen(broker, "alice") == before
+    # Other agents are still seen by their X-Agent-ID; alice by her token.
+    requests.get(f"{broker.url}/status", headers={"X-Agent-ID": "bob"}, timeout=10)
+    assert agent_seen(broker, "bob") is not None
+    requests.get(f"{broker.url}/status", headers=bearer(token), timeout=10)
+    assert agent_seen(broker, "alice") > before
+
+
+def test_no_one_posts_as_a_token_holder_without_its_token(broker_in):
+    broker = broker_in("open")
+    token = add_token(broker, "alice")
+    for body in (
+        {"sender": "alice", "message": "spoofed"},
+        [{"sender": "bob", "message": "x"}, {"sender": "alice", "message": "y"}],
+    ):
+        reply = requests.post(f"{broker.url}/messages/general", json=body, timeout=10)
+        assert reply.status_code == 403 and "has a token" in reply.json()["error"], reply.text
+    assert requests.get(f"{broker.url}/messages/general", timeout=10).json()["count"] == 0
+    assert requests.post(f"{broker.url}/messages/general", json={"sender": "bob", "message": "ok"}).status_code == 201
+    assert (
+        requests.post(f"{broker.url}/messages/general", json={"message": "mine"}, headers=bearer(token)).status_code
+        == 201
+    )
+    # A revoked token gives the name back.
+    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    admin(broker.db_path, "token", "revoke", token_id)
+    time.sleep(1.2)  # the broker re-reads who holds tokens at most once a second
+    assert requests.post(f"{broker.url}/messages/general", json={"sender": "alice", "message": "x"}).status_code == 201

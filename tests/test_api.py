@@ -258,3 +258,75 @@ def test_malformed_http_gets_a_json_error(url, data, status):
     assert code == status
     assert "Content-Type: application/json" in head
     assert json.loads(body)["error"]
+
+
+def test_agents_and_channels_come_in_pages(own_broker):
+    broker = own_broker().start()
+    batch = [{"sender": f"agent-{n:02}", "message": "m"} for n in range(25)]
+    for name in ("c-a", "c-b", "c-c"):
+        assert requests.post(f"{broker.url}/messages/{name}", json=batch, timeout=10).status_code == 201
+    for path, key, field, total in (("agents", "agents", "id", 25), ("channels", "channels", "name", 3)):
+        seen, after = [], None
+        for _ in range(total + 1):
+            params = {"limit": 2} | ({"after": after} if after is not None else {})
+            page = requests.get(f"{broker.url}/{path}", params=params, timeout=10).json()
+            assert page["count"] == len(page[key]) <= 2
+            seen += [entry[field] for entry in page[key]]
+            after = page["cursor"]
+            if not page["more"]:
+                break
+        assert seen == sorted(seen) and len(seen) == len(set(seen)) == total, seen
+        whole = requests.get(f"{broker.url}/{path}", timeout=10).json()
+        assert [entry[field] for entry in whole[key]] == seen and whole["more"] is False
+    past = requests.get(f"{broker.url}/agents", params={"after": "zzz"}, timeout=10).json()
+    assert past == {"agents": [], "count": 0, "more": False, "cursor": "zzz"}
+    assert requests.get(f"{broker.url}/agents", params={"limit": 1001}, timeout=10).status_code == 400
+
+
+def test_status_shows_the_durability_the_connection_runs(own_broker):
+    """README: synchronous=FULL by default, read back from the worker's SQLite connection."""
+    default = own_broker().start()
+    assert requests.get(f"{default.url}/status", timeout=10).json()["synchronous"] == "FULL"
+    default.stop()
+    normal = own_broker(env={"AGENT_COMMS_SYNCHRONOUS": "NORMAL"}).start()
+    assert requests.get(f"{normal.url}/status", timeout=10).json()["synchronous"] == "NORMAL"
+
+
+def wal_commits(path):
+    """How many transactions the write-ahead log holds: frames whose header marks a commit
+    (a database size after the commit, not 0), from the file format SQLite documents."""
+    import struct
+
+    with open(path, "rb") as wal:
+        data = wal.read()
+    if len(data) < 32:
+        return 0
+    page_size = struct.unpack(">I", data[8:12])[0]
+    commits, offset = 0, 32
+    while offset + 24 + page_size <= len(data):
+        commits += struct.unpack(">I", data[offset + 4 : offset + 8])[0] != 0
+        offset += 24 + page_size
+    return commits
+
+
+def test_a_group_commit_serves_many_posts_with_one_transaction(own_broker):
+    """README: posts that arrive while a commit runs share the next one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    broker = own_broker(workers=1).start()
+    url = f"{broker.url}/messages/grouped"
+    requests.post(url, json={"sender": "s", "message": "first"}, timeout=10)
+    before = wal_commits(broker.db_path + "-wal")
+    barrier = __import__("threading").Barrier(100)
+
+    def post(n):
+        session = requests.Session()
+        session.get(f"{broker.url}/healthz", timeout=10)  # connected before the barrier
+        barrier.wait(10)
+        return session.post(url, json={"sender": "s", "message": str(n)}, timeout=30).status_code
+
+    with ThreadPoolExecutor(100) as pool:
+        assert list(pool.map(post, range(100))) == [201] * 100
+    commits = wal_commits(broker.db_path + "-wal") - before
+    assert 1 <= commits <= 50, commits
+    assert requests.get(url, params={"limit": 1000}, timeout=10).json()["count"] == 101

@@ -224,3 +224,75 @@ def test_header_caps_answer_431_as_json(own_broker):
         assert reply.getheader("Content-Type") == "application/json"
         assert b"error" in body and reply.getheader("X-Content-Type-Options") == "nosniff"
     assert requests.get(f"{broker.url}/status", headers={"X-Agent-ID": "a" * 100}).status_code == 200
+
+
+# -- what one client may store ---------------------------------------------------------------
+
+
+def test_agent_cap_refuses_new_senders_only(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_MAX_AGENTS": "3"}).start()
+    url = f"{broker.url}/messages/agents-cap"
+    batch = [{"sender": f"agent-{n}", "message": "m"} for n in range(3)]
+    assert requests.post(url, json=batch, timeout=10).status_code == 201
+    refused = requests.post(url, json=[{"sender": "agent-0", "message": "m"}, {"sender": "new", "message": "m"}])
+    assert "limit of 3 agents" in error_of(refused, 409)
+    assert requests.post(url, json={"sender": "agent-1", "message": "known agents still post"}).status_code == 201
+    # A read that names a new agent is answered, and does not register it.
+    assert requests.get(f"{broker.url}/status", headers={"X-Agent-ID": "reader"}, timeout=10).status_code == 200
+    agents = requests.get(f"{broker.url}/agents", timeout=10).json()
+    assert [a["id"] for a in agents["agents"]] == ["agent-0", "agent-1", "agent-2"]
+    assert requests.get(url, timeout=10).json()["count"] == 4
+
+
+def test_batches_of_new_senders_cannot_make_agents_without_bound(own_broker):
+    """The attack of issue 9: batches of 500 items, each a new sender."""
+    broker = own_broker(env={"AGENT_COMMS_MAX_AGENTS": "1000"}).start()
+    statuses = []
+    for round_ in range(4):
+        batch = [{"sender": f"spam-{round_}-{n}", "message": "x"} for n in range(500)]
+        statuses.append(requests.post(f"{broker.url}/messages/spam", json=batch, timeout=30).status_code)
+    assert statuses == [201, 201, 409, 409]
+    assert requests.get(f"{broker.url}/status", timeout=10).json()["agents"] == 1000
+
+
+def test_the_byte_budget_stops_one_client_filling_the_disk(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_BYTE_RATE": "1000", "AGENT_COMMS_BYTE_BURST": "100k"}).start()
+    url = f"{broker.url}/messages/budget"
+    post = {"sender": "filler", "message": "x" * 30000}
+    assert [requests.post(url, json=post, timeout=10).status_code for _ in range(3)] == [201] * 3
+    refused = requests.post(url, json=post, timeout=10)
+    assert "storage budget" in error_of(refused, 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert requests.get(url, timeout=10).json()["count"] == 3
+    # Another agent (with a token: its own bucket) still posts.
+    made = subprocess.run(
+        [str(BIN / "agent-comms-broker"), "token", "add", "other", "--db", broker.db_path],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    headers = {"Authorization": f"Bearer {made.stdout.strip()}"}
+    assert requests.post(url, json={"message": "x" * 30000}, headers=headers, timeout=10).status_code == 201
+
+
+def test_the_byte_budget_counts_many_small_messages_too(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_BYTE_RATE": "100", "AGENT_COMMS_BYTE_BURST": "20k"}).start()
+    batch = [{"sender": "s", "message": "x"} for _ in range(500)]  # 500 rows of ~70 bytes each
+    # The first batch is more than the whole bucket: it may pass once, on a full bucket.
+    assert requests.post(f"{broker.url}/messages/small", json=batch, timeout=10).status_code == 201
+    refused = requests.post(f"{broker.url}/messages/small", json=batch[:300], timeout=10)
+    assert refused.status_code == 429 and "storage budget" in refused.json()["error"]
+
+
+def test_max_database_refuses_posts_before_the_disk_is_full(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_MAX_DATABASE": "300k"}).start()
+    url = f"{broker.url}/messages/capped"
+    statuses = [
+        requests.post(url, json={"sender": "s", "message": "x" * 50000}, timeout=10).status_code for _ in range(12)
+    ]
+    assert 201 in statuses and statuses[-1] == 507, statuses
+    assert statuses == sorted(statuses, key=lambda status: status == 507)  # once refused, refused
+    refused = requests.post(url, json={"sender": "s", "message": "x"}, timeout=10)
+    assert "AGENT_COMMS_MAX_DATABASE" in error_of(refused, 507)
+    assert requests.get(f"{broker.url}/status", timeout=10).json()["messages"] == statuses.count(201)
+    assert requests.get(f"{broker.url}/healthz", timeout=10).status_code == 200

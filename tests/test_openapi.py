@@ -425,6 +425,37 @@ def test_rate_limit_refusals_match_the_document(own_broker):
     assert requests.get(broker.url + "/healthz", timeout=10).status_code == 200
 
 
+def test_request_heads_over_the_limits_match_the_document(url):
+    """gunicorn answers these before the broker sees the request, for every operation."""
+    BROKER_URL[0] = url
+    for method, template in operations():
+        long_line = operation_call(method, template + "?padding=" + "p" * 4100, "heads")
+        refusal(method, template, 414, long_line)
+        many = {f"X-Extra-{n}": "1" for n in range(60)}
+        refusal(method, template, 431, operation_call(method, template, "heads", headers=many))
+
+
+def test_a_slow_body_matches_the_document(own_broker):
+    """408: the body did not arrive within AGENT_COMMS_REQUEST_TIMEOUT."""
+    import socket
+
+    broker = own_broker(env={"AGENT_COMMS_REQUEST_TIMEOUT": "1"}).start()
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as conn:
+        conn.sendall(b"POST /messages/slow HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    reply = requests.Response()
+    reply.status_code = int(head.split()[1])
+    reply.headers = requests.structures.CaseInsensitiveDict(
+        line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:]
+    )
+    reply._content = body
+    check("post", MESSAGES, reply, 408)
+    REFUSED.add(("post", MESSAGES, "408"))
+
+
 # Last in the file: it counts the statuses the tests above caused.
 def test_every_documented_status_is_exercised():
     exercised = {(c.values[0], c.values[1], str(c.values[2])) for c in CASES} | REFUSED

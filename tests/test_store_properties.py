@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from agent_comms_broker.http.validate import ID_MAX, LIMIT_MAX
-from agent_comms_broker.store import Store
+from agent_comms_broker.store import Store, text_size
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=50, deadline=None, derandomize=True, database=None)
@@ -28,6 +28,8 @@ SENDERS = ["planner-1", "worker-2", "monitor"]
 TEXT = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12)
 ENTRY = st.tuples(st.sampled_from(CHANNELS), st.sampled_from(SENDERS), TEXT)
 LIMIT = st.integers(1, 6) | st.just(LIMIT_MAX)
+# A page's budget in bytes of text: small enough to cut pages of these short messages.
+BUDGET = st.none() | st.integers(1, 80)
 # Clock moves and retention ages: round numbers make "everything expired" and "nothing did"
 # as likely as the cases in between.
 SECONDS = st.sampled_from([0.0, 1.0, 60.0, 3600.0]) | st.floats(0, 7200)
@@ -166,6 +168,9 @@ class StoreMachine(RuleBasedStateMachine):
     def read(self, channel, limit, data):
         self.every_message_once_by_id(channel, limit)
         self.every_message_once_by_time(channel, limit)
+        budget = data.draw(BUDGET, label="max_bytes")
+        self.every_message_once_within_a_budget(channel, limit, budget)
+        self.latest_within_a_budget(channel, limit, budget)
         known_ids = [0, ID_MAX] + [m.id + step for m in self.appended for step in (-1, 0, 1)]
         after = data.draw(st.sampled_from(known_ids) | st.integers(0, len(self.appended) + 2), label="after")
         page = self.store.after_id(channel, after, limit)
@@ -179,7 +184,49 @@ class StoreMachine(RuleBasedStateMachine):
         assert page.messages == newest and page.cursor == (newest[-1].id if newest else 0)
         assert not page.gap and not page.more
         everywhere = [m for m in sorted(self.kept.values(), key=lambda m: m.id) if m.id > after][:limit]
-        assert self.store.all_after_id(after, limit) == everywhere
+        assert self.store.all_after_id(after, limit).messages == everywhere
+
+    @staticmethod
+    def within(messages, budget):
+        """A page a budget allows: one message, or several holding at most `budget` bytes."""
+        size = sum(text_size(m.channel, m.sender, m.message) for m in messages)
+        return budget is None or len(messages) <= 1 or size <= budget
+
+    def every_message_once_within_a_budget(self, channel, limit, budget):
+        """after_id and all_after_id pages with max_bytes, each cursor passed back: every
+        message once, in order, and each page within the budget and as full as it allows."""
+        everything = sorted(self.kept.values(), key=lambda m: m.id)
+        for read, expected in (
+            (lambda cursor: self.store.after_id(channel, cursor, limit, budget), self.kept_in(channel)),
+            (lambda cursor: self.store.all_after_id(cursor, limit, budget), everything),
+        ):
+            seen, cursor = [], 0
+            while True:
+                page = read(cursor)
+                assert len(page.messages) <= limit and self.within(page.messages, budget)
+                following = [m for m in expected if m.id > cursor]
+                assert page.messages == following[: len(page.messages)]
+                assert page.more == (len(following) > len(page.messages))
+                if page.more:  # it stopped only because the next would not fit
+                    assert len(page.messages) == limit or not self.within(following[: len(page.messages) + 1], budget)
+                seen += page.messages
+                cursor = page.cursor
+                if not page.more:
+                    break
+            assert seen == expected
+
+    def latest_within_a_budget(self, channel, limit, budget):
+        """latest with max_bytes: the newest `limit` if they fit; else a page from the oldest
+        of them, `more` set, from whose cursor after_id gives the rest."""
+        newest = self.kept_in(channel)[-limit:]
+        page = self.store.latest(channel, limit, budget)
+        if self.within(newest, budget):
+            assert page.messages == newest and not page.more
+            return
+        assert page.more and self.within(page.messages, budget)
+        assert page.messages == newest[: len(page.messages)] and page.cursor == page.messages[-1].id
+        rest = self.store.after_id(channel, page.cursor, limit, None).messages
+        assert rest[: len(newest) - len(page.messages)] == newest[len(page.messages) :]
 
     def every_message_once_by_id(self, channel, limit):
         """after_id pages walked from 0, each cursor passed back: every message once, in order."""
@@ -215,7 +262,9 @@ class StoreMachine(RuleBasedStateMachine):
             (channel, counts[channel], self.last_activity[channel]) for channel in sorted(CHANNELS) if counts[channel]
         ]
         agents = self.store.agents()
-        assert [row[0] for row in agents] == sorted(self.last_seen, key=lambda a: (-self.last_seen[a], a))
+        assert [row[0] for row in agents] == sorted(self.last_seen)
+        if agents:
+            assert self.store.agents(agents[0][0], 1) == agents[1:2]
         for agent, first_seen, last_seen, sent in agents:
             assert (last_seen, sent) == (self.last_seen[agent], self.sent.get(agent, 0))
             assert first_seen <= last_seen

@@ -3,6 +3,7 @@ key, agent-chat verifies it against --ca (and never skips verification), and a b
 certificate setting stops the broker with one line."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -40,7 +41,13 @@ def tls_broker(tmp_path_factory, certificates):
 
 
 def chat(broker, *args, env=None):
-    environment = {"AGENT_COMMS_BROKER": broker.url, "PATH": "/usr/bin:/bin", **(env or {})}
+    """agent-chat with this environment only: no config file of the machine's is read."""
+    environment = {
+        "AGENT_COMMS_BROKER": broker.url,
+        "AGENT_COMMS_CONFIG": os.devnull,
+        "PATH": "/usr/bin:/bin",
+        **(env or {}),
+    }
     return subprocess.run([CHAT, *args], capture_output=True, text=True, env=environment, timeout=30)
 
 
@@ -70,8 +77,7 @@ def test_agent_chat_over_https_with_ca(tls_broker, certificates, tmp_path):
     assert sent.returncode == 0, sent.stderr
     read = chat(tls_broker, "read", "tls", "--json", env={"AGENT_COMMS_CA": certificates["ca"]})
     assert json.loads(read.stdout)["message"] == "over https"
-    config = tmp_path / "xdg" / "agent-comms" / "config.ini"
-    config.parent.mkdir(parents=True)
+    config = tmp_path / "config.ini"
     config.write_text(f"[agent-comms]\nca = {certificates['ca']}\n")
     watched = chat(
         tls_broker,
@@ -82,7 +88,7 @@ def test_agent_chat_over_https_with_ca(tls_broker, certificates, tmp_path):
         "--count",
         "1",
         "--json",
-        env={"XDG_CONFIG_HOME": str(tmp_path / "xdg")},
+        env={"AGENT_COMMS_CONFIG": str(config)},
     )
     assert watched.returncode == 0, watched.stderr
     assert json.loads(watched.stdout)["message"] == "over https"

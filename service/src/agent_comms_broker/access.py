@@ -32,6 +32,11 @@ def unauthorized(text):
     return HTTPError(401, text, **CHALLENGE)
 
 
+def too_many(text, wait):
+    """429 for a bucket that is empty for `wait` more seconds."""
+    return HTTPError(429, f"{text}; retry in {wait:.2f} s", **{"Retry-After": str(max(1, math.ceil(wait)))})
+
+
 def caller():
     """The Caller of this request (None: anonymous)."""
     return request.environ.get(CALLER)
@@ -86,12 +91,14 @@ class AccessPlugin:
         return wrapper
 
     def identify(self):
-        header = request.headers.get("Authorization")
+        # As the WSGI server decoded it (latin-1): a token is printable ASCII, so bytes that
+        # are not cannot be one, and are refused below like any malformed header.
+        header = request.environ.get("HTTP_AUTHORIZATION")
         if header is None:
             return None
         scheme, _, secret = header.strip().partition(" ")
         secret = secret.strip()
-        if scheme.lower() != "bearer" or not secret:
+        if scheme.lower() != "bearer" or not secret or not secret.isascii():
             self.spend()
             raise unauthorized("the Authorization header must be 'Bearer <token>'")
         token = self.runtime().store.token_by_hash(auth.digest(secret))
@@ -118,11 +125,25 @@ class AccessPlugin:
             return
         wait = self.limits.take(limit_key(), self.settings.rate_limit, self.settings.rate_burst)
         if wait > 0:
-            raise HTTPError(
-                429,
+            raise too_many(
                 f"rate limit: {self.settings.rate_limit:g} requests a second (bursts of "
-                f"{self.settings.rate_burst}) per agent; retry in {wait:.2f} s",
-                **{"Retry-After": str(max(1, math.ceil(wait)))},
+                f"{self.settings.rate_burst}) per agent",
+                wait,
+            )
+
+    def spend_bytes(self, stored):
+        """`stored` bytes from the caller's byte budget (what it may store), or 429."""
+        settings = self.settings
+        if settings.byte_rate <= 0:
+            return
+        # A post larger than the whole bucket waits for a full one rather than never passing.
+        cost = min(stored, settings.byte_burst)
+        wait = self.limits.take("bytes:" + limit_key(), settings.byte_rate, settings.byte_burst, cost)
+        if wait > 0:
+            raise too_many(
+                f"storage budget: {settings.byte_rate} bytes a second (at most {settings.byte_burst} at once) "
+                "per agent (AGENT_COMMS_BYTE_RATE); nothing was stored",
+                wait,
             )
 
     def admit_anonymous(self, need):

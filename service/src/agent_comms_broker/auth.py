@@ -12,8 +12,9 @@ TOKEN_PREFIX = "acm_"
 # Secrets chosen by an operator (`token add --secret-stdin`) must be at least this long.
 SECRET_MIN = 32
 SECRET_MAX = 512
-_PATTERN = re.compile(r"^[A-Za-z0-9._*-]{1,64}$")
-_SECRET_CHARS = re.compile(r"^[\x21-\x7e]+$")
+# Matched in full (fullmatch): `$` would also match before a final newline.
+_PATTERN = re.compile(r"[A-Za-z0-9._*-]{1,64}")
+_SECRET_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
 class TokenError(ValueError):
@@ -30,7 +31,7 @@ def new_token_id():
 
 
 def check_secret(secret):
-    if not SECRET_MIN <= len(secret) <= SECRET_MAX or not _SECRET_CHARS.match(secret):
+    if not SECRET_MIN <= len(secret) <= SECRET_MAX or not _SECRET_CHARS.fullmatch(secret):
         raise TokenError(f"a token must be {SECRET_MIN} to {SECRET_MAX} printable ASCII characters without spaces")
     return secret
 
@@ -45,7 +46,7 @@ def parse_patterns(text):
     """'tasks, team-*' -> 'tasks,team-*'; '' grants nothing."""
     patterns = [part.strip() for part in text.split(",") if part.strip()]
     for pattern in patterns:
-        if not _PATTERN.match(pattern):
+        if not _PATTERN.fullmatch(pattern):
             raise TokenError(f"{pattern!r} is not a channel pattern (letters, digits, '.', '_', '-' and '*')")
     return ",".join(patterns)
 

@@ -8,8 +8,10 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ConfigError(ValueError):
@@ -18,10 +20,25 @@ class ConfigError(ValueError):
 
 def duration(text):
     """Seconds from '90', '90s', '15m', '12h' or '30d'."""
-    match = _DURATION.match(str(text))
+    match = _DURATION.fullmatch(str(text))
     if not match:
         raise ValueError(f"{text!r} is not a duration such as 30, 15m, 12h or 7d")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def size(text):
+    """Bytes from '65536', '64k', '16m', '6g' (binary: k is 1024; KiB, MB... accepted)."""
+    match = _SIZE.fullmatch(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size such as 65536, 64k, 16m or 6g")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def positive_size(text):
+    value = size(text)
+    if value < 1:
+        raise ValueError(f"{text!r} is not a size of 1 byte or more")
+    return value
 
 
 def synchronous(text):
@@ -59,7 +76,7 @@ def origins(text):
     """A comma-separated list of browser origins such as https://dash.lan:3000, or *."""
     values = tuple(part.strip().rstrip("/") for part in str(text).split(",") if part.strip())
     for value in values:
-        if value != "*" and not re.match(r"^https?://[^/\s]+$", value):
+        if value != "*" and not re.fullmatch(r"https?://[^/\s]+", value):
             raise ValueError(f"{value!r} is not an origin such as https://dash.lan:3000 (or *)")
     return values
 
@@ -105,13 +122,33 @@ class Settings:
     # `rate_limit` requests a second on average, bursts of up to `rate_burst`. 0: off.
     rate_limit: float = setting(100.0, rate)
     rate_burst: int = setting(200, positive_int)
+    # What an agent (an address, anonymous) may store: a bucket of bytes of message text
+    # and names, refilled at `byte_rate` a second, holding at most `byte_burst`. 0: off.
+    # The default lets one client fill 5.4 GiB a day at the most.
+    byte_rate: int = setting(65536, size)
+    byte_burst: int = setting(16 << 20, positive_size)
     # Open SSE streams per agent (per address for anonymous callers). 0: no cap.
     max_streams: int = setting(64, count)
     # Channels the broker creates at most; posts to existing channels still work. 0: no cap.
     max_channels: int = setting(10000, count)
+    # Agents the broker registers at most (posts by a new sender past it: 409). 0: no cap.
+    max_agents: int = setting(10000, count)
+    # Agents not seen for this long that hold no token are forgotten (their messages stay).
+    agent_expiry: float = setting(30 * 86400.0, duration)
+    # Posts get 507 once the database's pages in use hold this many bytes. 0: no cap
+    # (posts still stop before the disk is full).
+    max_database: int = setting(0, size)
     max_body: int = setting(1048576, positive_int)
     max_message: int = setting(65536, positive_int)
     max_batch: int = setting(500, positive_int)
+    # A page of messages, or one write of an event stream, holds at most this many bytes of
+    # message text (and always one message), so no request holds much of a worker's memory.
+    page_bytes: int = setting(256 << 10, positive_size)
+    # Seconds a client has to send a request's head (and to start the next one on a
+    # keep-alive connection), and again its body: slower ones get 408 and are closed.
+    request_timeout: float = setting(15.0, positive_duration)
+    # A client that takes nothing of a reply or stream for this long is dropped.
+    send_timeout: float = setting(30.0, positive_duration)
     # gunicorn's limits on the request head: bytes of one header line, number of headers.
     max_header: int = setting(8190, positive_int)
     max_headers: int = setting(50, positive_int)

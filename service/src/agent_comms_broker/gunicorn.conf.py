@@ -2,6 +2,8 @@
 (make run), Docker and systemd all start gunicorn with this file. Values come from the
 AGENT_COMMS_* environment (see config.py); gunicorn's own flags still override them."""
 
+import math
+
 from agent_comms_broker import limits, preflight
 from agent_comms_broker.config import ConfigError, Settings
 
@@ -18,10 +20,12 @@ workers = _settings.workers
 # gevent (see worker.py): every SSE stream and long-poll is a greenlet of a few KiB, not a
 # thread, so a worker holds thousands of idle watchers while it keeps serving posts.
 worker_class = "agent_comms_broker.worker.BrokerWorker"
-worker_connections = _settings.worker_connections
+# As many as this process may open files for (and, where it can, the soft limit is raised).
+worker_connections = limits.connections_within_file_limit(_settings.worker_connections)
 timeout = 30
 graceful_timeout = int(_settings.graceful_timeout)
-keepalive = 15
+# A request's head must arrive within this, also the next one on a keep-alive connection.
+keepalive = max(1, math.ceil(_settings.request_timeout))  # gunicorn takes whole seconds
 # Requests with a longer head get a JSON 4xx before the app sees them.
 limit_request_line = 4094
 limit_request_fields = _settings.max_headers

@@ -8,11 +8,15 @@ per request, and the kernel drops the lock of a worker that dies holding it.
 
 import fcntl
 import hashlib
+import logging
 import math
 import mmap
 import os
+import resource
 import struct
 import time
+
+log = logging.getLogger("agent_comms_broker.limits")
 
 # One slot: key (a 64-bit hash; 0 = free), owner pid (streams only), two numbers.
 _SLOT = struct.Struct("<Qqdd")
@@ -52,9 +56,9 @@ class SharedLimits:
 
     # -- rate -------------------------------------------------------------------------------
 
-    def take(self, name, rate, burst, now=None):
-        """Spend one request from `name`'s bucket. Returns 0 if allowed, else the seconds
-        until the next request would be."""
+    def take(self, name, rate, burst, cost=1, now=None):
+        """Spend `cost` (one request, or bytes) from `name`'s bucket. Returns 0 if allowed,
+        else the seconds until it would be."""
         now = time.monotonic() if now is None else now
         key = key_of(name)
         first = (key % BUCKET_SETS) * BUCKET_WAYS
@@ -72,11 +76,11 @@ class SharedLimits:
                     oldest, oldest_time = index, stamp
             if chosen is None:
                 chosen = oldest
-            if tokens >= 1:
-                self._put(chosen, key, 0, tokens - 1, now)
+            if tokens >= cost:
+                self._put(chosen, key, 0, tokens - cost, now)
                 return 0.0
             self._put(chosen, key, 0, tokens, now)
-            return (1 - tokens) / rate
+            return (cost - tokens) / rate
         finally:
             self._unlock()
 
@@ -133,6 +137,37 @@ class SharedLimits:
                     self._put(index, 0, 0, 0.0, 0.0)
         finally:
             self._unlock()
+
+
+# Files a worker holds beyond its connections: the database and its -wal and -shm, the
+# listening sockets, gunicorn's pipes and heartbeat file, the shared limits.
+FILES_BESIDE_CONNECTIONS = 64
+
+
+def connections_within_file_limit(wanted):
+    """The connections a worker can hold with this process's limit on open files (every
+    connection is one), raising the soft limit towards the hard one when it is too low.
+    If even the hard limit is too low, fewer connections, and a warning that says so."""
+    needed = wanted + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (OSError, ValueError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        allowed = max(1, soft - FILES_BESIDE_CONNECTIONS)
+        log.warning(
+            "the limit on open files is %d: each worker holds %d connections, not %d "
+            "(AGENT_COMMS_WORKER_CONNECTIONS); raise it (LimitNOFILE=, ulimit -n)",
+            soft,
+            allowed,
+            wanted,
+        )
+        return allowed
+    return wanted
 
 
 _shared = None

@@ -10,17 +10,20 @@ and hands them to every watcher of their channel, so N watchers cost one query.
 import collections
 import logging
 import random
+import time
 
 import gevent
 import orjson
 from gevent.event import AsyncResult, Event
 
-from .store import ChannelLimit
+from .store import AgentLimit, ChannelLimit
 
 log = logging.getLogger("agent_comms_broker.live")
 
-# A watcher that falls this far behind stops queueing and re-reads from the store.
+# A watcher that falls this far behind (in messages, or in bytes of frames: four pages)
+# stops queueing and re-reads from the store, page by page.
 WATCHER_QUEUE_LIMIT = 1000
+WATCHER_QUEUE_PAGES = 4
 HUB_READ_BATCH = 1000
 # Posts merged into one transaction at most.
 GROUP_COMMIT_LIMIT = 1000
@@ -34,28 +37,33 @@ def sse_frame(message):
 class Watcher:
     """One SSE stream or long-poll: the messages delivered to it and a wake-up event."""
 
-    __slots__ = ("channel", "closed", "event", "overflowed", "pending")
+    __slots__ = ("channel", "closed", "event", "max_bytes", "overflowed", "pending", "pending_bytes")
 
-    def __init__(self, channel):
+    def __init__(self, channel, max_bytes):
         self.channel = channel
+        self.max_bytes = max_bytes
         self.pending = collections.deque()
+        self.pending_bytes = 0
         self.event = Event()
         self.overflowed = False
         self.closed = False
 
     def deliver(self, message, frame):
         if not self.overflowed:
-            if len(self.pending) >= WATCHER_QUEUE_LIMIT:
+            if len(self.pending) >= WATCHER_QUEUE_LIMIT or self.pending_bytes + len(frame) > self.max_bytes:
                 self.overflowed = True
                 self.pending.clear()
+                self.pending_bytes = 0
             else:
                 self.pending.append((message, frame))
+                self.pending_bytes += len(frame)
         self.event.set()
 
     def take(self):
         """What has arrived since the last take, and whether some of it was dropped."""
         items = list(self.pending)
         self.pending.clear()
+        self.pending_bytes = 0
         overflowed, self.overflowed = self.overflowed, False
         self.event.clear()
         return items, overflowed
@@ -66,9 +74,11 @@ class Watcher:
 
 
 class Hub:
-    def __init__(self, store, wakeup_interval, alive=lambda: True):
+    def __init__(self, store, wakeup_interval, page_bytes, alive=lambda: True):
         self.store = store
         self.wakeup_interval = wakeup_interval
+        # What one read of new messages holds at most, in bytes of text.
+        self.page_bytes = page_bytes
         self.alive = alive
         self.by_channel = collections.defaultdict(set)
         self.everything = set()
@@ -79,7 +89,7 @@ class Hub:
 
     def watch(self, channel=None):
         """A new Watcher of one channel (None: of every channel)."""
-        watcher = Watcher(channel)
+        watcher = Watcher(channel, WATCHER_QUEUE_PAGES * self.page_bytes)
         if not self.alive():
             watcher.close()
         elif channel is None:
@@ -122,7 +132,8 @@ class Hub:
             self.last_id = self.store.max_id()
             return
         while True:
-            messages = self.store.all_after_id(self.last_id, HUB_READ_BATCH)
+            page = self.store.all_after_id(self.last_id, HUB_READ_BATCH, self.page_bytes)
+            messages = page.messages
             for message in messages:
                 targets = self.by_channel.get(message.channel)
                 if not targets and not self.everything:
@@ -132,9 +143,8 @@ class Hub:
                     watcher.deliver(message, frame)
                 for watcher in self.everything:
                     watcher.deliver(message, frame)
-            if messages:
-                self.last_id = messages[-1].id
-            if len(messages) < HUB_READ_BATCH:
+            self.last_id = page.cursor
+            if not page.more:
                 return
 
     def _close_all(self):
@@ -150,10 +160,10 @@ class GroupCommitter:
     """Merges the posts that arrive while one transaction runs into the next one, so
     many posts share one commit (and one fsync) without any post waiting on a timer."""
 
-    def __init__(self, store, on_commit, max_channels=0):
+    def __init__(self, store, on_commit, max_channels=0, max_agents=0, max_database=0):
         self.store = store
         self.on_commit = on_commit
-        self.max_channels = max_channels
+        self.caps = {"max_channels": max_channels, "max_agents": max_agents, "max_database": max_database}
         self._queue = collections.deque()
         self._ready = Event()
         self._greenlet = gevent.spawn(self._run)
@@ -180,12 +190,12 @@ class GroupCommitter:
     def _commit(self, group):
         try:
             batch = [entry for entries, _ in group for entry in entries]
-            stored = self.store.append(batch, max_channels=self.max_channels)
-        except ChannelLimit as error:
+            stored = self.store.append(batch, **self.caps)
+        except (ChannelLimit, AgentLimit) as error:
             if len(group) == 1:
                 group[0][1].set_exception(error)
                 return
-            # One post's new channel must not fail the others: commit them one by one.
+            # One post's new channel or agent must not fail the others: commit them one by one.
             for item in group:
                 self._commit([item])
             return
@@ -200,18 +210,25 @@ class GroupCommitter:
             start += len(entries)
 
 
-def run_retention(store, settings, alive=lambda: True):
-    """Prune in the background, forever; each worker does it, at jittered times."""
-    if settings.retention_max_age <= 0 and settings.retention_max_messages <= 0:
+def run_retention(store, settings, alive=lambda: True, clock=time.time):
+    """Prune in the background, forever, and forget agents idle past their expiry; each
+    worker does it, at jittered times."""
+    retention = settings.retention_max_age > 0 or settings.retention_max_messages > 0
+    if not retention and settings.agent_expiry <= 0:
         return None
 
     def loop():
         while alive():
             gevent.sleep(settings.prune_interval * random.uniform(0.5, 1.0))
             try:
-                removed = store.prune(settings.retention_max_age, settings.retention_max_messages)
-                if removed:
-                    log.info("retention removed %d messages", removed)
+                if retention:
+                    removed = store.prune(settings.retention_max_age, settings.retention_max_messages)
+                    if removed:
+                        log.info("retention removed %d messages", removed)
+                if settings.agent_expiry > 0:
+                    forgotten = store.forget_idle_agents(clock() - settings.agent_expiry)
+                    if forgotten:
+                        log.info("forgot %d agents idle for %s s", forgotten, f"{settings.agent_expiry:g}")
             except Exception:
                 log.exception("retention failed; will retry")
 

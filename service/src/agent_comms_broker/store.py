@@ -82,6 +82,11 @@ INSERT INTO channels (name, message_count, last_activity)
 SELECT channel, count(*), max(timestamp) FROM messages GROUP BY channel"""
 
 LAST_TIMESTAMP = "SELECT timestamp FROM messages ORDER BY id DESC LIMIT 1"
+# Bytes of the database's pages in use: what AGENT_COMMS_MAX_DATABASE caps. Pages retention
+# freed are reused by later posts, so they do not count.
+USED_BYTES = """
+SELECT (page_count - freelist_count) * page_size
+FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"""
 # When retention has emptied the table, the newest timestamp it removed.
 LAST_PRUNED_TIMESTAMP = "SELECT max(pruned_timestamp) FROM channels"
 MAX_ID = "SELECT coalesce(max(id), 0) FROM messages"
@@ -119,11 +124,22 @@ SELECT_CHANNEL_PRUNED = "SELECT pruned_id, pruned_timestamp FROM channels WHERE 
 SELECT_MAX_PRUNED_ID = "SELECT coalesce(max(pruned_id), 0) FROM channels"
 SELECT_CHANNEL_LAST_ID = "SELECT coalesce(max(id), 0) FROM messages WHERE channel = ?"
 
+# Listings in pages by name: `after` is the last name of the previous page ('' first).
 SELECT_CHANNELS = """
 SELECT name, message_count, last_activity FROM channels
-WHERE message_count > 0 ORDER BY name"""
+WHERE message_count > 0 AND name > ? ORDER BY name LIMIT ?"""
 SELECT_AGENTS = """
-SELECT id, first_seen, last_seen, message_count FROM agents ORDER BY last_seen DESC, id"""
+SELECT id, first_seen, last_seen, message_count FROM agents WHERE id > ? ORDER BY id LIMIT ?"""
+AGENT_EXISTS = "SELECT 1 FROM agents WHERE id = ?"
+COUNT_AGENTS = "SELECT count(*) FROM agents"
+# Seen, without creating the agent: a read may name an agent the cap leaves out.
+UPDATE_AGENT_SEEN = "UPDATE agents SET last_seen = max(last_seen, ?) WHERE id = ?"
+# Agents not seen since a time, that no token names, are forgotten.
+DELETE_IDLE_AGENTS = """
+DELETE FROM agents WHERE last_seen < ? AND id NOT IN (SELECT agent FROM tokens)"""
+# The window of the latest `limit` messages starts here (for a page the budget cuts).
+SELECT_LATEST_WINDOW_START = """
+SELECT min(id) FROM (SELECT id FROM messages WHERE channel = ? ORDER BY id DESC LIMIT ?)"""
 SELECT_TOTALS = """
 SELECT (SELECT coalesce(sum(message_count), 0) FROM channels),
        (SELECT count(*) FROM channels WHERE message_count > 0),
@@ -158,6 +174,8 @@ SELECT_TOKENS = f"SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created, id"
 UPDATE_TOKEN_GRANTS = "UPDATE tokens SET read = ?, write = ?, note = ?, expires = ? WHERE id = ?"
 REVOKE_TOKEN = "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL"
 SELECT_TOKEN_IDS = "SELECT id FROM tokens WHERE id = ?"
+SELECT_TOKEN_AGENTS = """
+SELECT DISTINCT agent FROM tokens WHERE revoked IS NULL AND (expires IS NULL OR expires > ?)"""
 TOUCH_TOKEN = "UPDATE tokens SET last_used = ? WHERE id = ?"
 
 # Posts are refused (StoreFull) while free space is below what one checkpoint of a full
@@ -180,8 +198,16 @@ class StoreFull(Exception):
     """The disk or filesystem holding the database is full."""
 
 
+class DatabaseFull(StoreFull):
+    """The database holds as much as AGENT_COMMS_MAX_DATABASE allows."""
+
+
 class ChannelLimit(Exception):
     """A post would create a channel past the broker's cap on channels."""
+
+
+class AgentLimit(Exception):
+    """A post would register an agent past the broker's cap on agents."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +260,43 @@ class Page:
     more: bool
 
 
+# What a message takes on disk beyond its text and names (the row, its id and timestamp,
+# two index entries), roughly: counted against an agent's byte budget.
+MESSAGE_OVERHEAD = 64
+
+
+def _utf8_len(text):
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def text_size(channel, sender, text):
+    """Bytes of a message's text and names in UTF-8: what a page's budget counts."""
+    return _utf8_len(text) + _utf8_len(sender) + len(channel)
+
+
+def stored_size(channel, sender, text):
+    """About what storing the message takes: what an agent's byte budget counts."""
+    return text_size(channel, sender, text) + MESSAGE_OVERHEAD
+
+
+def _text_size(row):
+    return text_size(row[1], row[2], row[3])
+
+
+def _take(rows, limit, max_bytes):
+    """The first rows that fit in `limit` and in `max_bytes` of text (always one, if there
+    is one), read one at a time so no more are held; and whether any row is left."""
+    taken, size = [], 0
+    for row in rows:
+        if len(taken) == limit:
+            return taken, True
+        size += _text_size(row)
+        if taken and max_bytes is not None and size > max_bytes:
+            return taken, True
+        taken.append(row)
+    return taken, False
+
+
 def _is_locked(error):
     text = str(error)
     return "locked" in text or "busy" in text
@@ -250,6 +313,7 @@ class Store:
         # Waiting for the write lock sleeps through `sleep` (cooperative under gevent),
         # not through SQLite's busy handler, which would block the whole worker.
         self._sleep = sleep
+        _create_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
         self._db.execute("PRAGMA busy_timeout = 0")
         self._retry(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
@@ -332,15 +396,21 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def append(self, entries, now=None, max_channels=0):
+    def append(self, entries, now=None, max_channels=0, max_agents=0, max_database=0):
         """Store (channel, sender, message) tuples in one transaction; returns Messages.
-        With max_channels, a post that would create a channel past the cap stores nothing."""
+        With max_channels or max_agents, a post that would create a channel or register an
+        agent past the cap stores nothing; with max_database, nothing is stored once the
+        database's pages in use hold that many bytes."""
 
         self._check_free_space()
 
         def work(db):
+            if max_database:
+                self._check_database_size(db, max_database)
             if max_channels:
                 self._check_channel_cap(db, {entry[0] for entry in entries}, max_channels)
+            if max_agents:
+                self._check_agent_cap(db, {entry[1] for entry in entries}, max_agents)
             clock = time.time() if now is None else now
             # The newest message is never pruned while any other is kept, so only an empty
             # table needs the pruned timestamps: either way a clock stepped back cannot
@@ -378,11 +448,36 @@ class Store:
         if new and db.execute(COUNT_ALL_CHANNELS).fetchone()[0] + len(new) > max_channels:
             raise ChannelLimit(f"the broker holds its limit of {max_channels} channels; {new[0]!r} would be one more")
 
-    def touch_agent(self, agent_id, now=None, busy_deadline=0.5):
+    @staticmethod
+    def _check_agent_cap(db, senders, max_agents):
+        new = sorted(name for name in senders if db.execute(AGENT_EXISTS, (name,)).fetchone() is None)
+        if new and db.execute(COUNT_AGENTS).fetchone()[0] + len(new) > max_agents:
+            raise AgentLimit(f"the broker holds its limit of {max_agents} agents; {new[0]!r} would be one more")
+
+    @staticmethod
+    def _check_database_size(db, max_database):
+        used = db.execute(USED_BYTES).fetchone()[0]
+        if used >= max_database:
+            raise DatabaseFull(f"the database holds {used} bytes, at its limit (AGENT_COMMS_MAX_DATABASE)")
+
+    def touch_agent(self, agent_id, now=None, busy_deadline=0.5, max_agents=0):
         """Record that an agent was seen (it read, or watched). Best effort: it gives up
-        on a locked database sooner than a post does."""
+        on a locked database sooner than a post does. With max_agents, an agent not known
+        yet is not registered once the cap is reached."""
         seen = time.time() if now is None else now
-        self._write(lambda db: db.execute(UPSERT_AGENT_SEEN, (agent_id, seen, seen)), busy_deadline)
+
+        def work(db):
+            if db.execute(UPDATE_AGENT_SEEN, (seen, agent_id)).rowcount:
+                return
+            if not max_agents or db.execute(COUNT_AGENTS).fetchone()[0] < max_agents:
+                db.execute(UPSERT_AGENT_SEEN, (agent_id, seen, seen))
+
+        self._write(work, busy_deadline)
+
+    def forget_idle_agents(self, idle_since):
+        """Forget the agents not seen since `idle_since` that no token names; returns how
+        many went. Their messages stay, under their names."""
+        return self._write(lambda db: db.execute(DELETE_IDLE_AGENTS, (idle_since,)).rowcount)
 
     def prune(self, max_age=0.0, max_messages=0, now=None):
         """Remove what retention no longer keeps; returns how many messages went."""
@@ -428,41 +523,45 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def latest(self, channel, limit):
+    def latest(self, channel, limit, max_bytes=None):
         """The newest `limit` messages of a channel, oldest first; the cursor is the
-        channel's newest id (0 for an empty channel)."""
+        channel's newest id (0 for an empty channel). If they hold more than `max_bytes`
+        of text, the page starts at the oldest of them and stops within the budget, like
+        an after_id page (`more` set, the cursor its last id), so paging on from the cursor
+        gets the rest."""
 
         def work(db):
-            rows = db.execute(SELECT_LATEST, (channel, limit)).fetchall()
+            rows, cut = _take(db.execute(SELECT_LATEST, (channel, limit)), limit, max_bytes)
+            if cut:
+                start = db.execute(SELECT_LATEST_WINDOW_START, (channel, limit)).fetchone()[0]
+                return self._after_id(db, channel, start - 1, limit, max_bytes)
             rows.reverse()
             cursor = rows[-1][0] if rows else 0
             return Page([Message(*row) for row in rows], cursor, False, False)
 
         return self._read(work)
 
-    def after_id(self, channel, after, limit):
-        """Messages of a channel with id > after, oldest first."""
+    def after_id(self, channel, after, limit, max_bytes=None):
+        """Messages of a channel with id > after, oldest first: at most `limit`, and no
+        more than `max_bytes` of text (but always one)."""
+        return self._read(lambda db: self._after_id(db, channel, after, limit, max_bytes))
+
+    @staticmethod
+    def _after_id(db, channel, after, limit, max_bytes):
+        rows, more = _take(db.execute(SELECT_AFTER_ID, (channel, after, limit + 1)), limit, max_bytes)
+        pruned = db.execute(SELECT_CHANNEL_PRUNED, (channel,)).fetchone()
+        gap = pruned is not None and pruned[0] > after
+        cursor = rows[-1][0] if rows else after
+        return Page([Message(*row) for row in rows], cursor, gap, more)
+
+    def after_time(self, channel, since, limit, max_bytes=None):
+        """Messages of a channel with timestamp > since, oldest first, within `limit` and
+        `max_bytes` as after_id. A page is extended past both rather than split between
+        messages sharing one timestamp (possible only in data adopted from the seed, whose
+        timestamps had one-second resolution)."""
 
         def work(db):
-            rows = db.execute(SELECT_AFTER_ID, (channel, after, limit + 1)).fetchall()
-            more = len(rows) > limit
-            del rows[limit:]
-            pruned = db.execute(SELECT_CHANNEL_PRUNED, (channel,)).fetchone()
-            gap = pruned is not None and pruned[0] > after
-            cursor = rows[-1][0] if rows else after
-            return Page([Message(*row) for row in rows], cursor, gap, more)
-
-        return self._read(work)
-
-    def after_time(self, channel, since, limit):
-        """Messages of a channel with timestamp > since, oldest first. A page is extended
-        past `limit` rather than split between messages sharing one timestamp (possible
-        only in data adopted from the seed, whose timestamps had one-second resolution)."""
-
-        def work(db):
-            rows = db.execute(SELECT_AFTER_TIME, (channel, since, limit + 1)).fetchall()
-            more = len(rows) > limit
-            del rows[limit:]
+            rows, more = _take(db.execute(SELECT_AFTER_TIME, (channel, since, limit + 1)), limit, max_bytes)
             if more:
                 last = rows[-1]
                 rows += db.execute(SELECT_SAME_TIME, (channel, last[4], last[0])).fetchall()
@@ -478,10 +577,15 @@ class Store:
 
         return self._read(work)
 
-    def all_after_id(self, after, limit):
-        """Messages of every channel with id > after, oldest first."""
-        rows = self._read(lambda db: db.execute(SELECT_ALL_AFTER_ID, (after, limit)).fetchall())
-        return [Message(*row) for row in rows]
+    def all_after_id(self, after, limit, max_bytes=None):
+        """Messages of every channel with id > after, oldest first, within `limit` and
+        `max_bytes` as after_id (a Page whose `gap` is always False)."""
+
+        def work(db):
+            rows, more = _take(db.execute(SELECT_ALL_AFTER_ID, (after, limit + 1)), limit, max_bytes)
+            return Page([Message(*row) for row in rows], rows[-1][0] if rows else after, False, more)
+
+        return self._read(work)
 
     def pruned_after(self, after, channel=None):
         """Whether retention removed any message with id > after (in one channel, or any)."""
@@ -493,15 +597,24 @@ class Store:
     def max_id(self):
         return self._read(lambda db: db.execute(MAX_ID).fetchone()[0])
 
+    def synchronous(self):
+        """The durability this connection runs with, as SQLite reports it (FULL, NORMAL...)."""
+        level = self._db.execute("PRAGMA synchronous").fetchone()[0]
+        return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, str(level))
+
     def data_version(self):
         """Changes whenever another connection (another worker) commits."""
         return self._retry(lambda: self._db.execute("PRAGMA data_version").fetchone()[0])
 
-    def channels(self):
-        return self._read(lambda db: db.execute(SELECT_CHANNELS).fetchall())
+    def channels(self, after="", limit=-1):
+        """(name, message count, last activity) of the channels that hold messages, by
+        name: those after `after`, at most `limit` (-1: all)."""
+        return self._read(lambda db: db.execute(SELECT_CHANNELS, (after, limit)).fetchall())
 
-    def agents(self):
-        return self._read(lambda db: db.execute(SELECT_AGENTS).fetchall())
+    def agents(self, after="", limit=-1):
+        """(id, first seen, last seen, messages sent) of the agents, by id: those after
+        `after`, at most `limit` (-1: all)."""
+        return self._read(lambda db: db.execute(SELECT_AGENTS, (after, limit)).fetchall())
 
     def totals(self, active_since):
         """(messages, channels, agents, active agents)."""
@@ -546,6 +659,11 @@ class Store:
 
         return self._write(work)
 
+    def token_agents(self, now=None):
+        """The agents that hold a token that is neither revoked nor expired."""
+        stamp = time.time() if now is None else now
+        return {row[0] for row in self._read(lambda db: db.execute(SELECT_TOKEN_AGENTS, (stamp,)).fetchall())}
+
     def touch_token(self, token_id, now=None, busy_deadline=0.5):
         """Record a token's last use; best effort, like touch_agent."""
         stamp = time.time() if now is None else now
@@ -554,6 +672,17 @@ class Store:
     def healthy(self):
         """A cheap check that the database answers and its schema is ours."""
         return self._read(lambda db: db.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
+
+
+def _create_private(path):
+    """A new database file readable by its owner only; SQLite gives its -wal and -shm the
+    database file's mode, so they are private too."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _create_schema(db):

@@ -1,22 +1,52 @@
-"""The gunicorn worker class: gevent, with gunicorn's own answers to malformed requests
-(bad request line, bad header, headers too large) given as JSON like every other error.
+"""The gunicorn worker class: gevent, with what the broker asks of every connection.
 
 gevent because watchers (SSE streams, long-polls) hold their connection for minutes: a
-greenlet costs a few KiB where a thread or a process would cost far more.
+greenlet costs a few KiB where a thread or a process would cost far more. On top of
+gunicorn's gevent worker:
+
+- gunicorn's own answers to malformed requests (bad request line, bad header, headers
+  too large) are JSON like every other error;
+- a client has AGENT_COMMS_REQUEST_TIMEOUT for a request's head and again for its body
+  (408 after that), and a client that takes nothing of a reply for
+  AGENT_COMMS_SEND_TIMEOUT is dropped;
+- a body the broker did not read (a 413, a 401) is read and thrown away, up to a bound,
+  before the connection closes: a client that sends its whole body before it reads the
+  answer gets the answer, not a connection reset;
+- a reserve of connections is kept free: when a worker nears AGENT_COMMS_WORKER_CONNECTIONS,
+  the connections that have waited longest on their client (for a head or a body) are
+  closed, so a flood of slow clients never locks out /healthz or clients that send at a
+  normal pace.
 """
 
+import contextlib
+import errno
 import json
+import socket
 import ssl
+import time
 
 import gevent
 from gevent.hub import Hub
 from gunicorn import util
+from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
+# gunicorn's master imports this before a worker forks and gevent patches the threading
+# module: nothing here may import Bottle, whose request and response objects would then
+# be one per thread, not one per greenlet.
+from .config import Settings
 from .headers import security_headers
+from .http.body import RequestBody
 
 # Set by the worker from its config: HSTS too when it serves TLS.
 _refusal_headers = security_headers(tls=False)
+# Connections kept free for clients that send at a normal pace: a sixteenth, at least 16.
+RESERVE_SHARE, RESERVE_MIN = 16, 16
+# Only a connection that has waited on its client at least this long is closed for the
+# reserve: the others are still arriving at a normal pace. With 4,096 connections a worker
+# so takes in some 16,000 new connections a second however many wait on slow clients.
+READER_MIN_AGE = 0.25
+RESERVE_CHECK = 0.25
 
 
 def write_json_error(sock, status_int, reason, mesg):
@@ -29,6 +59,31 @@ def write_json_error(sock, status_int, reason, mesg):
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+class Connection:
+    """One client connection, and since when it has been waiting on its client (None
+    while the broker is working on its request or writing to it)."""
+
+    __slots__ = ("evicted", "sock", "waiting_since")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.waiting_since = None
+        self.evicted = False
+
+    def evict(self):
+        """Close its reading side: a read waiting on the client ends at once, and the
+        answer to it (a 408, if any) can still be written."""
+        self.evicted = True
+        # On the file descriptor itself: shutdown() of an SSLSocket would unwrap it.
+        raw = socket.socket(fileno=self.sock.fileno())
+        try:
+            raw.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        finally:
+            raw.detach()
+
+
 class BrokerWorker(GeventWorker):
     def init_process(self):
         global _refusal_headers
@@ -37,11 +92,115 @@ class BrokerWorker(GeventWorker):
         # A client that gives up on the TLS handshake (wrong CA, plain HTTP to the HTTPS
         # port) is the client's problem: no traceback in the broker's log for it.
         Hub.NOT_ERROR = (*Hub.NOT_ERROR, ssl.SSLError)
+        self.settings = Settings.from_env()
+        # Accepted sockets start with this timeout: a TLS handshake that never ends is cut.
+        socket.setdefaulttimeout(self.settings.request_timeout)
+        self.connections = {}  # greenlet -> Connection
+        self.waiting = {}  # Connection -> None, longest waiting first
+        self.reserve = max(RESERVE_MIN, self.worker_connections // RESERVE_SHARE)
         super().init_process()
 
+    def run(self):
+        gevent.spawn(self._keep_reserve)
+        super().run()
+
+    def handle_quit(self, sig, frame):
+        """A quick stop. Ctrl-C on a terminal sends SIGINT to the whole process group and
+        the master then sends SIGQUIT too: a second stop, run while the worker is already
+        exiting, would raise SystemExit inside gevent's shutdown and print a traceback."""
+        if getattr(self, "_quitting", False):
+            return
+        self._quitting = True
+        super().handle_quit(sig, frame)
+
+    # -- connections and the reserve ------------------------------------------------------
+
+    def handle(self, listener, client, addr):
+        connection = Connection(client)
+        current = gevent.getcurrent()
+        self.connections[current] = connection
+        if len(self.connections) > self.worker_connections - self.reserve:
+            self._evict_waiting()
+        try:
+            client.settimeout(None)  # blocking: each wait has its own deadline
+            AsyncWorker.handle(self, listener, client, addr)
+        finally:
+            self.waiting.pop(connection, None)
+            del self.connections[current]
+
+    @contextlib.contextmanager
+    def waiting_on(self, connection):
+        """While the broker waits for bytes from this connection's client."""
+        connection.waiting_since = time.monotonic()
+        self.waiting[connection] = None
+        try:
+            yield
+        finally:
+            connection.waiting_since = None
+            self.waiting.pop(connection, None)
+
+    def timeout_ctx(self):
+        """Around reading each request's head (gunicorn's keepalive: the head must come
+        within it, also after a previous request on the connection)."""
+        connection = self.connections.get(gevent.getcurrent())
+        if connection is None:
+            return gevent.Timeout(self.cfg.keepalive, False)
+        return self._head_wait(connection)
+
+    @contextlib.contextmanager
+    def _head_wait(self, connection):
+        with self.waiting_on(connection), gevent.Timeout(self.cfg.keepalive, False):
+            yield
+
+    def _evict_waiting(self):
+        """Close the connections that have waited longest on their clients, until the
+        reserve is free again (those waiting under READER_MIN_AGE are left alone)."""
+        now = time.monotonic()
+        excess = len(self.connections) - (self.worker_connections - self.reserve)
+        while excess > 0 and self.waiting:
+            oldest = next(iter(self.waiting))
+            if now - oldest.waiting_since < READER_MIN_AGE:
+                return
+            del self.waiting[oldest]
+            oldest.evict()
+            excess -= 1
+
+    def _keep_reserve(self):
+        """Also when no new connection comes in to trigger it (the pool may be full)."""
+        while self.alive:
+            gevent.sleep(RESERVE_CHECK)
+            if len(self.connections) > self.worker_connections - self.reserve:
+                self._evict_waiting()
+
+    # -- one request --------------------------------------------------------------------
+
     def handle_request(self, listener_name, req, sock, addr):
-        keepalive = super().handle_request(listener_name, req, sock, addr)
+        connection = self.connections.get(gevent.getcurrent()) or Connection(sock)
+        original = req.body
+        timeout = self.settings.request_timeout
+        deadline = time.monotonic() + timeout
+        body = req.body = RequestBody(original, deadline, timeout, connection, self.waiting_on)
+        closing = False
+        sock.settimeout(self.settings.send_timeout)  # each write of the reply
+        try:
+            super().handle_request(listener_name, req, sock, addr)
+        except StopIteration:
+            closing = True
+        except TimeoutError:
+            self.log.info("closed the connection of %s: it took nothing of its reply for %g s", addr, sock.gettimeout())
+            raise StopIteration() from None
+        except OSError as error:
+            if error.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise StopIteration() from None  # the client went away: nothing to tell it
+            raise
+        finally:
+            req.body = original
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
+        # A keep-alive connection goes on only once the whole body is read; one that
+        # closes is drained too, so a client still sending it does not get a reset.
+        if not body.drain() or closing:
+            raise StopIteration()
         # A keep-alive client with its next request already buffered would otherwise be
         # served again at once, starving the other connections (p99 in the hundreds of ms).
         gevent.sleep(0)
-        return keepalive

@@ -33,8 +33,10 @@ class Runtime:
     def _start(self):
         settings = self.settings
         self.store = Store(settings.db, settings.synchronous, sleep=gevent.sleep)
-        self.hub = Hub(self.store, settings.wakeup_interval, alive=lambda: self.alive())
-        self.committer = GroupCommitter(self.store, self.hub.committed, settings.max_channels)
+        self.hub = Hub(self.store, settings.wakeup_interval, settings.page_bytes, alive=lambda: self.alive())
+        self.committer = GroupCommitter(
+            self.store, self.hub.committed, settings.max_channels, settings.max_agents, settings.max_database
+        )
         self.retention = run_retention(self.store, settings, alive=lambda: self.alive())
         self.pid = os.getpid()
 

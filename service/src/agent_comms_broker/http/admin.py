@@ -10,6 +10,7 @@ from bottle import HTTPError, response
 
 from .. import __version__
 from ..access import caller
+from .validate import LIMIT_MAX, int_param, text_param
 
 OPENAPI_DOCUMENT = resources.files("agent_comms_broker").joinpath("openapi.json").read_bytes()
 
@@ -56,25 +57,50 @@ def status(broker):
         "agents": agent_count,
         "active_agents": active,
         "database_size": store.size_bytes(),
+        "synchronous": store.synchronous(),
     }
 
 
+def listing_page():
+    """`limit` and `after` of a listing: a page of names after `after`, in name order."""
+    return int_param("limit", 1, LIMIT_MAX) or LIMIT_MAX, text_param("after") or ""
+
+
+def listed(key, rows, limit, after):
+    """A listing's reply: at most `limit` rows, whether more follow, and the cursor (the
+    last name given, or `after` again) to pass as the next `after`."""
+    more = len(rows) > limit
+    del rows[limit:]
+    cursor = rows[-1][0] if rows else (after or None)
+    return {key: rows, "count": len(rows), "more": more, "cursor": cursor}
+
+
 def channels(broker):
+    limit, after = listing_page()
     broker.touch_reader()
-    rows = broker.store.channels()
     who = caller()
-    listing = [
-        {"name": name, "message_count": count, "last_activity": last}
-        for name, count, last in rows
-        if who is None or who.may_read(name)
+    rows, position = [], after
+    # Channels the token may not read are skipped, never named (not even by the cursor):
+    # read on until the page is full or the channels end.
+    while len(rows) <= limit:
+        batch = broker.store.channels(position, limit + 1)
+        rows += [row for row in batch if who is None or who.may_read(row[0])]
+        if len(batch) <= limit:
+            break
+        position = batch[-1][0]
+    reply = listed("channels", rows, limit, after)
+    reply["channels"] = [
+        {"name": name, "message_count": count, "last_activity": last} for name, count, last in reply["channels"]
     ]
-    return {"channels": listing, "count": len(listing)}
+    return reply
 
 
 def agents(broker):
+    limit, after = listing_page()
     broker.touch_reader()
     active_since = time.time() - broker.settings.active_window
-    listing = [
+    reply = listed("agents", broker.store.agents(after, limit + 1), limit, after)
+    reply["agents"] = [
         {
             "id": agent_id,
             "first_seen": first,
@@ -83,9 +109,9 @@ def agents(broker):
             "active": last >= active_since,
             "status": "online" if last >= active_since else "offline",
         }
-        for agent_id, first, last, sent in broker.store.agents()
+        for agent_id, first, last, sent in reply["agents"]
     ]
-    return {"agents": listing, "count": len(listing)}
+    return reply
 
 
 def openapi():

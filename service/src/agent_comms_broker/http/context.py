@@ -4,16 +4,18 @@ access control and the limits, and the bookkeeping of agents seen and streams op
 import logging
 import time
 
-from bottle import HTTPError, request
+from bottle import HTTPError
 
 from ..access import caller
 from ..store import StoreBusy, StoreFull
-from .validate import validate_agent_id
+from .validate import header, validate_agent_id
 
 log = logging.getLogger("agent_comms_broker.http")
 
 # Reads naming an agent refresh its last-seen at most this often (per worker).
 TOUCH_INTERVAL = 1.0
+# The agents that hold tokens are re-read at most this often (per worker).
+TOKEN_AGENTS_INTERVAL = 1.0
 
 
 class Broker:
@@ -26,6 +28,7 @@ class Broker:
         self.limits = limits
         self.started = time.time()
         self._last_touch = {}
+        self._token_agents = (0.0, frozenset())
 
     @property
     def store(self):
@@ -45,7 +48,7 @@ class Broker:
         if agent is None or now - self._last_touch.get(agent, 0) < TOUCH_INTERVAL:
             return
         try:
-            self.store.touch_agent(agent, now)
+            self.store.touch_agent(agent, now, max_agents=self.settings.max_agents)
         except (StoreBusy, StoreFull) as error:
             log.warning("could not record agent %s as seen: %s", agent, error)
             return
@@ -54,13 +57,30 @@ class Broker:
             self._last_touch.clear()
 
     def touch_reader(self):
-        """The agent of this request (its token's, else its X-Agent-ID), recorded as seen."""
+        """The agent of this request (its token's, else its X-Agent-ID), recorded as seen.
+        An agent that holds a token is seen only through it: an anonymous X-Agent-ID that
+        names it is checked, then ignored (None)."""
         who = caller()
-        agent = who.agent if who is not None else request.headers.get("X-Agent-ID")
-        if agent is not None:
-            validate_agent_id(agent, "X-Agent-ID header")
-            self.touch(agent)
+        if who is not None:
+            self.touch(who.agent)
+            return who.agent
+        agent = header("X-Agent-ID")
+        if agent is None:
+            return None
+        validate_agent_id(agent, "X-Agent-ID header")
+        if self.holds_token(agent):
+            return None
+        self.touch(agent)
         return agent
+
+    def holds_token(self, agent):
+        """Whether a token that is neither revoked nor expired belongs to the agent."""
+        checked, agents = self._token_agents
+        now = time.monotonic()
+        if now - checked >= TOKEN_AGENTS_INTERVAL:
+            agents = frozenset(self.store.token_agents())
+            self._token_agents = (now, agents)
+        return agent in agents
 
     def take_stream_slot(self, key):
         settings = self.settings

@@ -1,11 +1,12 @@
 """Errors as JSON {"error": "..."}: Bottle's error pages replaced, and the store's
-refusals (full disk, channel cap, busy database) turned into answers a client can act on."""
+refusals (full disk or database, channel or agent cap, busy database) turned into answers
+a client can act on."""
 
 import json
 
 from bottle import HTTPError, request, response
 
-from ..store import ChannelLimit, StoreBusy, StoreFull
+from ..store import AgentLimit, ChannelLimit, DatabaseFull, StoreBusy, StoreFull
 
 
 def json_error(res):
@@ -32,9 +33,11 @@ class StoreErrorsPlugin:
         def wrapper(*args, **kwargs):
             try:
                 return callback(*args, **kwargs)
+            except DatabaseFull as error:
+                raise HTTPError(507, f"{error}: nothing was stored") from None
             except StoreFull:
                 raise HTTPError(507, "the broker's disk is full: nothing was stored; retry later") from None
-            except ChannelLimit as error:
+            except (ChannelLimit, AgentLimit) as error:
                 raise HTTPError(409, f"{error}: nothing was stored") from None
             except StoreBusy:
                 raise HTTPError(

@@ -6,7 +6,8 @@ import time
 
 from bottle import HTTPError, request, response
 
-from ..access import CALLER, allow_read, allow_write, caller, limit_key
+from ..access import CALLER, allow_read, allow_write, caller
+from ..store import stored_size
 from .validate import (
     LIMIT_DEFAULT,
     LIMIT_MAX,
@@ -18,6 +19,7 @@ from .validate import (
     validate_post,
     wait_param,
 )
+from .waiting import Wait
 
 
 def register(app, broker):
@@ -42,6 +44,12 @@ def post_messages(broker, channel):
         ]
     else:
         entries = [(channel, *validate_post(body, settings.max_message, who))]
+    if who is None:
+        # An agent that holds a token speaks only with it: no one may post as it without.
+        for _, sender, _ in entries:
+            if broker.holds_token(sender):
+                raise HTTPError(403, f"agent {sender!r} has a token: post with it (Authorization: Bearer ...)")
+    broker.access.spend_bytes(sum(stored_size(*entry) for entry in entries))
     stored = broker.committer.append(entries)
     response.status = 201
     if isinstance(body, list):
@@ -63,12 +71,13 @@ def get_messages(broker, channel):
         raise bad_request("wait needs a cursor: after=ID (take it from a previous reply's cursor)")
     broker.touch_reader()
     store = broker.store
+    budget = broker.settings.page_bytes
     if after is None and since is None:
-        return message_page(channel, store.latest(channel, limit))
+        return message_page(channel, store.latest(channel, limit, budget))
     if after is not None:
-        read = functools.partial(store.after_id, channel, after, limit)
+        read = functools.partial(store.after_id, channel, after, limit, budget)
     else:
-        read = functools.partial(store.after_time, channel, since, limit)
+        read = functools.partial(store.after_time, channel, since, limit, budget)
     return message_page(channel, long_poll(broker, read, channel, wait))
 
 
@@ -78,26 +87,21 @@ def long_poll(broker, read, channel, wait):
     page = read()
     if page.messages or not wait:
         return page
-    key = limit_key()
-    broker.take_stream_slot(key)  # a waiting long-poll holds a connection as a stream does
-    hub = broker.hub
-    watcher = hub.watch(channel)
-    try:
+    # A waiting long-poll holds a stream slot, as a stream does.
+    with Wait(broker, channel) as waiting:
         page = read()  # again, now that a commit cannot slip between read and watch
         deadline = time.monotonic() + wait
-        while not page.messages and not watcher.closed:
+        while not page.messages and not waiting.over and waiting.allowed():
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not watcher.event.wait(remaining):
+            if remaining <= 0:
                 break
-            watcher.take()
-            page = read()
-    finally:
-        hub.unwatch(watcher)
-        broker.give_stream_slot(key)
-    who = caller()
-    if who is not None:  # the token may have gone, or lost the channel, while the request waited
-        request.environ[CALLER] = broker.access.refresh(who)
-        if request.environ[CALLER] is None:
+            if waiting.wait(remaining):
+                waiting.watcher.take()
+                page = read()
+    if waiting.has_token:  # the token may have gone, or lost the channel, while it waited
+        waiting.allowed(now=True)
+        request.environ[CALLER] = waiting.who
+        if waiting.who is None:
             raise HTTPError(401, "the bearer token was revoked or expired while the request waited")
         allow_read(channel)
     return page

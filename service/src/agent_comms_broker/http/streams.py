@@ -4,16 +4,14 @@ client's cursor from the store, then live messages from this worker's hub."""
 import functools
 import time
 
-from bottle import HTTPError, request, response
+from bottle import HTTPError, response
 
-from ..access import allow_read, caller, limit_key
+from ..access import allow_read, caller
 from ..live import sse_frame
-from .validate import int_param, validate_channel, whole_number
+from .validate import header, int_param, validate_channel, whole_number
+from .waiting import Wait
 
 STREAM_BACKLOG_PAGE = 500
-# An open stream re-reads its token at most this often: revoked or expired, the stream
-# ends; changed grants apply.
-TOKEN_RECHECK = 1.0
 
 
 def register(app, broker):
@@ -40,8 +38,8 @@ def open_stream(broker, channel):
     # Both are checked when both are given; the header (what EventSource sends on a
     # reconnect) wins over the query's starting point.
     after = int_param("after", 0)
-    header = request.headers.get("Last-Event-ID")
-    resumed_at = whole_number(header, "Last-Event-ID", 0) if header is not None else after
+    last_event_id = header("Last-Event-ID")
+    resumed_at = whole_number(last_event_id, "Last-Event-ID", 0) if last_event_id is not None else after
     store = broker.store
     if resumed_at is not None:
         cursor = resumed_at
@@ -50,75 +48,64 @@ def open_stream(broker, channel):
         cursor = store.max_id()
         resumed = False
     agent = broker.touch_reader()
-    who = caller()
-    stream_key = limit_key()
-    hub = broker.hub
     response.content_type = "text/event-stream"
     response.set_header("Cache-Control", "no-cache")
     response.set_header("X-Accel-Buffering", "no")
+    waiting = Wait(broker, channel)
 
     def read_after(position):
+        """The next page of the backlog: one write of the stream, within the page budget."""
         if channel is None:
-            return store.all_after_id(position, STREAM_BACKLOG_PAGE)
-        return store.after_id(channel, position, STREAM_BACKLOG_PAGE).messages
+            return store.all_after_id(position, STREAM_BACKLOG_PAGE, settings.page_bytes)
+        return store.after_id(channel, position, STREAM_BACKLOG_PAGE, settings.page_bytes)
 
     def readable(message):
-        return who is None or channel is not None or who.may_read(message.channel)
-
-    checked = time.monotonic()
-
-    def still_allowed():
-        """Whether the stream's token still holds (re-read at most every TOKEN_RECHECK)."""
-        nonlocal who, checked
-        if who is None or time.monotonic() - checked < TOKEN_RECHECK:
+        if not waiting.has_token or channel is not None:
             return True
-        checked = time.monotonic()
-        who = broker.access.refresh(who)
-        return who is not None and (channel is None or who.may_read(channel))
+        return waiting.who is not None and waiting.who.may_read(message.channel)
 
     def events():
         nonlocal cursor
-        # Checked on the first step of the stream (Bottle takes it before replying),
-        # so the `finally` below always gives the slot back.
-        broker.take_stream_slot(stream_key)
-        watcher = hub.watch(channel)
-        try:
+        # Entered on the first step of the stream (Bottle takes it before replying), so
+        # the slot is always given back.
+        with waiting:
+            watcher = waiting.watcher
             yield b"retry: 2000\n\n"
             if resumed and store.pruned_after(cursor, channel):
                 yield f'event: gap\ndata: {{"cursor": {cursor}}}\n\n'.encode()
             while True:
                 # Catch up from the store: on connect, and whenever this stream fell behind.
+                # Each page is written before the next is read: a client that reads slowly
+                # holds one page of this worker's memory, never its whole backlog.
                 while True:
-                    messages = read_after(cursor)
-                    if not still_allowed():
+                    page = read_after(cursor)
+                    if not waiting.allowed():
                         return
-                    if messages:
-                        frames = b"".join(sse_frame(message) for message in messages if readable(message))
-                        if frames:
-                            yield frames
-                        cursor = messages[-1].id
-                    if len(messages) < STREAM_BACKLOG_PAGE:
+                    frames = b"".join(sse_frame(message) for message in page.messages if readable(message))
+                    if frames:
+                        yield frames
+                    cursor = page.cursor
+                    if not page.more:
                         break
-                while not watcher.closed:
-                    if not watcher.event.wait(settings.keepalive):
-                        if not still_allowed():
-                            return
-                        yield b": keep-alive\n\n"
-                        broker.touch(agent)  # a watching agent stays active
+                keepalive_at = time.monotonic() + settings.keepalive
+                while not waiting.over:
+                    arrived = waiting.wait(keepalive_at - time.monotonic())
+                    if not waiting.allowed():
+                        return
+                    if not arrived:
+                        if time.monotonic() >= keepalive_at:
+                            yield b": keep-alive\n\n"
+                            broker.touch(agent)  # a watching agent stays active
+                            keepalive_at = time.monotonic() + settings.keepalive
                         continue
                     items, overflowed = watcher.take()
-                    if not still_allowed():
-                        return
                     if overflowed:
                         break
                     fresh = [frame for message, frame in items if message.id > cursor and readable(message)]
                     if fresh:
                         cursor = items[-1][0].id
                         yield b"".join(fresh)
-                if watcher.closed:
+                if waiting.over:
                     return
-        finally:
-            hub.unwatch(watcher)
-            broker.give_stream_slot(stream_key)
 
     return events()

@@ -5,13 +5,23 @@ import datetime
 import json
 import math
 import re
+import unicodedata
 
 from bottle import HTTPError, request
 
-CHANNEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from .body import BodyError
+
+# Matched in full (fullmatch): `$` would also match before a final newline.
+CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 AGENT_ID_MAX = 128
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_DIGITS = re.compile(r"^[0-9]{1,20}$")
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Unicode categories a name may not hold: controls (C0, DEL, C1), invisible format
+# characters (bidi overrides and isolates, zero-width spaces...), line and paragraph
+# separators, surrogates. Each could hide or reorder text, or break a line.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+# Format characters emoji sequences and some scripts need: zero-width (non-)joiners.
+_JOINERS = frozenset("\u200c\u200d")
+_DIGITS = re.compile(r"[0-9]{1,20}")
 LIMIT_DEFAULT = 50
 LIMIT_MAX = 1000
 # SQLite's largest integer: no cursor can be past it.
@@ -23,7 +33,7 @@ def bad_request(text):
 
 
 def validate_channel(channel):
-    if not CHANNEL_PATTERN.match(channel):
+    if not CHANNEL_PATTERN.fullmatch(channel):
         raise bad_request(
             "invalid channel name: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -33,10 +43,18 @@ def validate_channel(channel):
 def validate_agent_id(value, what):
     if not isinstance(value, str):
         raise bad_request(f"{what} must be a string")
-    if not value or len(value) > AGENT_ID_MAX or _CONTROL.search(value):
-        raise bad_request(f"{what} must be 1 to {AGENT_ID_MAX} characters, without control characters")
-    _require_unicode(value, what)
+    if not value or len(value) > AGENT_ID_MAX or not _printable_name(value):
+        raise bad_request(
+            f"{what} must be 1 to {AGENT_ID_MAX} characters, without control characters or invisible "
+            "formatting (bidi overrides, zero-width spaces, line separators)"
+        )
     return value
+
+
+def _printable_name(value):
+    if value.isascii():
+        return _ASCII_CONTROL.search(value) is None
+    return not any(unicodedata.category(ch) in _REFUSED_CATEGORIES and ch not in _JOINERS for ch in value)
 
 
 def _require_unicode(value, what):
@@ -47,9 +65,32 @@ def _require_unicode(value, what):
 
 
 def whole_number(raw, name, low, high=ID_MAX):
-    value = int(raw) if _DIGITS.match(raw) else None
+    value = int(raw) if _DIGITS.fullmatch(raw) else None
     if value is None or not low <= value <= high:
         raise bad_request(f"{name} must be a whole number from {low} to {high}")
+    return value
+
+
+def header(name):
+    """A request header as text, or None. HTTP carries bytes: one that is not UTF-8 is the
+    client's mistake (400), never the broker's."""
+    try:
+        return request.headers.get(name)
+    except UnicodeDecodeError:
+        raise bad_request(f"the {name} header is not valid UTF-8") from None
+
+
+def text_param(name, longest=AGENT_ID_MAX):
+    """A query parameter as text (UTF-8 in the URL), or None."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = raw.encode("latin-1").decode("utf-8")  # the WSGI server decoded it as latin-1
+    except UnicodeError:
+        raise bad_request(f"{name} is not valid UTF-8") from None
+    if len(value) > longest:
+        raise bad_request(f"{name} must be at most {longest} characters")
     return value
 
 
@@ -94,7 +135,10 @@ def read_json_body(max_body):
     if length > max_body:
         raise HTTPError(413, f"request body is over the limit of {max_body} bytes")
     stream = request.environ["wsgi.input"]
-    raw = stream.read(length) if length >= 0 else stream.read(max_body + 1)
+    try:
+        raw = stream.read(length) if length >= 0 else stream.read(max_body + 1)
+    except BodyError as error:
+        raise HTTPError(error.status, str(error)) from None
     if len(raw) > max_body:
         raise HTTPError(413, f"request body is over the limit of {max_body} bytes")
     if not raw.strip():
@@ -103,6 +147,8 @@ def read_json_body(max_body):
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as error:
         raise bad_request(f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise bad_request("request body is not valid JSON: nested too deeply") from None
 
 
 def validate_post(item, max_message, caller=None, where=""):
