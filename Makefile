@@ -8,22 +8,43 @@ DB ?= ./data/messages.db
 
 .DEFAULT_GOAL := help
 
+# Help shows the lines marked `##`, under the headings marked `##@`, with the values of the
+# variables they name.
+HELP_VARIABLES := BIND DB LINES BACKUPS INVENTORY
+
 .PHONY: help
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s\n", substr($$0, 5)} \
+		/^[a-z0-9-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST) \
+		| sed $(foreach variable,$(HELP_VARIABLES),-e 's|$$($(variable))|$($(variable))|g')
 
-$(BIN)/.installed: service/pyproject.toml client/pyproject.toml tests/requirements.txt
+##@ On this machine
+
+# What serving needs (make run): the broker and agent-chat, nothing else.
+$(BIN)/.installed-run: service/pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ./service -e ./client -r tests/requirements.txt
+	$(BIN)/pip install --quiet -e ./service -e ./client
+	touch $@
+
+# Beside it, what tests, lints, benchmarks and deploys need.
+$(BIN)/.installed: $(BIN)/.installed-run tests/requirements.txt
+	$(BIN)/pip install --quiet -r tests/requirements.txt
 	touch $@
 
 .PHONY: venv
 venv: $(BIN)/.installed ## Create the virtualenv: the broker, agent-chat and the test tools
 
+# The address agent-chat and curl use for the broker make run starts.
+LOCAL_URL = http://$(subst 0.0.0.0,127.0.0.1,$(BIND))
+
 .PHONY: run
-run: venv ## Run the broker in the foreground on $(BIND) with $(DB)
+run: $(BIN)/.installed-run ## Run the broker in the foreground on $(BIND) with $(DB); Ctrl-C stops it
 	mkdir -p $(dir $(DB))
+	@echo "agent-comms: serving $(LOCAL_URL) with $(DB). In another shell:"
+	@echo '  export PATH="$(abspath $(BIN)):$$PATH" AGENT_COMMS_BROKER=$(LOCAL_URL)'
+	@echo '  agent-chat send general "hello" && agent-chat read general'
+	@echo '  agent-comms-broker token add NAME --db $(abspath $(DB))   # a token for this broker'
 	$(BIN)/agent-comms-broker serve --bind $(BIND) --db $(DB)
 
 .PHONY: test
@@ -70,6 +91,8 @@ lint: venv ## ruff over everything, yamllint and ansible-lint (production profil
 	$(BIN)/yamllint --strict -c ansible/.yamllint ansible
 	cd ansible && PATH="$(abspath $(BIN)):$$PATH" ansible-lint
 
+##@ On the Proxmox node's CT-950, through Ansible (INVENTORY=$(INVENTORY))
+
 # Proxmox (ansible/): the broker in LXC container CT-950, created with pct on the node and
 # deployed into it by Ansible over SSH to the node. INVENTORY picks the hosts: the
 # homelab's by default; the end-to-end tests pass their own.
@@ -102,37 +125,39 @@ $(WHEELHOUSE)/.built: service/pyproject.toml client/pyproject.toml $(shell find 
 	touch $@
 
 .PHONY: deploy provision start stop restart status logs backup restore
-deploy: ansible $(WHEELHOUSE)/.built ## Create CT-950 on Proxmox if needed, deploy the broker and agent-chat into it
+deploy: ansible $(WHEELHOUSE)/.built ## Create CT-950 on the node if needed, deploy the broker and agent-chat into it
 	$(PLAYBOOK) ansible/site.yml
 
-provision: ansible ## Create, configure and start CT-950 on the Proxmox node (no broker)
+provision: ansible ## Create, configure and start CT-950 on the node (no broker)
 	$(PLAYBOOK) ansible/provision.yml
 
-start: ansible ## Start the broker in CT-950 and wait until it answers
+start: ansible ## CT-950: start the broker and wait until it answers
 	$(PLAYBOOK) ansible/start.yml
 
-stop: ansible ## Stop the broker in CT-950
+stop: ansible ## CT-950: stop the broker
 	$(PLAYBOOK) ansible/stop.yml
 
-restart: ansible ## Reload the broker gracefully (new workers, no refused connection)
+restart: ansible ## CT-950: reload the broker gracefully (new workers, no refused connection)
 	$(PLAYBOOK) ansible/restart.yml
 
-status: ansible ## Show the container, the service and the broker's /status
+status: ansible ## CT-950: show the container, the service and the broker's /status
 	$(PLAYBOOK) ansible/status.yml
 
 # The playbook writes the ssh command that reaches the journal (its own output is shown
 # only if it fails); then make runs that command, so the journal streams as it is written.
-logs: ansible ## Show the last LINES (100) lines of the broker's journal; FOLLOW=1 keeps following it
+logs: ansible ## CT-950: the last $(LINES) lines of the broker's journal; FOLLOW=1 keeps following it
 	@mkdir -p build
 	@$(PLAYBOOK) ansible/logs.yml -e agent_comms_logs_lines=$(LINES) -e agent_comms_logs_follow=$(if $(FOLLOW),true,false) \
 		-e agent_comms_logs_script=$(abspath build/logs.sh) > build/logs-playbook.out || { cat build/logs-playbook.out; exit 1; }
 	@sh build/logs.sh
 
-backup: ansible ## Copy the database online into backups/ (BACKUPS) on this machine
+backup: ansible ## CT-950: copy the database online into $(BACKUPS)/ on this machine
 	$(PLAYBOOK) ansible/backup.yml -e agent_comms_broker_backup_dir=$(abspath $(BACKUPS))
 
-restore: ansible ## Put BACKUP (default: the newest in backups/) in place of the database
+restore: ansible ## CT-950: put BACKUP (default: the newest in $(BACKUPS)/) in place of the database
 	$(PLAYBOOK) ansible/restore.yml -e agent_comms_broker_restore_from=$(abspath $(BACKUP))
+
+##@ Tests of the ops bundle, and cleaning up
 
 .PHONY: e2e
 e2e: ansible ## End-to-end tests (root, Debian): deploy into a real LXC container, Docker

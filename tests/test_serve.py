@@ -130,7 +130,9 @@ def test_plain_gunicorn_with_the_shared_config(tmp_path):
 
 
 def test_make_run(tmp_path):
-    """`make run` starts the broker in the foreground on the address and database given."""
+    """`make run` starts the broker in the foreground on the address and database given,
+    and Ctrl-C (SIGINT to the whole process group: make, the master and its workers)
+    stops it without a traceback."""
     port = free_port()
     db = tmp_path / "data" / "messages.db"
     process = subprocess.Popen(
@@ -144,6 +146,52 @@ def test_make_run(tmp_path):
     try:
         wait_healthy(f"http://127.0.0.1:{port}", process, timeout=120)
         assert db.exists()
+        requests.get(f"http://127.0.0.1:{port}/status", timeout=5)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    assert "Shutting down: Master" in output, output
+    assert "Traceback" not in output and "SystemExit" not in output, output
+    # What make run prints first: how to reach this broker from another shell.
+    assert f"AGENT_COMMS_BROKER=http://127.0.0.1:{port}" in output
+    assert f"token add NAME --db {db}" in output
+
+
+def test_make_run_installs_only_what_serving_needs(tmp_path):
+    planned = subprocess.run(
+        ["make", "-n", "run", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "pip install --quiet -e ./service -e ./client\n" in planned
+    assert "requirements.txt" not in planned and "ansible" not in planned
+
+
+def test_make_help_shows_the_values_it_names():
+    shown = subprocess.run(["make", "help", "BIND=127.0.0.1:9999"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "127.0.0.1:9999 with ./data/messages.db" in shown
+    assert "$(" not in shown
+    # The targets that drive the deployed broker say so.
+    for target in ("start", "stop", "restart", "status", "logs", "backup", "restore"):
+        line = next(line for line in shown.splitlines() if line.startswith(f"  make {target} "))
+        assert "CT-950" in line, line
+
+
+def test_the_database_files_are_private_whatever_the_umask(tmp_path):
+    db = tmp_path / "data" / "messages.db"
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "agent-comms-broker"), "serve", "--bind", f"127.0.0.1:{port}", "--db", str(db)],
+        preexec_fn=lambda: os.umask(0o022),
+        start_new_session=True,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process)
+        assert requests.post(f"http://127.0.0.1:{port}/messages/x", json={"sender": "a", "message": "m"}).ok
+        for suffix in ("", "-wal", "-shm"):
+            mode = (db.parent / (db.name + suffix)).stat().st_mode & 0o777
+            assert mode == 0o600, (suffix, oct(mode))
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)

@@ -111,7 +111,10 @@ def main(argv=None):
 def open_store(db_path):
     """The broker's store, for admin commands: the database must exist already."""
     if not os.path.exists(db_path):
-        raise CommandError(f"no database at {db_path}: start the broker once, or give --db PATH")
+        raise CommandError(
+            f"no database at {db_path}: start the broker once, or give --db PATH "
+            "(the broker of `make run` keeps ./data/messages.db)"
+        )
     try:
         return Store(db_path)
     except (sqlite3.Error, OSError, RuntimeError) as error:
