@@ -528,6 +528,7 @@ def test_broker_service_runs_hardened_as_its_own_user(ct):
         "MemoryDenyWriteExecute",
         "Restart",
         "UMask",
+        "LimitNOFILE",
     )
     expected = {
         "Type": "notify",
@@ -543,6 +544,8 @@ def test_broker_service_runs_hardened_as_its_own_user(ct):
         "MemoryDenyWriteExecute": "yes",
         "Restart": "on-failure",
         "UMask": "0077",
+        # Every connection is an open file: room for 4,096 per worker, not systemd's 1,024.
+        "LimitNOFILE": "65536",
     }
     assert {name: properties[name] for name in expected} == expected
 
@@ -564,6 +567,7 @@ def test_files_have_tight_permissions(ct):
     env = ct.file("/etc/agent-comms/broker.env")
     assert (env.user, env.group, env.mode) == ("root", "agent-comms", 0o640)
     assert "AGENT_COMMS_DB=/opt/agent-comms/messages.db" in env.content_string
+    assert "AGENT_COMMS_MAX_DATABASE=6g" in env.content_string.splitlines()  # group_vars, for an 8 GiB disk
     # The service cannot write its own code: ProtectSystem plus ownership.
     assert ct.run("runuser -u agent-comms -- touch /opt/agent-comms/venv/x").rc != 0
 
@@ -815,7 +819,7 @@ def secure_chat(*args, token=None, ca=True, secured):
     """This checkout's agent-chat, on this machine, against the HTTPS broker: with the CA
     and a token if given; no other setting leaks in from the environment or a config file."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("AGENT_COMMS_", "REQUESTS_CA"))}
-    env["XDG_CONFIG_HOME"] = str(secured["ca"].parent / "no-config")
+    env["AGENT_COMMS_CONFIG"] = os.devnull  # no config file of this machine's
     command = [BIN / "agent-chat", "--broker", SECURE_URL]
     command += ["--ca", secured["ca"]] if ca else []
     command += ["--token", secured["secrets"][token]] if token else []
