@@ -3,8 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-BIND ?= 127.0.0.1:8080
-DB ?= ./data/messages.db
+# make run's address and database: BIND=... DB=... on the command line, else the broker's
+# own variables if set, else these.
+BIND ?= $(or $(AGENT_COMMS_BIND),127.0.0.1:8080)
+DB ?= $(or $(AGENT_COMMS_DB),./data/messages.db)
 
 .DEFAULT_GOAL := help
 
@@ -39,7 +41,7 @@ venv: $(BIN)/.installed ## Create the virtualenv: the broker, agent-chat and the
 LOCAL_URL = http://$(subst 0.0.0.0,127.0.0.1,$(BIND))
 
 .PHONY: run
-run: $(BIN)/.installed-run ## Run the broker in the foreground on $(BIND) with $(DB); Ctrl-C stops it
+run: $(BIN)/.installed-run ## Run the broker in the foreground on $(BIND) with $(DB) (BIND=, DB= change them); Ctrl-C stops it
 	mkdir -p $(dir $(DB))
 	@echo "agent-comms: serving $(LOCAL_URL) with $(DB). In another shell:"
 	@echo '  export PATH="$(abspath $(BIN)):$$PATH" AGENT_COMMS_BROKER=$(LOCAL_URL)'
@@ -48,7 +50,7 @@ run: $(BIN)/.installed-run ## Run the broker in the foreground on $(BIND) with $
 	$(BIN)/agent-comms-broker serve --bind $(BIND) --db $(DB)
 
 .PHONY: test
-test: lint ## ruff, then the test suite (starts real brokers on loopback ports)
+test: lint ## ruff, yamllint and ansible-lint, then the test suite (starts real brokers on loopback ports)
 	$(BIN)/pytest
 
 WHEELHOUSE ?= build/wheelhouse
@@ -160,7 +162,7 @@ restore: ansible ## CT-950: put BACKUP (default: the newest in $(BACKUPS)/) in p
 ##@ Tests of the ops bundle, and cleaning up
 
 .PHONY: e2e
-e2e: ansible ## End-to-end tests (root, Debian): deploy into a real LXC container, Docker
+e2e: ansible ## End-to-end tests (root, Debian; installs lxc, debootstrap, docker.io, makes bridge acbr0): LXC, Docker
 	$(BIN)/pytest tests/e2e
 
 .PHONY: clean

@@ -21,6 +21,6 @@ except ImportError:
         # /usr/bin/python3 itself, yet running through it is what activates the venv.
         if os.path.exists(python) and os.path.realpath(sys.prefix) != os.path.realpath(venv):
             os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
-    sys.exit("chat.py: agent-comms-chat is not installed here: pip install agent-comms-chat (or ./client)")
+    sys.exit("chat.py: agent-chat is not installed here: pip install ./client (from a checkout), or make venv")
 
 sys.exit(main())

@@ -113,6 +113,8 @@ def test_admin_needs_an_existing_database(tmp_path):
     done = admin(tmp_path / "absent.db", "token", "list", check=False)
     assert done.returncode == 1 and "no database at" in done.stderr
     assert "make run` keeps ./data/messages.db" in done.stderr  # the local broker's, for a new user
+    done = admin(tmp_path / "absent.db", "backup", str(tmp_path / "copy.db"), check=False)
+    assert done.returncode == 1 and "make run` keeps ./data/messages.db" in done.stderr
 
 
 def test_revoked_and_expired_tokens_are_refused_at_once(broker_in):

@@ -116,3 +116,25 @@ def test_long_poll_followers_see_every_message(url, channel):
     assert len(everything) == total
     for seen in seen_by:
         assert seen == everything
+
+
+def test_a_cursor_past_every_id_given_is_refused_not_silently_ahead(own_broker):
+    """A cursor no reply gave (made up, or kept from before the database was restored from
+    an older backup) would skip every message until the ids caught up: it is a 400."""
+    broker = own_broker(env={"AGENT_COMMS_RETENTION_MAX_AGE": "1", "AGENT_COMMS_PRUNE_INTERVAL": "0.2"}).start()
+    posted = requests.post(f"{broker.url}/messages/ahead", json={"sender": "a", "message": "m"}, timeout=10).json()
+    last = posted["id"]
+    for params, headers, path in (
+        ({"after": last + 40}, {}, "/messages/ahead"),
+        ({"after": last + 1, "wait": "1"}, {}, "/messages/ahead"),
+        ({}, {"Last-Event-ID": str(last + 40)}, "/stream/ahead"),
+        ({"after": last + 40}, {}, "/stream"),
+    ):
+        reply = requests.get(broker.url + path, params=params, headers=headers, timeout=10)
+        assert reply.status_code == 400 and "past the newest message id" in reply.json()["error"], reply.text
+    # The newest id given stays a valid cursor, also once retention has removed it.
+    deadline = time.monotonic() + 20
+    while requests.get(f"{broker.url}/status", timeout=10).json()["messages"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    page = requests.get(f"{broker.url}/messages/ahead", params={"after": last}, timeout=10).json()
+    assert page["messages"] == [] and page["cursor"] == last

@@ -99,6 +99,34 @@ def test_port_in_use_is_one_line(tmp_path):
 def test_bad_setting_is_one_line(tmp_path):
     result = run_serve("serve", "--db", str(tmp_path / "m.db"), env={"AGENT_COMMS_WORKERS": "many"})
     assert_one_clear_line(result, "AGENT_COMMS_WORKERS")
+    # Given as a flag, the line names the flag.
+    result = run_serve("serve", "--db", str(tmp_path / "m.db"), "--workers", "0")
+    assert_one_clear_line(result, "--workers (AGENT_COMMS_WORKERS: '0' is not a whole number of 1 or more)")
+
+
+@pytest.mark.parametrize(
+    ("bind", "expected"),
+    [
+        ("18081", "give HOST:PORT, such as 127.0.0.1:18081"),
+        ("127.0.0.1:99999", "the port must be a number from 0 to 65535"),
+        ("127.0.0.1:", "the port must be a number from 0 to 65535"),
+    ],
+)
+def test_a_bind_address_that_is_not_host_port_is_one_line(tmp_path, bind, expected):
+    result = run_serve("serve", "--bind", bind, "--db", str(tmp_path / "m.db"))
+    assert_one_clear_line(result, expected)
+
+
+def test_make_run_takes_the_brokers_own_variables(tmp_path):
+    planned = subprocess.run(
+        ["make", "-n", "run", f"VENV={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "AGENT_COMMS_BIND": "127.0.0.1:18123", "AGENT_COMMS_DB": "/srv/x.db"},
+        check=True,
+    ).stdout
+    assert "serve --bind 127.0.0.1:18123 --db /srv/x.db" in planned
 
 
 def test_usage_and_version():

@@ -84,11 +84,15 @@ def main(argv=None):
     if args["config-path"]:
         print(config_path())
         return 0
-    for flag, variable in FLAGS.items():
-        if args[flag] is not None:
-            os.environ[variable] = args[flag]
+    given = {variable: flag for flag, variable in FLAGS.items() if args[flag] is not None}
+    for variable, flag in given.items():
+        os.environ[variable] = args[flag]
     try:
-        settings = Settings.from_env()
+        try:
+            settings = Settings.from_env()
+        except ConfigError as error:
+            variable = str(error).partition(":")[0]
+            raise ConfigError(f"{given[variable]} ({error})" if variable in given else str(error)) from None
         if args["token"]:
             return token_command(args, settings.db)
         if args["backup"] or args["restore"] or args["check"]:
@@ -108,13 +112,18 @@ def main(argv=None):
 # -- tokens ----------------------------------------------------------------------------
 
 
-def open_store(db_path):
-    """The broker's store, for admin commands: the database must exist already."""
+def require_database(db_path):
+    """The broker's database must exist already for an admin command."""
     if not os.path.exists(db_path):
         raise CommandError(
             f"no database at {db_path}: start the broker once, or give --db PATH "
             "(the broker of `make run` keeps ./data/messages.db)"
         )
+
+
+def open_store(db_path):
+    """The broker's store, for admin commands."""
+    require_database(db_path)
     try:
         return Store(db_path)
     except (sqlite3.Error, OSError, RuntimeError) as error:
@@ -252,6 +261,7 @@ def backup_command(args, db_path):
             count = backup.check_database(args["FILE"])
             print(f"{count} messages in {args['FILE']}: a sound agent-comms database")
         elif args["backup"]:
+            require_database(db_path)
             count = backup.backup_database(db_path, args["DEST"])
             print(f"{count} messages backed up to {args['DEST']}")
         else:

@@ -58,12 +58,13 @@ def check_tls(cert, key):
 def check_address(address):
     if address.startswith(("unix:", "fd://")):
         return
-    host, _, port = address.rpartition(":")
+    host, colon, port = address.rpartition(":")
+    if not colon:
+        fail(f"cannot listen on {address}: give HOST:PORT, such as 127.0.0.1:{address} or 0.0.0.0:8080")
     host = host.strip("[]") or "0.0.0.0"
-    try:
-        port_number = int(port)
-    except ValueError:
-        fail(f"cannot listen on {address}: the port must be a number (HOST:PORT)")
+    port_number = int(port) if port.isdigit() else -1
+    if not 0 <= port_number <= 65535:
+        fail(f"cannot listen on {address}: the port must be a number from 0 to 65535 (HOST:PORT)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -90,6 +90,9 @@ FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"""
 # When retention has emptied the table, the newest timestamp it removed.
 LAST_PRUNED_TIMESTAMP = "SELECT max(pruned_timestamp) FROM channels"
 MAX_ID = "SELECT coalesce(max(id), 0) FROM messages"
+# The largest id ever given (AUTOINCREMENT's high-water mark): kept when retention removes
+# the newest messages too. No cursor a client was given can be past it.
+LAST_GIVEN_ID = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
 INSERT_MESSAGE = "INSERT INTO messages (channel, sender, message, timestamp) VALUES (?, ?, ?, ?)"
 UPSERT_CHANNEL = """
 INSERT INTO channels (name, message_count, last_activity) VALUES (?, ?, ?)
@@ -596,6 +599,10 @@ class Store:
 
     def max_id(self):
         return self._read(lambda db: db.execute(MAX_ID).fetchone()[0])
+
+    def last_given_id(self):
+        """The largest id this database ever gave a message, even if retention removed it."""
+        return self._read(lambda db: db.execute(LAST_GIVEN_ID).fetchone()[0])
 
     def synchronous(self):
         """The durability this connection runs with, as SQLite reports it (FULL, NORMAL...)."""

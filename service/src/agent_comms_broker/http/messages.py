@@ -12,6 +12,7 @@ from .validate import (
     LIMIT_DEFAULT,
     LIMIT_MAX,
     bad_request,
+    given_cursor,
     int_param,
     parse_timestamp,
     read_json_body,
@@ -71,6 +72,7 @@ def get_messages(broker, channel):
         raise bad_request("wait needs a cursor: after=ID (take it from a previous reply's cursor)")
     broker.touch_reader()
     store = broker.store
+    given_cursor(store, after, "after")
     budget = broker.settings.page_bytes
     if after is None and since is None:
         return message_page(channel, store.latest(channel, limit, budget))

@@ -8,7 +8,7 @@ from bottle import HTTPError, response
 
 from ..access import allow_read, caller
 from ..live import sse_frame
-from .validate import header, int_param, validate_channel, whole_number
+from .validate import given_cursor, header, int_param, validate_channel, whole_number
 from .waiting import Wait
 
 STREAM_BACKLOG_PAGE = 500
@@ -41,6 +41,7 @@ def open_stream(broker, channel):
     last_event_id = header("Last-Event-ID")
     resumed_at = whole_number(last_event_id, "Last-Event-ID", 0) if last_event_id is not None else after
     store = broker.store
+    given_cursor(store, resumed_at, "Last-Event-ID" if last_event_id is not None else "after")
     if resumed_at is not None:
         cursor = resumed_at
         resumed = True

@@ -71,6 +71,18 @@ def whole_number(raw, name, low, high=ID_MAX):
     return value
 
 
+def given_cursor(store, cursor, name):
+    """A cursor the broker can have given: not past the largest id it ever gave. One past
+    it would silently skip every message until ids caught up (a made-up cursor, or one
+    kept from before a database was restored from an older backup)."""
+    if cursor is not None and cursor > (last := store.last_given_id()):
+        raise bad_request(
+            f"{name} {cursor} is past the newest message id this broker has given ({last}): continue "
+            "from a cursor it gave you, or start again without one (was the database restored?)"
+        )
+    return cursor
+
+
 def header(name):
     """A request header as text, or None. HTTP carries bytes: one that is not UTF-8 is the
     client's mistake (400), never the broker's."""
