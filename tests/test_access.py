@@ -379,8 +379,21 @@ def test_the_access_log_names_the_token_and_its_agent(broker_in):
     deadline = time.monotonic() + 10
     while f"token={token_id}(logged-agent)" not in broker.log() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert f"token={token_id}(logged-agent)" in broker.log()
+    assert f"agent='claims-to-be-someone' token={token_id}(logged-agent)" in broker.log()
     assert secret_free(broker.log(), token)
+
+
+def test_an_agent_id_cannot_forge_a_field_of_the_access_log(broker_in):
+    broker = broker_in("open")
+    forged = "bob token=5e25413a(alice)"
+    requests.get(f"{broker.url}/status", headers={"X-Agent-ID": forged}, timeout=10)
+    requests.get(f"{broker.url}/status", headers={"X-Agent-ID": "x' token=5e25413a(alice) '"}, timeout=10)
+    deadline = time.monotonic() + 10
+    while broker.log().count("GET /status") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [line for line in broker.log().splitlines() if "GET /status" in line]
+    assert "agent='bob token=5e25413a(alice)' token=-" in lines[0]
+    assert "agent='x\\' token=5e25413a(alice) \\'' token=-" in lines[1], lines[1]
 
 
 def secret_free(text, secret):
@@ -458,9 +471,10 @@ def test_an_anonymous_x_agent_id_cannot_make_a_token_holder_look_online(broker_i
     for path in ("/status", "/channels", "/agents", "/messages/general", "/messages/general?after=0&wait=0.1"):
         assert requests.get(broker.url + path, headers={"X-Agent-ID": "alice"}, timeout=10).status_code == 200
     assert agent_seen(broker, "alice") == before
-    # Other agents are still seen by their X-Agent-ID; alice by her token.
+    # Other agents are still seen by their X-Agent-ID (registered only where anonymous
+    # callers may write); alice by her token.
     requests.get(f"{broker.url}/status", headers={"X-Agent-ID": "bob"}, timeout=10)
-    assert agent_seen(broker, "bob") is not None
+    assert (agent_seen(broker, "bob") is not None) == (mode == "open")
     requests.get(f"{broker.url}/status", headers=bearer(token), timeout=10)
     assert agent_seen(broker, "alice") > before
 
@@ -485,3 +499,26 @@ def test_no_one_posts_as_a_token_holder_without_its_token(broker_in):
     admin(broker.db_path, "token", "revoke", token_id)
     time.sleep(1.2)  # the broker re-reads who holds tokens at most once a second
     assert requests.post(f"{broker.url}/messages/general", json={"sender": "alice", "message": "x"}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("sender", "status", "fragment"),
+    [
+        ("alice ", 400, "must not begin or end with spaces"),
+        ("alice\u00a0", 400, "must not begin or end with spaces"),
+        ("\u3000alice", 400, "must not begin or end with spaces"),
+        ("Alice", 403, "looks like agent 'alice'"),
+        ("alice\ufe0f", 403, "looks like agent 'alice'"),
+        ("alice\u034f", 403, "looks like agent 'alice'"),
+        ("alice\u3164", 403, "looks like agent 'alice'"),
+        ("alice\u2800", 403, "looks like agent 'alice'"),
+        ("alice\U000e0100", 403, "looks like agent 'alice'"),
+        ("\uff41\uff4c\uff49\uff43\uff45", 403, "looks like agent 'alice'"),  # fullwidth letters
+    ],
+)
+def test_no_one_posts_as_a_look_alike_of_a_token_holder(broker_in, sender, status, fragment):
+    broker = broker_in("open")
+    add_token(broker, "alice")
+    reply = requests.post(f"{broker.url}/messages/general", json={"sender": sender, "message": "m"}, timeout=10)
+    assert reply.status_code == status and fragment in reply.json()["error"], reply.text
+    assert requests.post(f"{broker.url}/messages/general", json={"sender": "alicia", "message": "m"}).ok

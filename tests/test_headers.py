@@ -98,3 +98,28 @@ def test_a_bad_cors_setting_stops_the_broker_with_one_line(own_broker):
     with pytest.raises(RuntimeError) as failed:
         broker.start(timeout=10)
     assert "AGENT_COMMS_CORS_ORIGINS: 'dash.lan' is not an origin" in str(failed.value)
+
+
+def test_a_page_on_another_site_cannot_post_with_cors_off(url, channel):
+    """A "simple" cross-site POST (text/plain, no preflight) from a browser carries its
+    Origin: refused, and nothing is stored. Programs send no Origin; a page the broker
+    itself served (the same origin) may post."""
+    body = '{"sender": "victim", "message": "posted by evil.example"}'
+    for origin in ("https://evil.example", "null", url.replace("127.0.0.1", "localhost")):
+        reply = requests.post(
+            f"{url}/messages/{channel}", data=body, headers={"Origin": origin, "Content-Type": "text/plain"}
+        )
+        assert reply.status_code == 403 and "may not call this broker" in reply.json()["error"], reply.text
+        assert_secured(reply.headers, "cross-origin refusal")
+    assert requests.get(f"{url}/messages/{channel}").json()["count"] == 0
+    same = requests.post(f"{url}/messages/{channel}", data=body, headers={"Origin": url})
+    assert same.status_code == 201, same.text
+    assert requests.post(f"{url}/messages/{channel}", data=body).status_code == 201
+
+
+def test_a_listed_origin_may_post(own_broker, channel):
+    broker = own_broker(env={"AGENT_COMMS_CORS_ORIGINS": DASHBOARD}).start()
+    body = {"sender": "dash", "message": "from the dashboard"}
+    assert requests.post(f"{broker.url}/messages/{channel}", json=body, headers={"Origin": DASHBOARD}).ok
+    other = requests.post(f"{broker.url}/messages/{channel}", json=body, headers={"Origin": "https://other.lan"})
+    assert other.status_code == 403

@@ -134,3 +134,9 @@ def test_a_refusal_before_the_body_is_read_reaches_such_a_client_too(own_broker)
     token = add_token(broker, "writer")
     reply = requests.post(f"{broker.url}/messages/general", json={"message": "ok"}, headers=bearer(token), timeout=10)
     assert reply.status_code == 201
+
+
+@pytest.mark.parametrize("coding", ["xchunked", "br", "foo"])
+def test_an_unknown_transfer_coding_is_a_400_not_a_501(url, coding):
+    status, answer = raw_request(url, f"POST /messages/x HTTP/1.1\r\nTransfer-Encoding: {coding}".encode())
+    assert status == 400 and "transfer" in answer["error"].lower(), answer

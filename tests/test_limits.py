@@ -18,6 +18,17 @@ def fresh_get(url):
     return requests.get(url, timeout=10, headers={"Connection": "close"})
 
 
+def bearer_for(broker, agent):
+    """The Authorization header of a new token for `agent`, made with the admin CLI."""
+    made = subprocess.run(
+        [str(BIN / "agent-comms-broker"), "token", "add", agent, "--db", broker.db_path],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {"Authorization": f"Bearer {made.stdout.strip()}"}
+
+
 def error_of(reply, status):
     assert reply.status_code == status, reply.text
     assert reply.headers["Content-Type"].startswith("application/json")
@@ -52,15 +63,7 @@ def test_rate_limit_holds_across_workers_with_retry_after(own_broker):
 
 def test_each_agent_has_its_own_bucket(own_broker):
     broker = own_broker(env={"AGENT_COMMS_RATE_LIMIT": "0.1", "AGENT_COMMS_RATE_BURST": "3"}).start()
-    tokens = {}
-    for agent in ("alpha", "beta"):
-        made = subprocess.run(
-            [str(BIN / "agent-comms-broker"), "token", "add", agent, "--db", broker.db_path],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        tokens[agent] = {"Authorization": f"Bearer {made.stdout.strip()}"}
+    tokens = {agent: bearer_for(broker, agent) for agent in ("alpha", "beta")}
     alpha = [requests.get(f"{broker.url}/channels", headers=tokens["alpha"]).status_code for _ in range(5)]
     assert alpha == [200, 200, 200, 429, 429]
     assert requests.get(f"{broker.url}/channels", headers=tokens["beta"]).status_code == 200
@@ -256,7 +259,7 @@ def test_batches_of_new_senders_cannot_make_agents_without_bound(own_broker):
 
 
 def test_the_byte_budget_stops_one_client_filling_the_disk(own_broker):
-    broker = own_broker(env={"AGENT_COMMS_BYTE_RATE": "1000", "AGENT_COMMS_BYTE_BURST": "100k"}).start()
+    broker = own_broker(env={"AGENT_COMMS_BYTE_RATE": "1000", "AGENT_COMMS_BYTE_BURST": "150k"}).start()
     url = f"{broker.url}/messages/budget"
     post = {"sender": "filler", "message": "x" * 30000}
     assert [requests.post(url, json=post, timeout=10).status_code for _ in range(3)] == [201] * 3
@@ -265,13 +268,7 @@ def test_the_byte_budget_stops_one_client_filling_the_disk(own_broker):
     assert int(refused.headers["Retry-After"]) >= 1
     assert requests.get(url, timeout=10).json()["count"] == 3
     # Another agent (with a token: its own bucket) still posts.
-    made = subprocess.run(
-        [str(BIN / "agent-comms-broker"), "token", "add", "other", "--db", broker.db_path],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    headers = {"Authorization": f"Bearer {made.stdout.strip()}"}
+    headers = bearer_for(broker, "other")
     assert requests.post(url, json={"message": "x" * 30000}, headers=headers, timeout=10).status_code == 201
 
 
@@ -296,3 +293,52 @@ def test_max_database_refuses_posts_before_the_disk_is_full(own_broker):
     assert "AGENT_COMMS_MAX_DATABASE" in error_of(refused, 507)
     assert requests.get(f"{broker.url}/status", timeout=10).json()["messages"] == statuses.count(201)
     assert requests.get(f"{broker.url}/healthz", timeout=10).status_code == 200
+
+
+def test_anonymous_floods_of_the_caps_do_not_lock_out_token_holders(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_MAX_AGENTS": "5", "AGENT_COMMS_MAX_CHANNELS": "3"}).start()
+    flood = [{"sender": f"filler-{n}", "message": "x"} for n in range(5)]
+    assert requests.post(f"{broker.url}/messages/c1", json=flood, timeout=10).status_code == 201
+    for name in ("c2", "c3"):
+        assert requests.post(f"{broker.url}/messages/{name}", json=flood[:1], timeout=10).status_code == 201
+    assert requests.post(f"{broker.url}/messages/c4", json=flood[:1], timeout=10).status_code == 409
+    assert requests.post(f"{broker.url}/messages/c1", json={"sender": "new", "message": "x"}).status_code == 409
+    # A token made after the flood: its agent posts, also to a new channel.
+    headers = bearer_for(broker, "newbot")
+    for name in ("c1", "alerts"):
+        reply = requests.post(f"{broker.url}/messages/{name}", json={"message": "m"}, headers=headers, timeout=10)
+        assert reply.status_code == 201, reply.text
+
+
+@pytest.mark.parametrize("mode", ["write-requires-token", "required"])
+def test_anonymous_readers_register_no_agents_where_they_may_not_write(own_broker, mode):
+    broker = own_broker(env={"AGENT_COMMS_AUTH": mode}).start()
+    token = bearer_for(broker, "watcher")
+    for n in range(20):
+        requests.get(f"{broker.url}/status", headers={"X-Agent-ID": f"ghost-{n}"}, timeout=10)
+    agents = requests.get(f"{broker.url}/agents", headers=token, timeout=10).json()["agents"]
+    assert [agent["id"] for agent in agents] == ["watcher"]
+
+
+def test_the_byte_budget_counts_at_least_what_the_disk_takes(own_broker):
+    """Tiny messages with long names cost the database more than their bytes: the budget
+    must count at least what they take, or one client fills the disk faster than promised."""
+    import sqlite3
+
+    broker = own_broker(env={"AGENT_COMMS_BYTE_RATE": "1", "AGENT_COMMS_BYTE_BURST": "2m"}).start()
+
+    def used():
+        with sqlite3.connect(f"file:{broker.db_path}?mode=ro", uri=True) as db:
+            pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+            size = db.execute("PRAGMA page_size").fetchone()[0]
+        return pages * size
+
+    before = used()
+    channel = "c" * 64
+    batch = [{"sender": "s" * 128, "message": "x"} for _ in range(500)]
+    for _ in range(200):
+        if requests.post(f"{broker.url}/messages/{channel}", json=batch, timeout=30).status_code == 429:
+            break
+    else:
+        raise AssertionError("the budget never ran out")
+    assert used() - before <= 2 << 20, used() - before

@@ -362,7 +362,7 @@ OTHER_TOKEN = "Bearer acm_this-token-was-never-made-by-the-broker"
 
 def operation_call(method, template, channel, **kwargs):
     path = template.replace("{channel}", channel)
-    body = {"json": {"message": "m"}} if method == "post" else {}
+    body = {"json": {"message": "m"}} if method == "post" and "json" not in kwargs else {}
     return requests.request(method.upper(), BROKER_URL[0] + path, timeout=10, stream=True, **body, **kwargs)
 
 
@@ -419,8 +419,16 @@ def test_access_refusals_match_the_document(own_broker):
         403,
         operation_call("get", "/stream", "-", headers={"Authorization": f"Bearer {blind.stdout.strip()}"}),
     )
-    assert operation_call("post", MESSAGES, "open-a", headers=token).status_code == 201
-    refusal("post", MESSAGES, 409, operation_call("post", MESSAGES, "open-b", headers=token))
+
+
+def test_cap_refusals_match_the_document(own_broker):
+    """409: an anonymous post that would create a channel, or register an agent, past the caps."""
+    broker = own_broker(env={"AGENT_COMMS_MAX_CHANNELS": "1", "AGENT_COMMS_MAX_AGENTS": "1"}).start()
+    BROKER_URL[0] = broker.url
+    post = {"sender": "only", "message": "m"}
+    assert operation_call("post", MESSAGES, "open-a", json=post).status_code == 201
+    refusal("post", MESSAGES, 409, operation_call("post", MESSAGES, "open-b", json=post))
+    refusal("post", MESSAGES, 409, operation_call("post", MESSAGES, "open-a", json={"sender": "two", "message": "m"}))
 
 
 def test_rate_limit_refusals_match_the_document(own_broker):

@@ -245,3 +245,72 @@ def test_a_stream_that_goes_away_frees_its_slot_at_once(own_broker):
         time.sleep(0.3)
     status, answer = raw_request(broker.url, b"GET /messages/quiet?after=0&wait=0.5 HTTP/1.1")
     assert status == 200, answer
+
+
+def test_many_readers_that_never_read_are_held_to_the_bytes_in_flight(big_messages):
+    """One anonymous client sending page requests it never reads, at the rate limit: past
+    AGENT_COMMS_MAX_INFLIGHT (16 MiB) of replies being written, the next get 429, so the
+    workers hold a few dozen MiB, not gigabytes; once the client is gone they give it back."""
+    broker = big_messages
+    before = sum(worker_memory(broker))
+    conns = hold_unread(broker.url, b"GET /messages/big?limit=1000 HTTP/1.1\r\nHost: t\r\n\r\n", 60)
+    try:
+        time.sleep(1.5)
+        grown = sum(worker_memory(broker)) - before
+        assert grown < 64 * 2**20, f"workers grew by {grown / 2**20:.1f} MiB"
+        assert broker.log().count('"GET /messages/big?limit=1000 HTTP/1.1" 429') >= 30, broker.log()[-3000:]
+    finally:
+        for conn in conns:
+            conn.close()
+    deadline = time.monotonic() + 20
+    while sum(worker_memory(broker)) - before > 32 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sum(worker_memory(broker)) - before <= 32 * 2**20, "the workers kept what the replies took"
+
+
+def test_bodies_being_read_are_held_to_the_bytes_in_flight(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_MAX_INFLIGHT": "2m"}).start()
+    stalled = [slow_post(broker.url, "inflight", length=1_000_000) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # both are being read, 2 x 1 MB in flight
+        third = slow_post(broker.url, "inflight", length=1_000_000)
+        head, _, body = read_reply(third, 5).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 429"), head
+        assert "bytes in flight" in json.loads(body)["error"]
+    finally:
+        for conn in stalled:
+            conn.close()
+    time.sleep(0.5)  # the stalled posts are gone: their bytes no longer count
+    big = {"sender": "a", "message": "m" * 60000}
+    replies = [requests.post(f"{broker.url}/messages/inflight", json=[big] * 16, timeout=10) for _ in range(3)]
+    assert [reply.status_code for reply in replies] == [201] * 3
+
+
+def test_heads_that_never_end_are_closed_when_the_worker_grows(own_broker):
+    """Connections that send large heads and never end them: each holds what it sent in the
+    worker's memory. Past AGENT_COMMS_WORKER_MEMORY the worker closes the longest waiting
+    and gives the memory back; /healthz and normal requests go on."""
+    broker = own_broker(
+        env={"AGENT_COMMS_WORKER_MEMORY": "96m", "AGENT_COMMS_REQUEST_TIMEOUT": "60"}, workers=1
+    ).start()
+    header = b"X-Padding-%d: " + b"p" * 7900 + b"\r\n"
+    conns = []
+    try:
+        for _ in range(400):  # 400 x 320 KB: 125 MiB of heads, if the worker kept them all
+            conn = connect(broker.url)
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + b"".join(header % n for n in range(40)))
+            conns.append(conn)
+        time.sleep(3)
+        assert requests.get(f"{broker.url}/healthz", timeout=10).status_code == 200
+        assert max(worker_memory(broker)) < 96 * 2**20 + 32 * 2**20, f"{max(worker_memory(broker)) / 2**20:.0f} MiB"
+        closed = 0
+        for conn in conns:
+            conn.settimeout(0.01)
+            try:
+                closed += conn.recv(1) == b""
+            except (TimeoutError, ConnectionResetError):
+                closed += 0
+        assert closed > 100, closed
+    finally:
+        for conn in conns:
+            conn.close()

@@ -185,3 +185,26 @@ def test_opening_needs_no_write_lock_once_migrated(tmp_path):
         assert [m.message for m in opened.latest("general", 10).messages] == ["x"]
     finally:
         holder.execute("ROLLBACK")
+
+
+def test_a_granted_read_of_every_channel_steps_through_ids_it_may_not_see(store):
+    """A reader granted some channels only walks the ids in bounded windows: each read
+    looks at GRANTED_WINDOW ids at most, and walking on from each cursor finds exactly the
+    granted messages, in order."""
+    from agent_comms_broker import store as store_module
+
+    store.append([("other", "a", f"o{n}") for n in range(store_module.GRANTED_WINDOW * 2 + 5)])
+    granted = store.append([("team-a", "a", "one"), ("tasks", "a", "two"), ("team-b", "a", "three")])
+    store.append([("other", "a", "after")])
+    first = store.all_after_id(0, 500, None, "team-*,tasks")
+    assert first.messages == [] and first.more and first.cursor == store_module.GRANTED_WINDOW
+    seen, cursor, steps = [], 0, 0
+    while True:
+        page = store.all_after_id(cursor, 2, None, "team-*,tasks")
+        seen += page.messages
+        cursor, steps = page.cursor, steps + 1
+        if not page.more:
+            break
+    assert seen == granted and steps <= 5
+    assert store.all_after_id(0, 10, None, "").messages == []
+    assert len(store.all_after_id(0, 10, None, "*").messages) == 10

@@ -5,6 +5,7 @@ certificate setting stops the broker with one line."""
 import json
 import os
 import subprocess
+import time
 
 import pytest
 import requests
@@ -125,3 +126,33 @@ def test_bad_tls_settings_stop_the_broker_with_one_line(tmp_path, certificates, 
     done = subprocess.run(command, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin", **env})
     assert done.returncode == 1
     assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_clients_that_never_finish_a_handshake_cannot_lock_others_out(tmp_path, certificates):
+    """Far more TCP connections to the HTTPS port than the workers hold, none sending a
+    byte: handshakes are cut for the reserve like slow requests, so /healthz is answered,
+    and the log holds no traceback for them."""
+    import socket
+
+    env = {
+        "AGENT_COMMS_TLS_CERT": certificates["cert"],
+        "AGENT_COMMS_TLS_KEY": certificates["key"],
+        "AGENT_COMMS_WORKER_CONNECTIONS": "64",
+        "AGENT_COMMS_REQUEST_TIMEOUT": "2",
+    }
+    broker = BrokerProcess(tmp_path / "messages.db", env=env, ca=certificates["ca"]).start()
+    silent = []
+    try:
+        for _ in range(400):
+            silent.append(socket.create_connection(("127.0.0.1", broker.port), timeout=10))
+        time.sleep(1)
+        for _ in range(5):
+            started = time.monotonic()
+            assert requests.get(f"{broker.url}/healthz", verify=certificates["ca"], timeout=10).status_code == 200
+            assert time.monotonic() - started < 3
+        time.sleep(3)  # past the request timeout: the silent handshakes were cut, quietly
+        assert "Traceback" not in broker.log(), broker.log()[-3000:]
+    finally:
+        for conn in silent:
+            conn.close()
+        broker.stop()

@@ -8,6 +8,7 @@ Python code can use it:
         ...
 """
 
+import functools
 import json
 import time
 
@@ -27,6 +28,10 @@ SEND_CONNECT_TRIES = 5
 # A post refused with 429 (rate limit) or 503 (busy) was not stored: sending it again is
 # safe. It is, after the broker's Retry-After, for at most this many seconds in all.
 SEND_RETRY_BUDGET = 10.0
+# No reply of a broker comes near this (a page of messages is at most a few MiB), nor takes
+# longer than the read timeout plus a long-poll's wait in all: past either, it is not one
+# to wait for (a broken server, or something in the way).
+REPLY_MAX = 32 << 20
 # The channels and agents listings are read page after page (1000 rows each), up to this
 # many pages.
 LISTING_PAGES = 100
@@ -210,11 +215,18 @@ class BrokerClient:
         session = self.session
         requests = self._requests
         try:
-            reply = session.request(method, url, timeout=timeout, verify=self.verify, **kwargs)
+            reply = session.request(method, url, timeout=timeout, verify=self.verify, stream=True, **kwargs)
         except requests.exceptions.SSLError as error:
             raise BrokerError(_tls_failure(self.url, error)) from None
         except requests.RequestException as error:
             raise BrokerError(self._unreachable(url, error)) from None
+        try:
+            # Within REPLY_MAX bytes and the whole read timeout, not a timeout per chunk.
+            reply._content = _bounded(_pieces(reply.raw), f"{method} {url}", time.monotonic() + timeout[1])
+        except requests.RequestException as error:
+            raise BrokerError(self._unreachable(url, error)) from None
+        finally:
+            reply.close()
         if reply.status_code >= 400:
             raise BrokerError(self._refused(method, url, reply.status_code, _error_text(reply)), reply.status_code)
         try:
@@ -299,7 +311,8 @@ class BrokerClient:
                 connection.sock.settimeout(TIMEOUT[1])
                 connection.request("POST", f"{parts.path}{path}", body, headers)
                 reply = connection.getresponse()
-                status, reason, data = reply.status, reply.reason, reply.read()
+                status, reason = reply.status, reply.reason
+                data = _bounded(_pieces(reply), f"POST {url}", time.monotonic() + TIMEOUT[1])
                 retry_after = reply.getheader("Retry-After")
             except (OSError, HTTPException) as error:
                 https = self._https_instead(error)
@@ -441,6 +454,28 @@ def _error_text(reply):
         return reply.reason or "error"
 
 
+def _pieces(raw):
+    """A reply's body as it arrives: read1 returns what is there (at most 64 KiB), so a
+    server that trickles its answer is noticed between pieces."""
+    if hasattr(raw, "stream"):  # urllib3's, under requests (1.x has no read1)
+        read = getattr(raw, "read1", None) or raw.read
+        return iter(functools.partial(read, 65536, decode_content=True), b"")
+    return iter(functools.partial(raw.read1, 65536), b"")
+
+
+def _bounded(chunks, what, deadline):
+    """The chunks of a reply joined, within REPLY_MAX bytes and by the deadline
+    (time.monotonic()); else BrokerError."""
+    data = bytearray()
+    for chunk in chunks:
+        data += chunk
+        if len(data) > REPLY_MAX:
+            raise BrokerError(f"{what} answered more than {REPLY_MAX} bytes: not a broker's reply")
+        if time.monotonic() > deadline:
+            raise BrokerError(f"{what} did not finish its answer in time")
+    return bytes(data)
+
+
 def _events(reply):
     """Server-Sent Events of a streamed reply, each a dict of its fields; a comment (the
     broker's keep-alive) yields an empty dict so the caller can check its deadline."""
@@ -448,6 +483,8 @@ def _events(reply):
     event = {}
     for chunk in reply.iter_content(chunk_size=None):
         buffer += chunk
+        if len(buffer) > REPLY_MAX:  # one line of the stream without end
+            raise BrokerError(f"{reply.url} sent a line of more than {REPLY_MAX} bytes: not a broker's stream")
         while b"\n" in buffer:
             raw, buffer = buffer.split(b"\n", 1)
             line = raw.decode("utf-8").rstrip("\r")

@@ -23,6 +23,9 @@ log = logging.getLogger("agent_comms_broker.access")
 
 CALLER = "agent_comms.caller"
 LOGGED_TOKEN = "agent_comms.token"
+LOGGED_AGENT = "agent_comms.agent"
+# The longest X-Agent-ID the access log shows (a valid one is at most 128 characters).
+LOGGED_AGENT_MAX = 130
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agent-comms"'}
 # A token's last use is recorded at most this often (per worker).
 TOKEN_TOUCH_INTERVAL = 60.0
@@ -30,6 +33,19 @@ TOKEN_TOUCH_INTERVAL = 60.0
 
 def unauthorized(text):
     return HTTPError(401, text, **CHALLENGE)
+
+
+def logged_claim(value):
+    """The X-Agent-ID a client sent, as the access log shows it: in single quotes, with
+    quotes, backslashes and all but printable ASCII escaped (so it cannot forge another
+    field of the line), cut short if too long; '-' if none."""
+    if value is None:
+        return "-"
+    text = value.encode("latin-1").decode("utf-8", "backslashreplace")
+    if len(text) > LOGGED_AGENT_MAX:
+        text = text[:LOGGED_AGENT_MAX] + "..."
+    escaped = text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def too_many(text, wait):
@@ -80,6 +96,7 @@ class AccessPlugin:
             return callback
 
         def wrapper(*args, **kwargs):
+            request.environ[LOGGED_AGENT] = logged_claim(request.environ.get("HTTP_X_AGENT_ID"))
             who = request.environ[CALLER] = self.identify()
             if who is not None:  # for the access log: the agent the token proved
                 request.environ[LOGGED_TOKEN] = f"{who.token_id}({who.agent})"

@@ -127,6 +127,9 @@ class Settings:
     # The default lets one client fill 5.4 GiB a day at the most.
     byte_rate: int = setting(65536, size)
     byte_burst: int = setting(16 << 20, positive_size)
+    # Bytes of request bodies being read and of large replies being written that one agent
+    # (an address, anonymous) holds at once, all workers together (429 past it). 0: no cap.
+    max_inflight: int = setting(16 << 20, size)
     # Open SSE streams per agent (per address for anonymous callers). 0: no cap.
     max_streams: int = setting(64, count)
     # Channels the broker creates at most; posts to existing channels still work. 0: no cap.
@@ -149,6 +152,9 @@ class Settings:
     request_timeout: float = setting(15.0, positive_duration)
     # A client that takes nothing of a reply or stream for this long is dropped.
     send_timeout: float = setting(30.0, positive_duration)
+    # Past this resident memory, a worker closes the connections waiting longest on their
+    # clients (what they sent so far is held in memory). 0: never for memory.
+    worker_memory: int = setting(256 << 20, size)
     # gunicorn's limits on the request head: bytes of one header line, number of headers.
     max_header: int = setting(8190, positive_int)
     max_headers: int = setting(50, positive_int)

@@ -33,6 +33,12 @@ limit_request_field_size = _settings.max_header
 if _settings.tls:
     certfile = _settings.tls_cert
     keyfile = _settings.tls_key
+
+    def ssl_context(config, default_ssl_context_factory):
+        """gunicorn's context, with each handshake done where the worker tracks it."""
+        from agent_comms_broker.worker import LazyHandshake
+
+        return LazyHandshake(default_ssl_context_factory())
 proc_name = "agent-comms-broker"
 # gunicorn 24+ opens a control socket under $HOME by default: one path shared by every
 # broker on the host, and a write outside the state directory. The broker needs none.
@@ -40,8 +46,9 @@ control_socket_disable = True
 loglevel = _settings.log_level
 errorlog = "-"
 accesslog = _settings.access_log or None
-# agent= is what the client claims (X-Agent-ID); token= the token it proved, and its agent.
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms agent=%({x-agent-id}i)s token=%({agent_comms.token}e)s'
+# agent= is what the client claims (X-Agent-ID, quoted and escaped: it cannot forge a field);
+# token= the token it proved, and its agent.
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms agent=%({agent_comms.agent}e)s token=%({agent_comms.token}e)s'
 
 
 def on_starting(server):

@@ -22,6 +22,13 @@ CORS_EXPOSE = "Retry-After, WWW-Authenticate"
 CORS_MAX_AGE = "600"
 
 
+def same_origin(origin, environ):
+    """Whether a browser's Origin is the broker's own address (a page the broker served)."""
+    scheme, _, host = origin.partition("://")
+    own = environ.get("HTTP_HOST", "")
+    return bool(host) and host.lower() == own.lower() and scheme == environ.get("wsgi.url_scheme", "http")
+
+
 def security_headers(tls):
     return SECURITY_HEADERS + ([HSTS] if tls else [])
 
@@ -44,6 +51,11 @@ class ResponseHeaders:
         allowed = self.allowed_origin(origin)
         if self.origins and environ["REQUEST_METHOD"] == "OPTIONS" and origin is not None:
             return self.preflight(origin, allowed, environ, start_response)
+        if environ["REQUEST_METHOD"] == "POST" and origin is not None and allowed is None:
+            if not same_origin(origin, environ):
+                # A page on another site may send a "simple" POST (text/plain) without any
+                # preflight: with CORS off it must not post as whoever opened the page.
+                return self.refuse_origin(origin, start_response)
         extra = list(self.fixed)
         if allowed is not None:
             extra += [("Access-Control-Allow-Origin", allowed), ("Access-Control-Expose-Headers", CORS_EXPOSE)]
@@ -58,22 +70,22 @@ class ResponseHeaders:
 
         return self.app(environ, start)
 
-    def preflight(self, origin, allowed, environ, start_response):
+    def refuse_origin(self, origin, start_response):
+        payload = json.dumps({"error": f"origin {origin} may not call this broker (AGENT_COMMS_CORS_ORIGINS)"}).encode()
         headers = [*self.fixed, ("Vary", "Origin"), ("Cache-Control", "no-store")]
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+        start_response("403 Forbidden", headers)
+        return [payload]
+
+    def preflight(self, origin, allowed, environ, start_response):
         if allowed is None:
-            body = json.dumps({"error": f"origin {origin} may not call this broker (AGENT_COMMS_CORS_ORIGINS)"})
-            status = "403 Forbidden"
-        else:
-            body = ""
-            status = "204 No Content"
-            headers += [
-                ("Access-Control-Allow-Origin", allowed),
-                ("Access-Control-Allow-Methods", CORS_METHODS),
-                ("Access-Control-Allow-Headers", CORS_HEADERS),
-                ("Access-Control-Max-Age", CORS_MAX_AGE),
-            ]
-        payload = body.encode()
-        if payload:
-            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
-        start_response(status, headers)
-        return [payload] if payload else []
+            return self.refuse_origin(origin, start_response)
+        headers = [*self.fixed, ("Vary", "Origin"), ("Cache-Control", "no-store")]
+        headers += [
+            ("Access-Control-Allow-Origin", allowed),
+            ("Access-Control-Allow-Methods", CORS_METHODS),
+            ("Access-Control-Allow-Headers", CORS_HEADERS),
+            ("Access-Control-Max-Age", CORS_MAX_AGE),
+        ]
+        start_response("204 No Content", headers)
+        return []

@@ -1,5 +1,6 @@
-"""Abuse limits every gunicorn worker shares: a token bucket per agent (or address) and a
-count of each agent's open streams.
+"""Abuse limits every gunicorn worker shares: token buckets per agent (or address), of
+requests and of bytes stored, and what each agent holds: its open streams and the bytes of
+its requests and replies in flight.
 
 The counters live in one shared memory file the master makes before it forks, so a limit
 holds however many workers there are. A POSIX record lock guards it: a few microseconds
@@ -84,15 +85,17 @@ class SharedLimits:
         finally:
             self._unlock()
 
-    # -- streams --------------------------------------------------------------------------
+    # -- holdings: open streams, bytes in flight ----------------------------------------
 
     def _stream_set(self, name):
-        """`name`'s key and the first slot of the set its stream counts live in."""
+        """`name`'s key and the first slot of the set its holdings live in."""
         key = key_of(name)
         return key, self._streams_base + (key % STREAM_SETS) * STREAM_WAYS
 
-    def open_stream(self, name, cap, pid=None):
-        """Count one more open stream for `name` if it has fewer than `cap`; False if not."""
+    def hold(self, name, cap, amount=1, pid=None):
+        """Count `amount` more held by `name` (one open stream, or bytes in flight) if that
+        keeps its total, across workers, within `cap`; False if not. Each worker's share is
+        a slot of its own, so the master can forget a worker that died."""
         pid = os.getpid() if pid is None else pid
         key, first = self._stream_set(name)
         self._lock()
@@ -105,31 +108,31 @@ class SharedLimits:
                         mine = (index, count)
                 elif slot_key == 0 and free is None:
                     free = index
-            if total >= cap or (mine is None and free is None):
+            if total + amount > cap or (mine is None and free is None):
                 return False
             index, count = mine if mine is not None else (free, 0)
-            self._put(index, key, pid, count + 1, 0.0)
+            self._put(index, key, pid, count + amount, 0.0)
             return True
         finally:
             self._unlock()
 
-    def close_stream(self, name, pid=None):
+    def release(self, name, amount=1, pid=None):
         pid = os.getpid() if pid is None else pid
         key, first = self._stream_set(name)
         self._lock()
         try:
             for index, (slot_key, owner, count, _) in self._slots(first, STREAM_WAYS):
                 if slot_key == key and owner == pid:
-                    if count <= 1:
+                    if count <= amount:
                         self._put(index, 0, 0, 0.0, 0.0)
                     else:
-                        self._put(index, key, pid, count - 1, 0.0)
+                        self._put(index, key, pid, count - amount, 0.0)
                     return
         finally:
             self._unlock()
 
     def forget_worker(self, pid):
-        """A worker exited: its streams are closed, whether it said so or was killed."""
+        """A worker exited: its holdings are gone, whether it said so or was killed."""
         self._lock()
         try:
             for index, (slot_key, owner, _, _) in self._slots(self._streams_base, STREAM_SETS * STREAM_WAYS):

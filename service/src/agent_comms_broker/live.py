@@ -168,10 +168,12 @@ class GroupCommitter:
         self._ready = Event()
         self._greenlet = gevent.spawn(self._run)
 
-    def append(self, entries):
-        """Store entries; returns their Messages once committed, or raises the error."""
+    def append(self, entries, capped=True):
+        """Store entries; returns their Messages once committed, or raises the error.
+        `capped`: the caps on channels and agents hold these entries (posts without a
+        token); a token holder's posts always go in."""
         result = AsyncResult()
-        self._queue.append((entries, result))
+        self._queue.append((entries, result, capped))
         self._ready.set()
         return result.get()
 
@@ -182,15 +184,16 @@ class GroupCommitter:
             while self._queue:
                 group, size = [], 0
                 while self._queue and (not group or size + len(self._queue[0][0]) <= GROUP_COMMIT_LIMIT):
-                    entries, result = self._queue.popleft()
-                    group.append((entries, result))
-                    size += len(entries)
+                    item = self._queue.popleft()
+                    group.append(item)
+                    size += len(item[0])
                 self._commit(group)
 
     def _commit(self, group):
         try:
-            batch = [entry for entries, _ in group for entry in entries]
-            stored = self.store.append(batch, **self.caps)
+            batch = [entry for entries, _, _ in group for entry in entries]
+            capped = [entry for entries, _, is_capped in group if is_capped for entry in entries]
+            stored = self.store.append(batch, capped=capped, **self.caps)
         except (ChannelLimit, AgentLimit) as error:
             if len(group) == 1:
                 group[0][1].set_exception(error)
@@ -200,12 +203,12 @@ class GroupCommitter:
                 self._commit([item])
             return
         except BaseException as error:
-            for _, result in group:
+            for _, result, _ in group:
                 result.set_exception(error)
             return
         self.on_commit()
         start = 0
-        for entries, result in group:
+        for entries, result, _ in group:
             result.set(stored[start : start + len(entries)])
             start += len(entries)
 

@@ -19,8 +19,10 @@ gunicorn's gevent worker:
 """
 
 import contextlib
+import ctypes
 import errno
 import json
+import os
 import socket
 import ssl
 import time
@@ -47,9 +49,18 @@ RESERVE_SHARE, RESERVE_MIN = 16, 16
 # so takes in some 16,000 new connections a second however many wait on slow clients.
 READER_MIN_AGE = 0.25
 RESERVE_CHECK = 0.25
+# Bytes of replies the kernel holds per connection (the rest waits in the worker, counted
+# against its agent's bytes in flight): enough for a fast LAN, little for a reader that
+# never reads.
+SEND_BUFFER = 128 << 10
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# mallopt's parameter for the size from which glibc maps buffers on their own.
+M_MMAP_THRESHOLD = -3
 
 
 def write_json_error(sock, status_int, reason, mesg):
+    if status_int == 501:  # an unknown Transfer-Encoding: the client's mistake, not the broker's
+        status_int, reason = 400, "Bad Request"
     body = json.dumps({"error": f"{reason.lower()}: {mesg}"}).encode()
     security = "".join(f"{name}: {value}\r\n" for name, value in _refusal_headers)
     head = (
@@ -84,6 +95,42 @@ class Connection:
             raw.detach()
 
 
+def return_freed_memory():
+    """Fix glibc's mmap threshold at 128 KiB: every larger buffer (a page of messages, a
+    reply, a request body) is then mapped on its own and given back to the system when it
+    is freed. Left dynamic, glibc raises the threshold after the first such free and keeps
+    later large buffers in its heap, so a worker that once held many stays that large."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator decides
+
+
+def resident_memory():
+    """This process's resident memory in bytes (Linux), or 0 if it cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class LazyHandshake:
+    """The TLS context (gunicorn.conf.py's ssl_context hook) whose connections do their
+    handshake in the worker's handle(), where the connection is tracked: a client that
+    connects and never finishes its handshake is then cut after the request timeout, or
+    closed for the reserve, like one that never sends its request."""
+
+    def __init__(self, context):
+        self._context = context
+
+    def wrap_socket(self, sock, **kwargs):
+        return self._context.wrap_socket(sock, **{**kwargs, "do_handshake_on_connect": False})
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
 class BrokerWorker(GeventWorker):
     def init_process(self):
         global _refusal_headers
@@ -91,8 +138,10 @@ class BrokerWorker(GeventWorker):
         util.write_error = write_json_error
         # A client that gives up on the TLS handshake (wrong CA, plain HTTP to the HTTPS
         # port) is the client's problem: no traceback in the broker's log for it.
-        Hub.NOT_ERROR = (*Hub.NOT_ERROR, ssl.SSLError)
+        # Nor does a handshake that times out (a client that connects and sends nothing).
+        Hub.NOT_ERROR = (*Hub.NOT_ERROR, ssl.SSLError, TimeoutError)
         self.settings = Settings.from_env()
+        return_freed_memory()
         # Accepted sockets start with this timeout: a TLS handshake that never ends is cut.
         socket.setdefaulttimeout(self.settings.request_timeout)
         self.connections = {}  # greenlet -> Connection
@@ -123,10 +172,26 @@ class BrokerWorker(GeventWorker):
             self._evict_waiting()
         try:
             client.settimeout(None)  # blocking: each wait has its own deadline
+            # What the kernel holds for a client that does not read is bounded too, else
+            # readers that never read would fill the whole host's TCP memory with replies.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            if isinstance(client, ssl.SSLSocket) and not self._handshake(connection):
+                return
             AsyncWorker.handle(self, listener, client, addr)
         finally:
             self.waiting.pop(connection, None)
             del self.connections[current]
+
+    def _handshake(self, connection):
+        """The TLS handshake, within the request timeout; False if it failed (a client
+        that gave up, or sent plain HTTP): the connection just closes."""
+        with self.waiting_on(connection), gevent.Timeout(self.settings.request_timeout, False):
+            try:
+                connection.sock.do_handshake()
+                return True
+            except (ssl.SSLError, OSError):
+                return False
+        return False
 
     @contextlib.contextmanager
     def waiting_on(self, connection):
@@ -152,11 +217,13 @@ class BrokerWorker(GeventWorker):
         with self.waiting_on(connection), gevent.Timeout(self.cfg.keepalive, False):
             yield
 
-    def _evict_waiting(self):
-        """Close the connections that have waited longest on their clients, until the
-        reserve is free again (those waiting under READER_MIN_AGE are left alone)."""
+    def _evict_waiting(self, excess=None):
+        """Close the connections that have waited longest on their clients: `excess` of
+        them, by default until the reserve is free again (those waiting under
+        READER_MIN_AGE are left alone)."""
         now = time.monotonic()
-        excess = len(self.connections) - (self.worker_connections - self.reserve)
+        if excess is None:
+            excess = len(self.connections) - (self.worker_connections - self.reserve)
         while excess > 0 and self.waiting:
             oldest = next(iter(self.waiting))
             if now - oldest.waiting_since < READER_MIN_AGE:
@@ -166,11 +233,16 @@ class BrokerWorker(GeventWorker):
             excess -= 1
 
     def _keep_reserve(self):
-        """Also when no new connection comes in to trigger it (the pool may be full)."""
+        """Also when no new connection comes in to trigger it (the pool may be full); and
+        when the worker's memory passes AGENT_COMMS_WORKER_MEMORY, what the connections
+        waiting on their clients hold (the heads and bodies they have sent so far) is given
+        back by closing them, the longest waiting first."""
         while self.alive:
             gevent.sleep(RESERVE_CHECK)
             if len(self.connections) > self.worker_connections - self.reserve:
                 self._evict_waiting()
+            if self.settings.worker_memory and resident_memory() > self.settings.worker_memory:
+                self._evict_waiting(max(1, len(self.waiting) // 4))
 
     # -- one request --------------------------------------------------------------------
 

@@ -1,14 +1,15 @@
 """What the routes share: the settings, this process's runtime (store, hub, committer),
 access control and the limits, and the bookkeeping of agents seen and streams open."""
 
+import contextlib
 import logging
 import time
 
 from bottle import HTTPError
 
-from ..access import caller
+from ..access import caller, limit_key, too_many
 from ..store import StoreBusy, StoreFull
-from .validate import header, validate_agent_id
+from .validate import header, look_alike, validate_agent_id
 
 log = logging.getLogger("agent_comms_broker.http")
 
@@ -28,7 +29,7 @@ class Broker:
         self.limits = limits
         self.started = time.time()
         self._last_touch = {}
-        self._token_agents = (0.0, frozenset())
+        self._token_agents = (0.0, {})
 
     @property
     def store(self):
@@ -42,13 +43,14 @@ class Broker:
     def committer(self):
         return self.runtime().committer
 
-    def touch(self, agent):
-        """Refresh an agent's last-seen; best effort, so a read never fails for it."""
+    def touch(self, agent, register=True):
+        """Refresh an agent's last-seen (registering it if new and `register`); best
+        effort, so a read never fails for it."""
         now = time.time()
         if agent is None or now - self._last_touch.get(agent, 0) < TOUCH_INTERVAL:
             return
         try:
-            self.store.touch_agent(agent, now, max_agents=self.settings.max_agents)
+            self.store.touch_agent(agent, now, max_agents=self.settings.max_agents, register=register)
         except (StoreBusy, StoreFull) as error:
             log.warning("could not record agent %s as seen: %s", agent, error)
             return
@@ -68,23 +70,25 @@ class Broker:
         if agent is None:
             return None
         validate_agent_id(agent, "X-Agent-ID header")
-        if self.holds_token(agent):
+        if self.token_holder_like(agent) is not None:
             return None
-        self.touch(agent)
+        # Registering an agent is a write: only where anonymous callers may write.
+        self.touch(agent, register=self.settings.auth == "open")
         return agent
 
-    def holds_token(self, agent):
-        """Whether a token that is neither revoked nor expired belongs to the agent."""
-        checked, agents = self._token_agents
+    def token_holder_like(self, agent):
+        """The agent holding a token (neither revoked nor expired) that `agent` is, or
+        looks like (look_alike: 'alice', 'Alice', 'alice\u00a0'); None if there is none."""
+        checked, holders = self._token_agents
         now = time.monotonic()
         if now - checked >= TOKEN_AGENTS_INTERVAL:
-            agents = frozenset(self.store.token_agents())
-            self._token_agents = (now, agents)
-        return agent in agents
+            holders = {look_alike(name): name for name in self.store.token_agents()}
+            self._token_agents = (now, holders)
+        return holders.get(look_alike(agent)) if holders else None
 
     def take_stream_slot(self, key):
         settings = self.settings
-        if settings.max_streams and not self.limits.open_stream(key, settings.max_streams):
+        if settings.max_streams and not self.limits.hold(key, settings.max_streams):
             raise HTTPError(
                 429,
                 f"too many open streams and long-polls: at most {settings.max_streams} per agent "
@@ -94,4 +98,27 @@ class Broker:
 
     def give_stream_slot(self, key):
         if self.settings.max_streams:
-            self.limits.close_stream(key)
+            self.limits.release(key)
+
+    @contextlib.contextmanager
+    def holding(self, size):
+        """Count `size` bytes (a request body being read, a reply being written) against the
+        caller's bytes in flight, across workers, while the block runs: 429 past
+        AGENT_COMMS_MAX_INFLIGHT. Bytes a client is slow to send or take are what a flood of
+        slow clients would pile up in the broker's memory."""
+        cap = self.settings.max_inflight
+        if not cap:
+            yield
+            return
+        key = "inflight:" + limit_key()
+        amount = min(size, cap)  # one larger than the cap waits for the others to finish
+        if not self.limits.hold(key, cap, amount):
+            raise too_many(
+                f"too many bytes in flight: at most {cap} of requests and replies per agent at once "
+                "(AGENT_COMMS_MAX_INFLIGHT); nothing was done",
+                1,
+            )
+        try:
+            yield
+        finally:
+            self.limits.release(key, amount)

@@ -33,7 +33,14 @@ def post_messages(broker, channel):
     validate_channel(channel)
     allow_write(channel)
     broker.touch_reader()
-    body = read_json_body(settings.max_body)
+    length = request.content_length
+    # A body larger than the limit is refused unread; one being read counts as in flight.
+    with broker.holding(length if 0 <= length <= settings.max_body else settings.max_body):
+        return store_post(broker, channel, read_json_body(settings.max_body))
+
+
+def store_post(broker, channel, body):
+    settings = broker.settings
     who = caller()
     if isinstance(body, list):
         if not body:
@@ -46,12 +53,18 @@ def post_messages(broker, channel):
     else:
         entries = [(channel, *validate_post(body, settings.max_message, who))]
     if who is None:
-        # An agent that holds a token speaks only with it: no one may post as it without.
+        # An agent that holds a token speaks only with it: no one may post as it, or as a
+        # name that looks like it, without.
         for _, sender, _ in entries:
-            if broker.holds_token(sender):
+            holder = broker.token_holder_like(sender)
+            if holder == sender:
                 raise HTTPError(403, f"agent {sender!r} has a token: post with it (Authorization: Bearer ...)")
+            if holder is not None:
+                raise HTTPError(403, f"sender {sender!r} looks like agent {holder!r}, which has a token")
     broker.access.spend_bytes(sum(stored_size(*entry) for entry in entries))
-    stored = broker.committer.append(entries)
+    # The caps on channels and agents hold anonymous posts: a flood of them cannot lock
+    # out the agents that hold tokens.
+    stored = broker.committer.append(entries, capped=who is None)
     response.status = 201
     if isinstance(body, list):
         return {"status": "success", "messages": [m.as_dict() for m in stored], "count": len(stored)}

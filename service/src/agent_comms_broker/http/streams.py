@@ -4,6 +4,7 @@ client's cursor from the store, then live messages from this worker's hub."""
 import functools
 import time
 
+import gevent
 from bottle import HTTPError, response
 
 from ..access import allow_read, caller
@@ -55,9 +56,11 @@ def open_stream(broker, channel):
     waiting = Wait(broker, channel)
 
     def read_after(position):
-        """The next page of the backlog: one write of the stream, within the page budget."""
+        """The next page of the backlog: one write of the stream, within the page budget;
+        of every channel, only those the token may read, looked for in bounded steps."""
         if channel is None:
-            return store.all_after_id(position, STREAM_BACKLOG_PAGE, settings.page_bytes)
+            granted = waiting.who.read if waiting.who is not None else None
+            return store.all_after_id(position, STREAM_BACKLOG_PAGE, settings.page_bytes, granted)
         return store.after_id(channel, position, STREAM_BACKLOG_PAGE, settings.page_bytes)
 
     def readable(message):
@@ -85,6 +88,8 @@ def open_stream(broker, channel):
                     frames = b"".join(sse_frame(message) for message in page.messages if readable(message))
                     if frames:
                         yield frames
+                    else:
+                        gevent.sleep(0)  # nothing to write: let the worker's other requests run
                     cursor = page.cursor
                     if not page.more:
                         break
@@ -96,7 +101,7 @@ def open_stream(broker, channel):
                     if not arrived:
                         if time.monotonic() >= keepalive_at:
                             yield b": keep-alive\n\n"
-                            broker.touch(agent)  # a watching agent stays active
+                            broker.touch(agent, register=False)  # a watching agent stays active
                             keepalive_at = time.monotonic() + settings.keepalive
                         continue
                     items, overflowed = watcher.take()

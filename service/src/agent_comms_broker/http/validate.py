@@ -48,7 +48,30 @@ def validate_agent_id(value, what):
             f"{what} must be 1 to {AGENT_ID_MAX} characters, without control characters or invisible "
             "formatting (bidi overrides, zero-width spaces, line separators)"
         )
+    if value != value.strip():
+        raise bad_request(f"{what} must not begin or end with spaces")
     return value
+
+
+# Characters that show as nothing (Unicode's default-ignorable code points), and blanks
+# that are not spaces to str.isspace (Hangul fillers, the braille blank): a name differs
+# from another by them without looking different.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def look_alike(name):
+    """What a name looks like: compatibility forms folded (NFKC), case folded, what shows
+    as nothing or as blank removed, runs of spaces made one. Two names that give the same
+    are look-alikes."""
+    folded = _INVISIBLE.sub("", unicodedata.normalize("NFKC", name).casefold())
+    return _SPACES.sub(" ", folded).strip()
 
 
 def _printable_name(value):
