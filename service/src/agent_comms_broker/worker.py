@@ -102,8 +102,8 @@ def return_freed_memory():
     later large buffers in its heap, so a worker that once held many stays that large."""
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 << 10)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator decides
+    except Exception:  # not glibc (its allocator decides), or ctypes kept from loading it
+        pass
 
 
 def resident_memory():
