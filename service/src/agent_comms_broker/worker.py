@@ -53,6 +53,7 @@ RESERVE_CHECK = 0.25
 # against its agent's bytes in flight): enough for a fast LAN, little for a reader that
 # never reads.
 SEND_BUFFER = 128 << 10
+RECEIVE_BUFFER = 128 << 10
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # mallopt's parameter for the size from which glibc maps buffers on their own.
 M_MMAP_THRESHOLD = -3
@@ -165,6 +166,9 @@ class BrokerWorker(GeventWorker):
     # -- connections and the reserve ------------------------------------------------------
 
     def handle(self, listener, client, addr):
+        if listener.fileno() == -1:  # stopping: the listener closed under a connection just accepted
+            client.close()
+            return
         connection = Connection(client)
         current = gevent.getcurrent()
         self.connections[current] = connection
@@ -175,6 +179,8 @@ class BrokerWorker(GeventWorker):
             # What the kernel holds for a client that does not read is bounded too, else
             # readers that never read would fill the whole host's TCP memory with replies.
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            # And what it holds of what a client sends before the worker reads it.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             if isinstance(client, ssl.SSLSocket) and not self._handshake(connection):
                 return
             AsyncWorker.handle(self, listener, client, addr)
