@@ -1,4 +1,4 @@
-"""The message store: SQLite schema, migrations and every SQL statement of the broker.
+"""The SQLite store: every SQL statement of the broker but the schema's (schema.py).
 
 Ids come from AUTOINCREMENT under SQLite's single write lock, so they rise strictly in
 commit order. Timestamps are assigned inside the same write transaction and also rise
@@ -9,77 +9,9 @@ later commit. One Store is one connection: use it from one thread (or one gevent
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 
-SCHEMA_VERSION = 2
-
-# The schema as it stands after every migration.
-CREATE_MESSAGES = """
-CREATE TABLE messages (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    channel   TEXT NOT NULL,
-    sender    TEXT NOT NULL,
-    message   TEXT NOT NULL,
-    timestamp REAL NOT NULL
-)"""
-CREATE_MESSAGES_BY_CHANNEL = "CREATE INDEX messages_by_channel ON messages (channel, id)"
-CREATE_MESSAGES_BY_TIME = "CREATE INDEX messages_by_channel_time ON messages (channel, timestamp)"
-# pruned_id / pruned_timestamp: the newest message retention removed, for the gap flag.
-CREATE_CHANNELS = """
-CREATE TABLE channels (
-    name             TEXT PRIMARY KEY,
-    message_count    INTEGER NOT NULL DEFAULT 0,
-    last_activity    REAL,
-    pruned_id        INTEGER NOT NULL DEFAULT 0,
-    pruned_timestamp REAL NOT NULL DEFAULT 0
-) WITHOUT ROWID"""
-CREATE_AGENTS = """
-CREATE TABLE agents (
-    id            TEXT PRIMARY KEY,
-    first_seen    REAL NOT NULL,
-    last_seen     REAL NOT NULL,
-    message_count INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID"""
-# Bearer tokens: only a SHA-256 of each secret is kept. `read` and `write` are
-# comma-separated channel patterns ('*' is a wildcard); '' grants nothing.
-CREATE_TOKENS = """
-CREATE TABLE tokens (
-    id        TEXT PRIMARY KEY,
-    hash      TEXT NOT NULL UNIQUE,
-    agent     TEXT NOT NULL,
-    read      TEXT NOT NULL,
-    write     TEXT NOT NULL,
-    note      TEXT NOT NULL DEFAULT '',
-    created   REAL NOT NULL,
-    expires   REAL,
-    revoked   REAL,
-    last_used REAL
-) WITHOUT ROWID"""
-
-# The seed's broker.py kept DATETIME text ('YYYY-MM-DD HH:MM:SS', UTC) and a read_by column.
-# julianday() arithmetic is exact only to ~0.1 ms at today's dates: round to the millisecond.
-ADOPT_SEED_MESSAGES = """
-INSERT INTO messages (id, channel, sender, message, timestamp)
-SELECT id, channel, sender, message,
-       CASE WHEN typeof(timestamp) IN ('integer', 'real') THEN timestamp
-            ELSE coalesce(round((julianday(timestamp) - 2440587.5) * 86400.0, 3), 0) END
-FROM seed_messages ORDER BY id"""
-ADOPT_SEED_AGENTS = """
-INSERT INTO agents (id, first_seen, last_seen, message_count)
-SELECT a.id,
-       min(coalesce(m.first, a.seen), a.seen),
-       max(coalesce(m.last, a.seen), a.seen),
-       coalesce(m.n, 0)
-FROM (SELECT id, coalesce(round((julianday(last_seen) - 2440587.5) * 86400.0, 3), 0) AS seen
-      FROM seed_agents) AS a
-LEFT JOIN (SELECT sender, min(timestamp) AS first, max(timestamp) AS last, count(*) AS n
-           FROM messages GROUP BY sender) AS m ON m.sender = a.id"""
-ADD_AGENTS_ONLY_IN_MESSAGES = """
-INSERT OR IGNORE INTO agents (id, first_seen, last_seen, message_count)
-SELECT sender, min(timestamp), max(timestamp), count(*) FROM messages GROUP BY sender"""
-COUNT_CHANNELS = """
-INSERT INTO channels (name, message_count, last_activity)
-SELECT channel, count(*), max(timestamp) FROM messages GROUP BY channel"""
+from .model import AgentLimit, ChannelLimit, DatabaseFull, Message, Page, StoreBusy, StoreFull, Token, text_size
+from .schema import MIGRATIONS, SCHEMA_VERSION
 
 LAST_TIMESTAMP = "SELECT timestamp FROM messages ORDER BY id DESC LIMIT 1"
 # Bytes of the database's pages in use: what AGENT_COMMS_MAX_DATABASE caps. Pages retention
@@ -200,99 +132,6 @@ DISK_RESERVE_SHARE = 0.25
 # Strictly rising timestamps: the next is at least this far after the last.
 TIMESTAMP_STEP = 1e-6
 PRUNE_BATCH = 2000
-
-
-class StoreBusy(Exception):
-    """The database stayed locked by other writers past the deadline."""
-
-
-class StoreFull(Exception):
-    """The disk or filesystem holding the database is full."""
-
-
-class DatabaseFull(StoreFull):
-    """The database holds as much as AGENT_COMMS_MAX_DATABASE allows."""
-
-
-class ChannelLimit(Exception):
-    """A post would create a channel past the broker's cap on channels."""
-
-
-class AgentLimit(Exception):
-    """A post would register an agent past the broker's cap on agents."""
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    id: str
-    hash: str
-    agent: str
-    read: str
-    write: str
-    note: str
-    created: float
-    expires: float | None
-    revoked: float | None
-    last_used: float | None
-
-    def state(self, now):
-        if self.revoked is not None:
-            return "revoked"
-        if self.expires is not None and self.expires <= now:
-            return "expired"
-        return "active"
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    id: int
-    channel: str
-    sender: str
-    message: str
-    timestamp: float
-
-    def as_dict(self):
-        return {
-            "id": self.id,
-            "channel": self.channel,
-            "sender": self.sender,
-            "message": self.message,
-            "timestamp": self.timestamp,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One read of a channel: messages oldest first, the cursor to continue from, and
-    whether retention removed messages the caller's cursor had not seen yet."""
-
-    messages: list
-    cursor: int
-    gap: bool
-    more: bool
-
-
-# What a message takes on disk, at most, for an agent's byte budget: its row (text,
-# sender, channel, id, timestamp) and two index entries that repeat the channel, plus the
-# room B-tree pages leave free. Measured: 1-byte messages with long names took 1.7 times
-# text + names + 64; this counts more than that.
-MESSAGE_OVERHEAD = 96
-STORED_SLACK = 1.5
-
-
-def _utf8_len(text):
-    return len(text) if text.isascii() else len(text.encode())
-
-
-def text_size(channel, sender, text):
-    """Bytes of a message's text and names in UTF-8: what a page's budget counts."""
-    return _utf8_len(text) + _utf8_len(sender) + len(channel)
-
-
-def stored_size(channel, sender, text):
-    """What storing the message takes at most: what an agent's byte budget counts."""
-    names = _utf8_len(sender) + 3 * len(channel)
-    return int(STORED_SLACK * (_utf8_len(text) + names)) + MESSAGE_OVERHEAD
 
 
 def _text_size(row):
@@ -716,47 +555,3 @@ def _create_private(path):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         pass
-
-
-def _create_schema(db):
-    for statement in (
-        CREATE_MESSAGES,
-        CREATE_MESSAGES_BY_CHANNEL,
-        CREATE_MESSAGES_BY_TIME,
-        CREATE_CHANNELS,
-        CREATE_AGENTS,
-    ):
-        db.execute(statement)
-
-
-def _migrate_0_to_1(db):
-    """Create the schema, or adopt the tables of the seed's broker.py when present."""
-    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if "messages" not in tables:
-        if "agents" in tables:
-            db.execute("ALTER TABLE agents RENAME TO seed_agents")
-        _create_schema(db)
-        if "agents" in tables:
-            db.execute(ADOPT_SEED_AGENTS)
-            db.execute("DROP TABLE seed_agents")
-        return
-    db.execute("ALTER TABLE messages RENAME TO seed_messages")
-    if "agents" in tables:
-        db.execute("ALTER TABLE agents RENAME TO seed_agents")
-    _create_schema(db)
-    db.execute(ADOPT_SEED_MESSAGES)
-    if "agents" in tables:
-        db.execute(ADOPT_SEED_AGENTS)
-        db.execute("DROP TABLE seed_agents")
-    db.execute(ADD_AGENTS_ONLY_IN_MESSAGES)
-    db.execute(COUNT_CHANNELS)
-    db.execute("DROP TABLE seed_messages")
-
-
-def _migrate_1_to_2(db):
-    """Bearer tokens."""
-    db.execute(CREATE_TOKENS)
-
-
-# MIGRATIONS[n] takes schema n to n + 1.
-MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2]
