@@ -1,7 +1,12 @@
 """What the store hands out and refuses with, whatever backend holds the data: messages,
 pages, tokens, the errors a write can end in, and what a message weighs."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import orjson
+
+# A message that does not say its priority has this one (1 lowest, 5 highest).
+DEFAULT_PRIORITY = 3
 
 
 class StoreBusy(Exception):
@@ -22,6 +27,23 @@ class ChannelLimit(Exception):
 
 class AgentLimit(Exception):
     """A post would register an agent past the broker's cap on agents."""
+
+
+class KeyConflict(Exception):
+    """An idempotency key the sender already used for a post to another channel."""
+
+
+class NoSuchMessage(Exception):
+    """No message with that id in that channel."""
+
+
+class TaskRefused(Exception):
+    """A claim, done or release the task's state does not allow: `task` is the task as it
+    stands (a Task), or None when the message is not a task (a reply)."""
+
+    def __init__(self, text, task=None):
+        super().__init__(text)
+        self.task = task
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,21 +68,79 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
+class Task:
+    """A message worked as a task: pending, claimed (by `agent` until `expires`), done (by
+    `agent`, with the reply `reply`) or dead. `attempt` counts its claims."""
+
+    state: str
+    agent: str | None
+    expires: float | None
+    attempt: int
+    reply: int | None = None
+
+    def as_dict(self):
+        return {
+            "state": self.state,
+            "agent": self.agent,
+            "expires": self.expires,
+            "attempt": self.attempt,
+            "reply": self.reply,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Post:
+    """A message to store: its text and optional fields (`meta` as JSON text, `key` an
+    idempotency key)."""
+
+    channel: str
+    sender: str
+    message: str
+    reply_to: int | None = None
+    priority: int = DEFAULT_PRIORITY
+    tags: tuple = ()
+    meta: str | None = None
+    key: str | None = None
+
+    @classmethod
+    def of(cls, entry):
+        """A Post from a Post or a (channel, sender, message) tuple."""
+        return entry if isinstance(entry, Post) else cls(*entry)
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     id: int
     channel: str
     sender: str
     message: str
     timestamp: float
+    reply_to: int | None = None
+    thread: int | None = None
+    priority: int = DEFAULT_PRIORITY
+    tags: tuple = ()
+    meta: str | None = None
+    # Only on a message that was ever claimed.
+    task: Task | None = None
+    # Set on what a post repeated with its idempotency key answers: stored before, not now.
+    duplicate: bool = field(default=False, compare=False)
 
     def as_dict(self):
-        return {
+        reply = {
             "id": self.id,
             "channel": self.channel,
             "sender": self.sender,
             "message": self.message,
             "timestamp": self.timestamp,
+            "reply_to": self.reply_to,
+            "thread": self.thread,
+            "priority": self.priority,
+            "tags": list(self.tags),
+            "meta": orjson.loads(self.meta) if self.meta else {},
         }
+        if self.task is not None:
+            reply["task"] = self.task.as_dict()
+        return reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +171,9 @@ def text_size(channel, sender, text):
     return _utf8_len(text) + _utf8_len(sender) + len(channel)
 
 
-def stored_size(channel, sender, text):
-    """What storing the message takes at most: what an agent's byte budget counts."""
+def stored_size(channel, sender, text, tags=(), meta=None):
+    """What storing the message takes at most: what an agent's byte budget counts. Each
+    tag is kept twice (in the row, and in the tag index with the channel)."""
     names = _utf8_len(sender) + 3 * len(channel)
-    return int(STORED_SLACK * (_utf8_len(text) + names)) + MESSAGE_OVERHEAD
+    extra = sum(2 * _utf8_len(tag) + len(channel) + 16 for tag in tags) + (len(meta) if meta else 0)
+    return int(STORED_SLACK * (_utf8_len(text) + names + extra)) + MESSAGE_OVERHEAD

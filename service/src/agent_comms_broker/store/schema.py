@@ -2,9 +2,9 @@
 older database (broker.py's included) up to it. PRAGMA user_version holds the schema
 number; MIGRATIONS[n] takes schema n to n + 1."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-# The schema as it stands after every migration.
+# Schema 1, which the later migrations build on.
 CREATE_MESSAGES = """
 CREATE TABLE messages (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -113,5 +113,79 @@ def _migrate_1_to_2(db):
     db.execute(CREATE_TOKENS)
 
 
+# Coordination (schema 3): a message's reply, priority, tags and meta; tasks and their
+# claims; each agent's read position per channel and the moves that took it there (for
+# receipts); idempotency keys. Messages store tags as a JSON list for reading and, for
+# `tag=` reads, once more in message_tags.
+COORDINATION = [
+    "ALTER TABLE messages ADD COLUMN reply_to INTEGER",
+    "ALTER TABLE messages ADD COLUMN thread INTEGER",
+    "ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 3",
+    "ALTER TABLE messages ADD COLUMN tags TEXT",
+    "ALTER TABLE messages ADD COLUMN meta TEXT",
+    "CREATE INDEX messages_by_thread ON messages (thread, id) WHERE thread IS NOT NULL",
+    # A channel's tasks: its messages that are not replies.
+    "CREATE INDEX messages_tasks ON messages (channel, id) WHERE reply_to IS NULL",
+    """CREATE TABLE message_tags (
+        id      INTEGER NOT NULL,
+        tag     TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        PRIMARY KEY (id, tag)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX message_tags_by_channel ON message_tags (channel, tag, id)",
+    # A row for every message ever claimed. `failures` counts releases and expired leases
+    # (AGENT_COMMS_MAX_ATTEMPTS of them make it dead); `reply` is what `done` posted.
+    """CREATE TABLE tasks (
+        id       INTEGER PRIMARY KEY,
+        channel  TEXT NOT NULL,
+        state    TEXT NOT NULL,
+        agent    TEXT,
+        expires  REAL,
+        attempt  INTEGER NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        reply    INTEGER,
+        updated  REAL NOT NULL
+    )""",
+    "CREATE INDEX tasks_by_state ON tasks (channel, state, id)",
+    # Every task of the channel up to `floor` has a row in tasks: a take looks for a
+    # message never claimed after it only.
+    """CREATE TABLE queues (
+        channel TEXT PRIMARY KEY,
+        floor   INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE cursors (
+        agent   TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        read_id INTEGER NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (agent, channel)
+    ) WITHOUT ROWID""",
+    # Each forward move of a read position: a message's receipt is the first move of each
+    # agent to its id or past it.
+    """CREATE TABLE cursor_moves (
+        channel TEXT NOT NULL,
+        read_id INTEGER NOT NULL,
+        agent   TEXT NOT NULL,
+        at      REAL NOT NULL,
+        PRIMARY KEY (channel, read_id, agent)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE idempotency (
+        sender  TEXT NOT NULL,
+        key     TEXT NOT NULL,
+        id      INTEGER NOT NULL,
+        channel TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (sender, key)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX idempotency_by_age ON idempotency (created)",
+]
+
+
+def _migrate_2_to_3(db):
+    """Replies, priorities, tags and meta; task queues; read positions; idempotency keys."""
+    for statement in COORDINATION:
+        db.execute(statement)
+
+
 # MIGRATIONS[n] takes schema n to n + 1.
-MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2]
+MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3]

@@ -6,12 +6,30 @@ strictly (each at least 1 microsecond after the last), so `since=` can never ski
 later commit. One Store is one connection: use it from one thread (or one gevent hub).
 """
 
+import dataclasses
 import os
 import sqlite3
 import time
+from dataclasses import dataclass
 
-from .model import AgentLimit, ChannelLimit, DatabaseFull, Message, Page, StoreBusy, StoreFull, Token, text_size
+import orjson
+
+from .model import (
+    AgentLimit,
+    ChannelLimit,
+    DatabaseFull,
+    KeyConflict,
+    Message,
+    Page,
+    Post,
+    StoreBusy,
+    StoreFull,
+    Token,
+    text_size,
+)
 from .schema import MIGRATIONS, SCHEMA_VERSION
+from .sqlite_coordination import Coordination
+from .sqlite_rows import MESSAGE_COLUMNS, MESSAGES, SELECT_ONE, message_of
 
 LAST_TIMESTAMP = "SELECT timestamp FROM messages ORDER BY id DESC LIMIT 1"
 # Bytes of the database's pages in use: what AGENT_COMMS_MAX_DATABASE caps. Pages retention
@@ -25,7 +43,16 @@ MAX_ID = "SELECT coalesce(max(id), 0) FROM messages"
 # The largest id ever given (AUTOINCREMENT's high-water mark): kept when retention removes
 # the newest messages too. No cursor a client was given can be past it.
 LAST_GIVEN_ID = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
-INSERT_MESSAGE = "INSERT INTO messages (channel, sender, message, timestamp) VALUES (?, ?, ?, ?)"
+INSERT_MESSAGE = """
+INSERT INTO messages (channel, sender, message, timestamp, reply_to, thread, priority, tags, meta)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+INSERT_TAG = "INSERT OR IGNORE INTO message_tags (id, tag, channel) VALUES (?, ?, ?)"
+# What a reply's thread is: the channel and thread of the message it answers.
+SELECT_REPLY_TARGET = "SELECT channel, thread FROM messages WHERE id = ?"
+# Idempotency keys: what a sender's key stored, while it is younger than KEY_LIFETIME.
+SELECT_KEYED = "SELECT id, channel FROM idempotency WHERE sender = ? AND key = ? AND created > ?"
+RECORD_KEY = "INSERT OR REPLACE INTO idempotency (sender, key, id, channel, created) VALUES (?, ?, ?, ?, ?)"
+DELETE_OLD_KEYS = "DELETE FROM idempotency WHERE created <= ?"
 UPSERT_CHANNEL = """
 INSERT INTO channels (name, message_count, last_activity) VALUES (?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET
@@ -40,25 +67,29 @@ UPSERT_AGENT_SEEN = """
 INSERT INTO agents (id, first_seen, last_seen) VALUES (?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)"""
 
-MESSAGE_COLUMNS = "id, channel, sender, message, timestamp"
+# Channel reads; `{only}` is what a read's filters add (Filter.sql), before its limit.
 SELECT_LATEST = f"""
-SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? ORDER BY id DESC LIMIT ?"""
+SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.channel = ? {{only}} ORDER BY m.id DESC LIMIT ?"""
 SELECT_AFTER_ID = f"""
-SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND id > ? ORDER BY id LIMIT ?"""
+SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.channel = ? AND m.id > ? {{only}} ORDER BY m.id LIMIT ?"""
 SELECT_AFTER_TIME = f"""
-SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND timestamp > ?
-ORDER BY timestamp, id LIMIT ?"""
+SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.channel = ? AND m.timestamp > ? {{only}}
+ORDER BY m.timestamp, m.id LIMIT ?"""
 # Rows sharing the page's last timestamp, so a page never splits such a group.
 SELECT_SAME_TIME = f"""
-SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND timestamp = ? AND id > ?
-ORDER BY id"""
-SELECT_ALL_AFTER_ID = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?"
+SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.channel = ? AND m.timestamp = ? AND m.id > ? {{only}}
+ORDER BY m.id"""
+# The filters: a thread (its first message and its replies), a tag, a lowest priority.
+ONLY_THREAD = "AND (m.id = ? OR m.thread = ?)"
+ONLY_TAG = "AND m.id IN (SELECT id FROM message_tags WHERE channel = ? AND tag = ?)"
+ONLY_PRIORITY = "AND m.priority >= ?"
+SELECT_ALL_AFTER_ID = f"SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id > ? ORDER BY m.id LIMIT ?"
 # The same for a reader granted some channels only (patterns where `*` is any characters,
 # as GLOB reads them), over a window of ids: (after, window end, limit) then the patterns.
 SELECT_GRANTED_AFTER_ID = f"""
-SELECT {MESSAGE_COLUMNS} FROM messages WHERE id > ? AND id <= ? AND ({{granted}})
-ORDER BY id LIMIT ?"""
-GRANTED = "channel GLOB ?"
+SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id > ? AND m.id <= ? AND ({{granted}})
+ORDER BY m.id LIMIT ?"""
+GRANTED = "m.channel GLOB ?"
 # A granted read looks at this many ids at most: reading past messages it may not see
 # costs one bounded step at a time, never one long scan of the whole table.
 GRANTED_WINDOW = 20000
@@ -83,7 +114,7 @@ DELETE_IDLE_AGENTS = """
 DELETE FROM agents WHERE last_seen < ? AND id NOT IN (SELECT agent FROM tokens)"""
 # The window of the latest `limit` messages starts here (for a page the budget cuts).
 SELECT_LATEST_WINDOW_START = """
-SELECT min(id) FROM (SELECT id FROM messages WHERE channel = ? ORDER BY id DESC LIMIT ?)"""
+SELECT min(id) FROM (SELECT m.id FROM messages AS m WHERE m.channel = ? {only} ORDER BY m.id DESC LIMIT ?)"""
 SELECT_TOTALS = """
 SELECT (SELECT coalesce(sum(message_count), 0) FROM channels),
        (SELECT count(*) FROM channels WHERE message_count > 0),
@@ -98,6 +129,14 @@ GROUP BY channel"""
 DELETE_EXPIRED = """
 DELETE FROM messages WHERE id IN
     (SELECT id FROM messages WHERE timestamp < ? ORDER BY id LIMIT ?)"""
+# What hangs on the messages a batch removes goes with them: their tags and tasks (the
+# same selection of ids, taken before the messages go), and moves of read positions that
+# reached no message kept.
+EXPIRED_IDS = "SELECT id FROM messages WHERE timestamp < ? ORDER BY id LIMIT ?"
+EXCESS_IDS = "SELECT id FROM messages WHERE channel = ? AND id <= ? ORDER BY id LIMIT ?"
+DELETE_TAGS_OF = "DELETE FROM message_tags WHERE id IN ({ids})"
+DELETE_TASKS_OF = "DELETE FROM tasks WHERE id IN ({ids})"
+DELETE_PASSED_MOVES = "DELETE FROM cursor_moves WHERE channel = ? AND read_id <= ?"
 SELECT_OVERFULL_CHANNELS = "SELECT name, message_count FROM channels WHERE message_count > ?"
 SELECT_NTH_NEWEST_ID = "SELECT id FROM messages WHERE channel = ? ORDER BY id DESC LIMIT 1 OFFSET ?"
 SELECT_EXCESS = """
@@ -132,6 +171,36 @@ DISK_RESERVE_SHARE = 0.25
 # Strictly rising timestamps: the next is at least this far after the last.
 TIMESTAMP_STEP = 1e-6
 PRUNE_BATCH = 2000
+# A post repeated with its idempotency key within this many seconds stores nothing.
+KEY_LIFETIME = 24 * 3600
+# Tasks: a release or an expired lease counts as a failure; this many make a task dead.
+DEFAULT_MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """What a channel read keeps: one thread, one tag, a lowest priority (None: all)."""
+
+    thread: int | None = None
+    tag: str | None = None
+    min_priority: int | None = None
+
+    def sql(self, channel):
+        """The statement's `{only}` and its parameters."""
+        parts, params = [], []
+        if self.thread is not None:
+            parts.append(ONLY_THREAD)
+            params += [self.thread, self.thread]
+        if self.tag is not None:
+            parts.append(ONLY_TAG)
+            params += [channel, self.tag]
+        if self.min_priority is not None:
+            parts.append(ONLY_PRIORITY)
+            params.append(self.min_priority)
+        return " ".join(parts), params
+
+
+EVERYTHING = Filter()
 
 
 def _text_size(row):
@@ -161,9 +230,12 @@ def _is_full(error):
     return "full" in str(error) or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
-class Store:
-    def __init__(self, path, synchronous="FULL", busy_deadline=10.0, sleep=time.sleep):
+class Store(Coordination):
+    def __init__(
+        self, path, synchronous="FULL", busy_deadline=10.0, sleep=time.sleep, max_attempts=DEFAULT_MAX_ATTEMPTS
+    ):
         self.path = path
+        self.max_attempts = max_attempts
         self.busy_deadline = busy_deadline
         # Waiting for the write lock sleeps through `sleep` (cooperative under gevent),
         # not through SQLite's busy handler, which would block the whole worker.
@@ -252,41 +324,93 @@ class Store:
     # -- writes ---------------------------------------------------------------------------
 
     def append(self, entries, now=None, max_channels=0, max_agents=0, max_database=0, capped=None):
-        """Store (channel, sender, message) tuples in one transaction; returns Messages.
-        With max_channels or max_agents, a post that would create a channel or register an
-        agent past the cap stores nothing; `capped` (default: all of `entries`) are the
-        entries the caps hold. With max_database, nothing is stored once the database's
-        pages in use hold that many bytes."""
-        capped = entries if capped is None else capped
+        """Store Posts (or (channel, sender, message) tuples) in one transaction; returns
+        their Messages. A post repeated with its idempotency key answers the Message stored
+        the first time (marked `duplicate`) and stores nothing; a key used for another
+        channel raises KeyConflict. With max_channels or max_agents, a post that would
+        create a channel or register an agent past the cap stores nothing; `capped`
+        (default: all of `entries`) are the entries the caps hold. With max_database,
+        nothing is stored once the database's pages in use hold that many bytes."""
+        posts = [Post.of(entry) for entry in entries]
+        capped = posts if capped is None else [Post.of(entry) for entry in capped]
         self._check_free_space()
 
         def work(db):
             if max_database:
                 self._check_database_size(db, max_database)
             if max_channels and capped:
-                self._check_channel_cap(db, {entry[0] for entry in capped}, max_channels)
+                self._check_channel_cap(db, {post.channel for post in capped}, max_channels)
             if max_agents and capped:
-                self._check_agent_cap(db, {entry[1] for entry in capped}, max_agents)
-            clock = time.time() if now is None else now
-            # The newest message is never pruned while any other is kept, so only an empty
-            # table needs the pruned timestamps: either way a clock stepped back cannot
-            # give a new message a time a reader with `since=` has already passed.
-            row = db.execute(LAST_TIMESTAMP).fetchone() or db.execute(LAST_PRUNED_TIMESTAMP).fetchone()
-            stamp = clock if row is None or row[0] is None else max(clock, row[0] + TIMESTAMP_STEP)
-            stored, per_channel, per_agent = [], {}, {}
-            for channel, sender, text in entries:
-                cursor = db.execute(INSERT_MESSAGE, (channel, sender, text, stamp))
-                stored.append(Message(cursor.lastrowid, channel, sender, text, stamp))
-                per_channel[channel] = (per_channel.get(channel, (0,))[0] + 1, stamp)
-                per_agent[sender] = (per_agent.get(sender, (0,))[0] + 1, stamp)
-                stamp += TIMESTAMP_STEP
-            for channel, (added, last) in per_channel.items():
-                db.execute(UPSERT_CHANNEL, (channel, added, last))
-            for sender, (sent, last) in per_agent.items():
-                db.execute(UPSERT_AGENT_SENT, (sender, last, last, sent))
-            return stored
+                self._check_agent_cap(db, {post.sender for post in capped}, max_agents)
+            return self._insert(db, posts, time.time() if now is None else now)
 
         return self._write(work)
+
+    def _insert(self, db, posts, clock):
+        """Insert posts inside the caller's transaction (see append)."""
+        # The newest message is never pruned while any other is kept, so only an empty
+        # table needs the pruned timestamps: either way a clock stepped back cannot give a
+        # new message a time a reader with `since=` has already passed.
+        row = db.execute(LAST_TIMESTAMP).fetchone() or db.execute(LAST_PRUNED_TIMESTAMP).fetchone()
+        stamp = clock if row is None or row[0] is None else max(clock, row[0] + TIMESTAMP_STEP)
+        stored, per_channel, per_agent, keyed = [], {}, {}, {}
+        for post in posts:
+            if post.key is not None:
+                first = keyed.get((post.sender, post.key)) or self._keyed(db, post, clock)
+                if first is not None:
+                    if first.channel != post.channel:
+                        raise KeyConflict(
+                            f"idempotency key {post.key!r} of {post.sender!r} was used for a post to "
+                            f"channel {first.channel!r} (message {first.id}); use a new key"
+                        )
+                    stored.append(dataclasses.replace(first, duplicate=True))
+                    continue
+            thread = None
+            if post.reply_to is not None:
+                target = db.execute(SELECT_REPLY_TARGET, (post.reply_to,)).fetchone()
+                # Checked before the post was queued; pruned since, it still names the thread.
+                thread = post.reply_to if target is None or target[1] is None else target[1]
+            tags = orjson.dumps(list(post.tags)).decode() if post.tags else None
+            row = (
+                post.channel,
+                post.sender,
+                post.message,
+                stamp,
+                post.reply_to,
+                thread,
+                post.priority,
+                tags,
+                post.meta,
+            )
+            message_id = db.execute(INSERT_MESSAGE, row).lastrowid
+            for tag in post.tags:
+                db.execute(INSERT_TAG, (message_id, tag, post.channel))
+            message = Message(message_id, *row[:6], post.priority, tuple(post.tags), post.meta)
+            if post.key is not None:
+                db.execute(RECORD_KEY, (post.sender, post.key, message_id, post.channel, clock))
+                keyed[(post.sender, post.key)] = message
+            stored.append(message)
+            per_channel[post.channel] = (per_channel.get(post.channel, (0,))[0] + 1, stamp)
+            per_agent[post.sender] = (per_agent.get(post.sender, (0,))[0] + 1, stamp)
+            stamp += TIMESTAMP_STEP
+        for channel, (added, last) in per_channel.items():
+            db.execute(UPSERT_CHANNEL, (channel, added, last))
+        for sender, (sent, last) in per_agent.items():
+            db.execute(UPSERT_AGENT_SENT, (sender, last, last, sent))
+        return stored
+
+    def _keyed(self, db, post, now):
+        """The message a sender's idempotency key stored within KEY_LIFETIME, if it is kept."""
+        row = db.execute(SELECT_KEYED, (post.sender, post.key, now - KEY_LIFETIME)).fetchone()
+        if row is None:
+            return None
+        found = db.execute(SELECT_ONE, row).fetchone()
+        return None if found is None else message_of(found, now, self.max_attempts)
+
+    def forget_old_keys(self, now=None):
+        """Forget idempotency keys older than KEY_LIFETIME; returns how many went."""
+        before = (time.time() if now is None else now) - KEY_LIFETIME
+        return self._write(lambda db: db.execute(DELETE_OLD_KEYS, (before,)).rowcount)
 
     def _check_free_space(self):
         try:
@@ -360,9 +484,12 @@ class Store:
         groups = db.execute(SELECT_EXPIRED, (cutoff, PRUNE_BATCH)).fetchall()
         if not groups:
             return 0
+        for statement in (DELETE_TAGS_OF, DELETE_TASKS_OF):
+            db.execute(statement.format(ids=EXPIRED_IDS), (cutoff, PRUNE_BATCH))
         db.execute(DELETE_EXPIRED, (cutoff, PRUNE_BATCH))
         for channel, gone, last_id, last_stamp in groups:
             db.execute(RECORD_PRUNED, (gone, last_id, last_stamp, channel))
+            db.execute(DELETE_PASSED_MOVES, (channel, last_id))
         return sum(group[1] for group in groups)
 
     @staticmethod
@@ -373,55 +500,73 @@ class Store:
         gone, last_id, last_stamp = db.execute(SELECT_EXCESS, (channel, row[0], PRUNE_BATCH)).fetchone()
         if not gone:
             return 0
+        for statement in (DELETE_TAGS_OF, DELETE_TASKS_OF):
+            db.execute(statement.format(ids=EXCESS_IDS), (channel, row[0], PRUNE_BATCH))
         db.execute(DELETE_EXCESS, (channel, row[0], PRUNE_BATCH))
         db.execute(RECORD_PRUNED, (gone, last_id, last_stamp, channel))
+        db.execute(DELETE_PASSED_MOVES, (channel, last_id))
         return gone
 
     # -- reads ----------------------------------------------------------------------------
 
-    def latest(self, channel, limit, max_bytes=None):
-        """The newest `limit` messages of a channel, oldest first; the cursor is the
-        channel's newest id (0 for an empty channel). If they hold more than `max_bytes`
-        of text, the page starts at the oldest of them and stops within the budget, like
-        an after_id page (`more` set, the cursor its last id), so paging on from the cursor
-        gets the rest."""
+    def _messages(self, rows):
+        now = time.time()
+        return [message_of(row, now, self.max_attempts) for row in rows]
+
+    def message(self, channel, message_id):
+        """One message of a channel, or None."""
+        row = self._read(lambda db: db.execute(SELECT_ONE, (message_id, channel)).fetchone())
+        return None if row is None else message_of(row, time.time(), self.max_attempts)
+
+    def latest(self, channel, limit, max_bytes=None, only=EVERYTHING):
+        """The newest `limit` messages of a channel (those `only` keeps), oldest first; the
+        cursor is the newest one's id (0 if there is none). If they hold more than
+        `max_bytes` of text, the page starts at the oldest of them and stops within the
+        budget, like an after_id page (`more` set, the cursor its last id), so paging on
+        from the cursor gets the rest."""
+        where, params = only.sql(channel)
 
         def work(db):
-            rows, cut = _take(db.execute(SELECT_LATEST, (channel, limit)), limit, max_bytes)
+            rows, cut = _take(db.execute(SELECT_LATEST.format(only=where), (channel, *params, limit)), limit, max_bytes)
             if cut:
-                start = db.execute(SELECT_LATEST_WINDOW_START, (channel, limit)).fetchone()[0]
-                return self._after_id(db, channel, start - 1, limit, max_bytes)
+                statement = SELECT_LATEST_WINDOW_START.format(only=where)
+                start = db.execute(statement, (channel, *params, limit)).fetchone()[0]
+                return self._after_id(db, channel, start - 1, limit, max_bytes, only)
             rows.reverse()
             cursor = rows[-1][0] if rows else 0
-            return Page([Message(*row) for row in rows], cursor, False, False)
+            return Page(self._messages(rows), cursor, False, False)
 
         return self._read(work)
 
-    def after_id(self, channel, after, limit, max_bytes=None):
-        """Messages of a channel with id > after, oldest first: at most `limit`, and no
-        more than `max_bytes` of text (but always one)."""
-        return self._read(lambda db: self._after_id(db, channel, after, limit, max_bytes))
+    def after_id(self, channel, after, limit, max_bytes=None, only=EVERYTHING):
+        """Messages of a channel with id > after (those `only` keeps), oldest first: at
+        most `limit`, and no more than `max_bytes` of text (but always one)."""
+        return self._read(lambda db: self._after_id(db, channel, after, limit, max_bytes, only))
 
-    @staticmethod
-    def _after_id(db, channel, after, limit, max_bytes):
-        rows, more = _take(db.execute(SELECT_AFTER_ID, (channel, after, limit + 1)), limit, max_bytes)
+    def _after_id(self, db, channel, after, limit, max_bytes, only):
+        where, params = only.sql(channel)
+        statement = SELECT_AFTER_ID.format(only=where)
+        rows, more = _take(db.execute(statement, (channel, after, *params, limit + 1)), limit, max_bytes)
         pruned = db.execute(SELECT_CHANNEL_PRUNED, (channel,)).fetchone()
         gap = pruned is not None and pruned[0] > after
         cursor = rows[-1][0] if rows else after
-        return Page([Message(*row) for row in rows], cursor, gap, more)
+        return Page(self._messages(rows), cursor, gap, more)
 
-    def after_time(self, channel, since, limit, max_bytes=None):
+    def after_time(self, channel, since, limit, max_bytes=None, only=EVERYTHING):
         """Messages of a channel with timestamp > since, oldest first, within `limit` and
         `max_bytes` as after_id. A page is extended past both rather than split between
         messages sharing one timestamp (possible only in data adopted from the seed, whose
         timestamps had one-second resolution)."""
+        where, params = only.sql(channel)
+        after_time = SELECT_AFTER_TIME.format(only=where)
 
         def work(db):
-            rows, more = _take(db.execute(SELECT_AFTER_TIME, (channel, since, limit + 1)), limit, max_bytes)
+            rows, more = _take(db.execute(after_time, (channel, since, *params, limit + 1)), limit, max_bytes)
             if more:
                 last = rows[-1]
-                rows += db.execute(SELECT_SAME_TIME, (channel, last[4], last[0])).fetchall()
-                more = db.execute(SELECT_AFTER_TIME, (channel, rows[-1][4], 1)).fetchone() is not None
+                same = SELECT_SAME_TIME.format(only=where)
+                rows += db.execute(same, (channel, last[4], last[0], *params)).fetchall()
+                more = db.execute(after_time, (channel, rows[-1][4], *params, 1)).fetchone() is not None
             pruned = db.execute(SELECT_CHANNEL_PRUNED, (channel,)).fetchone()
             gap = pruned is not None and pruned[1] > since
             if rows:
@@ -429,7 +574,7 @@ class Store:
             else:
                 # Nothing newer than `since`: continue from the channel's newest message.
                 cursor = db.execute(SELECT_CHANNEL_LAST_ID, (channel,)).fetchone()[0]
-            return Page([Message(*row) for row in rows], cursor, gap, more)
+            return Page(self._messages(rows), cursor, gap, more)
 
         return self._read(work)
 
@@ -443,15 +588,15 @@ class Store:
         def work(db):
             if granted is None or "*" in granted.split(","):
                 rows, more = _take(db.execute(SELECT_ALL_AFTER_ID, (after, limit + 1)), limit, max_bytes)
-                return Page([Message(*row) for row in rows], rows[-1][0] if rows else after, False, more)
+                return Page(self._messages(rows), rows[-1][0] if rows else after, False, more)
             patterns = granted.split(",")
             end = after + GRANTED_WINDOW
             statement = SELECT_GRANTED_AFTER_ID.format(granted=" OR ".join([GRANTED] * len(patterns)))
             rows, cut = _take(db.execute(statement, (after, end, *patterns, limit + 1)), limit, max_bytes)
             if cut:
-                return Page([Message(*row) for row in rows], rows[-1][0], False, True)
+                return Page(self._messages(rows), rows[-1][0], False, True)
             last = db.execute(LAST_GIVEN_ID).fetchone()[0]
-            return Page([Message(*row) for row in rows], min(end, max(last, after)), False, end < last)
+            return Page(self._messages(rows), min(end, max(last, after)), False, end < last)
 
         return self._read(work)
 

@@ -1,0 +1,285 @@
+"""Coordination on SQLite: task claims and leases, read positions and receipts. Part of
+the Store (a mixin of it); every statement here.
+
+Claims stay correct without leaning on SQLite's single writer: each change of a task is a
+conditional UPDATE (or an INSERT that a primary key refuses) whose row count says whether
+it won, so two takers on another backend, each in its own transaction, cannot both get a
+task; a take that loses looks again.
+"""
+
+import time
+
+from .model import NoSuchMessage, TaskRefused
+from .sqlite_rows import MESSAGE_COLUMNS, MESSAGES, SELECT_ONE, message_of
+
+# The oldest task a take can have, three ways: released back to pending; claimed with a
+# lease that ended; never claimed (after the channel's floor: every task up to it has a row).
+SELECT_PENDING = "SELECT id FROM tasks WHERE channel = ? AND state = 'pending' ORDER BY id LIMIT 1"
+SELECT_LAPSED = """
+SELECT id, failures FROM tasks WHERE channel = ? AND state = 'claimed' AND expires <= ? ORDER BY id LIMIT 1"""
+SELECT_FLOOR = "SELECT floor FROM queues WHERE channel = ?"
+SELECT_UNCLAIMED = """
+SELECT m.id FROM messages AS m WHERE m.channel = ? AND m.reply_to IS NULL AND m.id > ?
+  AND NOT EXISTS (SELECT 1 FROM tasks AS t WHERE t.id = m.id)
+ORDER BY m.id LIMIT 1"""
+SET_FLOOR = """
+INSERT INTO queues (channel, floor) VALUES (?, ?)
+ON CONFLICT (channel) DO UPDATE SET floor = max(floor, excluded.floor)"""
+# (id, channel, agent, expires, now)
+INSERT_CLAIM = """
+INSERT INTO tasks (id, channel, state, agent, expires, attempt, failures, reply, updated)
+VALUES (?, ?, 'claimed', ?, ?, 1, 0, NULL, ?) ON CONFLICT (id) DO NOTHING"""
+# (agent, expires, now, id)
+CLAIM_PENDING = """
+UPDATE tasks SET state = 'claimed', agent = ?, expires = ?, attempt = attempt + 1, updated = ?
+WHERE id = ? AND state = 'pending'"""
+# (agent, expires, now, id, now): the lease that ended counts as a failure.
+CLAIM_LAPSED = """
+UPDATE tasks SET state = 'claimed', agent = ?, expires = ?, attempt = attempt + 1, failures = failures + 1,
+    updated = ?
+WHERE id = ? AND state = 'claimed' AND expires <= ?"""
+# (now, id, now): a lapsed claim that was the task's last attempt.
+BURY_LAPSED = """
+UPDATE tasks SET state = 'dead', expires = NULL, failures = failures + 1, updated = ?
+WHERE id = ? AND state = 'claimed' AND expires <= ?"""
+# (expires, now, id, agent): the holder extends its lease.
+EXTEND_CLAIM = """
+UPDATE tasks SET expires = ?, updated = ? WHERE id = ? AND state = 'claimed' AND agent = ?"""
+# (reply, now, id, agent)
+FINISH = """
+UPDATE tasks SET state = 'done', expires = NULL, reply = ?, updated = ?
+WHERE id = ? AND state = 'claimed' AND agent = ?"""
+# (state, agent kept, now, id, agent)
+RELEASE = """
+UPDATE tasks SET state = ?, agent = ?, expires = NULL, failures = failures + 1, updated = ?
+WHERE id = ? AND state = 'claimed' AND agent = ?"""
+SELECT_TASK_ROW = f"SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id = ? AND m.channel = ?"
+
+# The queue view: tasks of a channel, rows by state as they stand now (a lapsed claim is
+# pending, or dead on its last attempt).
+COUNT_TASKS = "SELECT count(*) FROM messages WHERE channel = ? AND reply_to IS NULL"
+COUNT_BY_STATE = """
+SELECT CASE WHEN state = 'claimed' AND expires <= :now
+            THEN CASE WHEN failures + 1 >= :max THEN 'dead' ELSE 'pending' END
+            ELSE state END AS current, count(*)
+FROM tasks WHERE channel = :channel GROUP BY current"""
+SELECT_CLAIMED = """
+SELECT id, agent, expires, attempt FROM tasks
+WHERE channel = ? AND state = 'claimed' AND expires > ? ORDER BY id LIMIT ?"""
+SELECT_DEAD = """
+SELECT id, agent, attempt FROM tasks
+WHERE channel = ? AND (state = 'dead' OR (state = 'claimed' AND expires <= ? AND failures + 1 >= ?))
+ORDER BY id LIMIT ?"""
+
+# Read positions: forward only. (agent, channel, read, now)
+MOVE_CURSOR = """
+INSERT INTO cursors (agent, channel, read_id, updated) VALUES (?, ?, ?, ?)
+ON CONFLICT (agent, channel) DO UPDATE SET read_id = excluded.read_id, updated = excluded.updated
+WHERE excluded.read_id > cursors.read_id"""
+RECORD_MOVE = "INSERT OR IGNORE INTO cursor_moves (channel, read_id, agent, at) VALUES (?, ?, ?, ?)"
+SELECT_CURSOR = "SELECT read_id FROM cursors WHERE agent = ? AND channel = ?"
+SELECT_CURSORS = "SELECT channel, read_id FROM cursors WHERE agent = ?"
+COUNT_AFTER = "SELECT count(*) FROM messages WHERE channel = ? AND id > ?"
+# A message's receipts: each agent's first move to its id or past it.
+SELECT_RECEIPTS = """
+SELECT agent, min(at) AS read_at FROM cursor_moves WHERE channel = ? AND read_id >= ?
+GROUP BY agent ORDER BY read_at, agent"""
+
+DEFAULT_LEASE = 300.0
+
+
+class Coordination:
+    """Tasks, read positions and receipts; mixed into the Store."""
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def take(self, channel, agent, lease=DEFAULT_LEASE, now=None):
+        """Claim the channel's oldest task that is pending (released, lapsed or never
+        claimed) for `agent` for `lease` seconds; its Message (with its task), or None."""
+        stamp = time.time() if now is None else now
+        return self._write(lambda db: self._take_one(db, channel, agent, lease, stamp))
+
+    def _take_one(self, db, channel, agent, lease, now):
+        while True:
+            pending = db.execute(SELECT_PENDING, (channel,)).fetchone()
+            lapsed = db.execute(SELECT_LAPSED, (channel, now)).fetchone()
+            floor = db.execute(SELECT_FLOOR, (channel,)).fetchone()
+            fresh = db.execute(SELECT_UNCLAIMED, (channel, floor[0] if floor else 0)).fetchone()
+            choices = [
+                (row[0], way) for row, way in ((pending, "pending"), (lapsed, "lapsed"), (fresh, "fresh")) if row
+            ]
+            if not choices:
+                return None
+            task_id, way = min(choices)
+            expires = now + lease
+            if way == "fresh":
+                won = db.execute(INSERT_CLAIM, (task_id, channel, agent, expires, now)).rowcount
+                # Every task up to this one has a row now: the next take looks after it.
+                db.execute(SET_FLOOR, (channel, task_id))
+            elif way == "pending":
+                won = db.execute(CLAIM_PENDING, (agent, expires, now, task_id)).rowcount
+            elif lapsed[1] + 1 >= self.max_attempts:
+                db.execute(BURY_LAPSED, (now, task_id, now))
+                continue
+            else:
+                won = db.execute(CLAIM_LAPSED, (agent, expires, now, task_id, now)).rowcount
+            if won:
+                return self._task_message(db, channel, task_id, now)
+
+    def claim(self, channel, message_id, agent, lease=DEFAULT_LEASE, now=None):
+        """Claim one task for `agent`, or extend the lease it holds; its Message. Raises
+        NoSuchMessage, or TaskRefused (a reply; held by another agent; done; dead)."""
+        stamp = time.time() if now is None else now
+
+        def work(db):
+            message = self._task_message(db, channel, message_id, stamp)
+            task = message.task
+            expires = stamp + lease
+            if task is None:
+                won = db.execute(INSERT_CLAIM, (message_id, channel, agent, expires, stamp)).rowcount
+            elif (task.state == "claimed" and task.agent == agent) or self._lapsed_holder(db, message_id, agent, stamp):
+                won = db.execute(EXTEND_CLAIM, (expires, stamp, message_id, agent)).rowcount
+            elif task.state == "claimed":
+                raise TaskRefused(f"task {message_id} is held by agent {task.agent!r} until {task.expires}", task)
+            elif task.state == "pending":
+                won = db.execute(CLAIM_PENDING, (agent, expires, stamp, message_id)).rowcount
+                won = won or db.execute(CLAIM_LAPSED, (agent, expires, stamp, message_id, stamp)).rowcount
+            else:
+                raise TaskRefused(f"task {message_id} is {task.state}", task)
+            if not won:
+                raise TaskRefused(f"task {message_id} changed hands while it was claimed; try again", task)
+            return self._task_message(db, channel, message_id, stamp)
+
+        return self._write(work)
+
+    def done(self, channel, message_id, agent, reply=None, now=None):
+        """Mark the task `agent` holds done and, in the same transaction, store `reply` (a
+        Post answering it, or None); (its Message, the reply's Message or None). Done again
+        by the agent that finished it answers the same, storing nothing."""
+        stamp = time.time() if now is None else now
+
+        def work(db):
+            message = self._task_message(db, channel, message_id, stamp)
+            task = message.task
+            if task is not None and task.state == "done" and task.agent == agent:
+                answer = db.execute(SELECT_ONE, (task.reply, channel)).fetchone() if task.reply else None
+                return message, None if answer is None else message_of(answer, stamp, self.max_attempts)
+            self._check_holder(db, message, agent, stamp, "finish")
+            stored = self._insert(db, [reply], stamp)[0] if reply is not None else None
+            db.execute(FINISH, (stored.id if stored else None, stamp, message_id, agent))
+            return self._task_message(db, channel, message_id, stamp), stored
+
+        return self._write(work)
+
+    def release(self, channel, message_id, agent, dead=False, now=None):
+        """Give back the task `agent` holds: pending again, or dead (with `dead`, or when it
+        was its last attempt); its Message."""
+        stamp = time.time() if now is None else now
+
+        def work(db):
+            message = self._task_message(db, channel, message_id, stamp)
+            self._check_holder(db, message, agent, stamp, "release")
+            row = db.execute("SELECT failures FROM tasks WHERE id = ?", (message_id,)).fetchone()
+            buried = dead or row[0] + 1 >= self.max_attempts
+            state, kept = ("dead", agent) if buried else ("pending", None)
+            db.execute(RELEASE, (state, kept, stamp, message_id, agent))
+            return self._task_message(db, channel, message_id, stamp)
+
+        return self._write(work)
+
+    def _task_message(self, db, channel, message_id, now):
+        row = db.execute(SELECT_TASK_ROW, (message_id, channel)).fetchone()
+        if row is None:
+            raise NoSuchMessage(f"no message {message_id} in channel {channel!r}")
+        if row[5] is not None:
+            raise TaskRefused(f"message {message_id} is a reply (to {row[5]}), not a task")
+        return message_of(row, now, self.max_attempts)
+
+    @staticmethod
+    def _lapsed_holder(db, message_id, agent, now):
+        """Whether `agent` still holds the task's claim row although its lease ended (no
+        one took the task since): it may still extend, finish or release it."""
+        row = db.execute("SELECT state, agent FROM tasks WHERE id = ?", (message_id,)).fetchone()
+        return row is not None and row[0] == "claimed" and row[1] == agent
+
+    def _check_holder(self, db, message, agent, now, what):
+        task = message.task
+        if task is None or not self._lapsed_holder(db, message.id, agent, now):
+            if task is None:
+                text = f"task {message.id} is not claimed: claim it before you {what} it"
+            elif task.state == "claimed":
+                text = f"task {message.id} is held by agent {task.agent!r}, not {agent!r}"
+            else:
+                text = f"task {message.id} is {task.state}" + (f" (by {task.agent!r})" if task.agent else "")
+            raise TaskRefused(text, task)
+
+    def queue(self, channel, limit=100, now=None):
+        """A channel's tasks: counts by state, and the claimed and dead ones (at most `limit`
+        of each) as (id, agent, expires, attempt) and (id, agent, attempt)."""
+        stamp = time.time() if now is None else now
+
+        def work(db):
+            total = db.execute(COUNT_TASKS, (channel,)).fetchone()[0]
+            rows = dict(db.execute(COUNT_BY_STATE, {"now": stamp, "max": self.max_attempts, "channel": channel}))
+            counts = {state: rows.get(state, 0) for state in ("claimed", "done", "dead")}
+            counts["pending"] = total - sum(rows.values()) + rows.get("pending", 0)
+            claimed = db.execute(SELECT_CLAIMED, (channel, stamp, limit)).fetchall()
+            dead = db.execute(SELECT_DEAD, (channel, stamp, self.max_attempts, limit)).fetchall()
+            return counts, claimed, dead
+
+        return self._read(work)
+
+    # -- read positions -------------------------------------------------------------------
+
+    def move_cursor(self, agent, channel, read_id, now=None):
+        """Move an agent's read position in a channel forward to `read_id` (never back);
+        (where it stands, whether it moved)."""
+        stamp = time.time() if now is None else now
+
+        def work(db):
+            moved = db.execute(MOVE_CURSOR, (agent, channel, read_id, stamp)).rowcount > 0
+            if moved:
+                db.execute(RECORD_MOVE, (channel, read_id, agent, stamp))
+            return db.execute(SELECT_CURSOR, (agent, channel)).fetchone()[0], moved
+
+        return self._write(work)
+
+    def cursor(self, agent, channel):
+        """An agent's read position in a channel (0: it has read nothing)."""
+        row = self._read(lambda db: db.execute(SELECT_CURSOR, (agent, channel)).fetchone())
+        return 0 if row is None else row[0]
+
+    def unread(self, agent, channel):
+        """How many messages of a channel follow the agent's read position."""
+
+        def work(db):
+            row = db.execute(SELECT_CURSOR, (agent, channel)).fetchone()
+            return db.execute(COUNT_AFTER, (channel, row[0] if row else 0)).fetchone()[0]
+
+        return self._read(work)
+
+    def unread_counts(self, agent, listed):
+        """{channel: unread} for (channel, message count) pairs: what follows the agent's
+        position in each (all of it where it has none)."""
+
+        def work(db):
+            positions = dict(db.execute(SELECT_CURSORS, (agent,)))
+            return {
+                channel: count
+                if channel not in positions
+                else db.execute(COUNT_AFTER, (channel, positions[channel])).fetchone()[0]
+                for channel, count in listed
+            }
+
+        return self._read(work)
+
+    def receipts(self, channel, message_id):
+        """(agent, when) of each agent whose read position reached the message, earliest
+        first. Raises NoSuchMessage."""
+
+        def work(db):
+            if db.execute(SELECT_ONE, (message_id, channel)).fetchone() is None:
+                raise NoSuchMessage(f"no message {message_id} in channel {channel!r}")
+            return db.execute(SELECT_RECEIPTS, (channel, message_id)).fetchall()
+
+        return self._read(work)
