@@ -13,7 +13,9 @@ TOKEN_PREFIX = "acm_"
 SECRET_MIN = 32
 SECRET_MAX = 512
 # Matched in full (fullmatch): `$` would also match before a final newline.
-_PATTERN = re.compile(r"[A-Za-z0-9._*-]{1,64}")
+# A channel pattern, or an inbox pattern ('@alice', '@*').
+_PATTERN = re.compile(r"[A-Za-z0-9._*-]{1,64}|@[A-Za-z0-9._*-]{1,128}")
+INBOX = "@"
 _SECRET_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
@@ -47,7 +49,9 @@ def parse_patterns(text):
     patterns = [part.strip() for part in text.split(",") if part.strip()]
     for pattern in patterns:
         if not _PATTERN.fullmatch(pattern):
-            raise TokenError(f"{pattern!r} is not a channel pattern (letters, digits, '.', '_', '-' and '*')")
+            raise TokenError(
+                f"{pattern!r} is not a channel pattern (letters, digits, '.', '_', '-' and '*'; '@' first for inboxes)"
+            )
     return ",".join(patterns)
 
 
@@ -71,6 +75,11 @@ class Caller:
         return cls(token.agent, token.id, token.read, token.write, token.hash)
 
     def may_read(self, channel):
+        """An inbox ('@AGENT') is read by its agent, or by a token whose read grant names
+        inboxes ('@AGENT', '@*'): '*' alone does not reach into other agents' inboxes."""
+        if channel.startswith(INBOX):
+            inboxes = ",".join(pattern for pattern in self.read.split(",") if pattern.startswith(INBOX))
+            return channel[1:] == self.agent or matches(inboxes, channel)
         return matches(self.read, channel)
 
     def may_write(self, channel):

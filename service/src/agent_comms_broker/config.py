@@ -161,6 +161,8 @@ class Settings:
     # Browser origins allowed to call the API (CORS); none by default.
     cors_origins: tuple = setting((), origins)
     max_wait: float = setting(60.0, duration)
+    # A task released or whose lease ended this many times is dead (handed out no more).
+    max_attempts: int = setting(5, positive_int)
     keepalive: float = setting(15.0, positive_duration)
     active_window: float = setting(300.0, positive_duration)
     retention_max_age: float = setting(0.0, duration)

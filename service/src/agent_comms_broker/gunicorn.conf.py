@@ -39,6 +39,8 @@ if _settings.tls:
         from agent_comms_broker.worker import LazyHandshake
 
         return LazyHandshake(default_ssl_context_factory())
+
+
 proc_name = "agent-comms-broker"
 # gunicorn 24+ opens a control socket under $HOME by default: one path shared by every
 # broker on the host, and a write outside the state directory. The broker needs none.

@@ -16,7 +16,7 @@ import gevent
 import orjson
 from gevent.event import AsyncResult, Event
 
-from .store import AgentLimit, ChannelLimit
+from .store import AgentLimit, ChannelLimit, KeyConflict
 
 log = logging.getLogger("agent_comms_broker.live")
 
@@ -194,11 +194,12 @@ class GroupCommitter:
             batch = [entry for entries, _, _ in group for entry in entries]
             capped = [entry for entries, _, is_capped in group if is_capped for entry in entries]
             stored = self.store.append(batch, capped=capped, **self.caps)
-        except (ChannelLimit, AgentLimit) as error:
+        except (ChannelLimit, AgentLimit, KeyConflict) as error:
             if len(group) == 1:
                 group[0][1].set_exception(error)
                 return
-            # One post's new channel or agent must not fail the others: commit them one by one.
+            # One post's new channel or agent (or reused key) must not fail the others:
+            # commit them one by one.
             for item in group:
                 self._commit([item])
             return
@@ -214,11 +215,10 @@ class GroupCommitter:
 
 
 def run_retention(store, settings, alive=lambda: True, clock=time.time):
-    """Prune in the background, forever, and forget agents idle past their expiry; each
-    worker does it, at jittered times."""
+    """Prune in the background, forever: messages retention no longer keeps, agents idle
+    past their expiry, idempotency keys past their 24 hours. Each worker does it, at
+    jittered times."""
     retention = settings.retention_max_age > 0 or settings.retention_max_messages > 0
-    if not retention and settings.agent_expiry <= 0:
-        return None
 
     def loop():
         while alive():
@@ -232,6 +232,7 @@ def run_retention(store, settings, alive=lambda: True, clock=time.time):
                     forgotten = store.forget_idle_agents(clock() - settings.agent_expiry)
                     if forgotten:
                         log.info("forgot %d agents idle for %s s", forgotten, f"{settings.agent_expiry:g}")
+                store.forget_old_keys(clock())
             except Exception:
                 log.exception("retention failed; will retry")
 

@@ -32,7 +32,7 @@ class Runtime:
 
     def _start(self):
         settings = self.settings
-        self.store = Store(settings.db, settings.synchronous, sleep=gevent.sleep)
+        self.store = Store(settings.db, settings.synchronous, sleep=gevent.sleep, max_attempts=settings.max_attempts)
         self.hub = Hub(self.store, settings.wakeup_interval, settings.page_bytes, alive=lambda: self.alive())
         self.committer = GroupCommitter(
             self.store, self.hub.committed, settings.max_channels, settings.max_agents, settings.max_database

@@ -77,7 +77,7 @@ def listed(key, rows, limit, after):
 
 def channels(broker):
     limit, after = listing_page()
-    broker.touch_reader()
+    agent = broker.touch_reader()
     who = caller()
     rows, position = [], after
     # Channels the token may not read are skipped, never named (not even by the cursor):
@@ -92,6 +92,12 @@ def channels(broker):
     reply["channels"] = [
         {"name": name, "message_count": count, "last_activity": last} for name, count, last in reply["channels"]
     ]
+    if agent is not None:  # what the caller has not read yet, by its read positions
+        unread = broker.store.unread_counts(
+            agent, [(each["name"], each["message_count"]) for each in reply["channels"]]
+        )
+        for each in reply["channels"]:
+            each["unread"] = unread[each["name"]]
     return reply
 
 

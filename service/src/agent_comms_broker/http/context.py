@@ -76,6 +76,19 @@ class Broker:
         self.touch(agent, register=self.settings.auth == "open")
         return agent
 
+    def acting_agent(self):
+        """The agent a request acts as, for claims and read positions: its token's, else
+        its X-Agent-ID (400 if it has neither; 403 if the id is, or looks like, an agent
+        that holds a token)."""
+        agent = self.touch_reader()
+        if agent is not None:
+            return agent
+        claimed = header("X-Agent-ID")
+        if claimed is None:
+            raise HTTPError(400, "this needs an agent: send a bearer token, or an X-Agent-ID header")
+        holder = self.token_holder_like(claimed)
+        raise HTTPError(403, f"agent {holder!r} has a token: act as it with the token (Authorization: Bearer ...)")
+
     def token_holder_like(self, agent):
         """The agent holding a token (neither revoked nor expired) that `agent` is, or
         looks like (look_alike: 'alice', 'Alice', 'alice\u00a0'); None if there is none."""

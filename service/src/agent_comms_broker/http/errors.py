@@ -6,7 +6,7 @@ import json
 
 from bottle import HTTPError, request, response
 
-from ..store import AgentLimit, ChannelLimit, DatabaseFull, StoreBusy, StoreFull
+from ..store import AgentLimit, ChannelLimit, DatabaseFull, KeyConflict, NoSuchMessage, StoreBusy, StoreFull
 
 
 def json_error(res):
@@ -37,8 +37,10 @@ class StoreErrorsPlugin:
                 raise HTTPError(507, f"{error}: nothing was stored") from None
             except StoreFull:
                 raise HTTPError(507, "the broker's disk is full: nothing was stored; retry later") from None
-            except (ChannelLimit, AgentLimit) as error:
+            except (ChannelLimit, AgentLimit, KeyConflict) as error:
                 raise HTTPError(409, f"{error}: nothing was stored") from None
+            except NoSuchMessage as error:
+                raise HTTPError(404, str(error)) from None
             except StoreBusy:
                 raise HTTPError(
                     503, "the database is busy: nothing was stored; retry later", **{"Retry-After": "1"}

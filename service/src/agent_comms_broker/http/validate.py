@@ -7,12 +7,16 @@ import math
 import re
 import unicodedata
 
+import orjson
 from bottle import HTTPError, request
 
+from ..store import Post
+from ..store.model import DEFAULT_PRIORITY
 from .body import BodyError
 
 # Matched in full (fullmatch): `$` would also match before a final newline.
-CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A channel, or an agent's inbox: '@' and the agent's id (ids that fit this pattern only).
+CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}|@[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 AGENT_ID_MAX = 128
 _ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Unicode categories a name may not hold: controls (C0, DEL, C1), invisible format
@@ -35,7 +39,8 @@ def bad_request(text):
 def validate_channel(channel):
     if not CHANNEL_PATTERN.fullmatch(channel):
         raise bad_request(
-            "invalid channel name: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "invalid channel name: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(or '@' and an agent id of up to 128 of them, for its inbox)"
         )
     return channel
 
@@ -186,9 +191,17 @@ def read_json_body(max_body):
         raise bad_request("request body is not valid JSON: nested too deeply") from None
 
 
-def validate_post(item, max_message, caller=None, where=""):
-    """(sender, message) of one post. With a token the sender is the token's agent: it may
-    be left out, and naming another agent is refused."""
+# Optional fields of a post.
+MAX_TAGS = 10
+TAG_MAX = 32
+META_MAX = 4096
+KEY_MAX = 128
+PRIORITY_RANGE = (1, 5)
+
+
+def validate_post(item, max_message, channel, caller=None, where=""):
+    """The Post of one post's JSON. With a token the sender is the token's agent: it may be
+    left out, and naming another agent is refused."""
     if not isinstance(item, dict):
         raise bad_request(f'{where}must be a JSON object {{"sender": "...", "message": "..."}}')
     if "sender" not in item and caller is None:
@@ -209,4 +222,66 @@ def validate_post(item, max_message, caller=None, where=""):
     _require_unicode(text, f"{where}message")
     if len(text) > max_message // 4 and len(text.encode()) > max_message:
         raise HTTPError(413, f"{where}message is over the limit of {max_message} bytes")
-    return sender, text
+    return Post(
+        channel,
+        sender,
+        text,
+        reply_to=_optional_int(item, "reply_to", 1, ID_MAX, where),
+        priority=_optional_int(item, "priority", *PRIORITY_RANGE, where) or DEFAULT_PRIORITY,
+        tags=validate_tags(item.get("tags"), where),
+        meta=_meta(item.get("meta"), where),
+        key=validate_key(item.get("key"), f"{where}key"),
+    )
+
+
+def _optional_int(item, name, low, high, where):
+    value = item.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise bad_request(f"{where}{name} must be a whole number from {low} to {high}")
+    return value
+
+
+def validate_tags(tags, where=""):
+    """A post's tags: up to MAX_TAGS names of 1 to TAG_MAX printable characters; repeats
+    are kept once."""
+    if tags is None:
+        return ()
+    if not isinstance(tags, list) or len(tags) > MAX_TAGS:
+        raise bad_request(f"{where}tags must be a list of at most {MAX_TAGS} strings")
+    for tag in tags:
+        validate_tag(tag, f"{where}tag")
+    return tuple(dict.fromkeys(tags))
+
+
+def validate_tag(tag, what="tag"):
+    if not isinstance(tag, str) or not 1 <= len(tag) <= TAG_MAX or not _printable_name(tag) or tag != tag.strip():
+        raise bad_request(
+            f"{what} must be 1 to {TAG_MAX} characters, without control or invisible characters or spaces at either end"
+        )
+    return tag
+
+
+def _meta(meta, where):
+    """A post's meta object as compact JSON text, at most META_MAX bytes; None if none."""
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise bad_request(f"{where}meta must be a JSON object")
+    try:
+        encoded = orjson.dumps(meta)
+    except orjson.JSONEncodeError as error:
+        raise bad_request(f"{where}meta cannot be stored: {error}") from None
+    if len(encoded) > META_MAX:
+        raise bad_request(f"{where}meta is {len(encoded)} bytes as JSON, over the limit of {META_MAX}")
+    return encoded.decode() if meta else None
+
+
+def validate_key(key, what="key"):
+    """An idempotency key: 1 to KEY_MAX printable characters (None: no key)."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= KEY_MAX or not _printable_name(key) or key != key.strip():
+        raise bad_request(f"{what} must be 1 to {KEY_MAX} printable characters, without spaces at either end")
+    return key

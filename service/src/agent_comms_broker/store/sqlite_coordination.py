@@ -221,8 +221,8 @@ class Coordination:
         def work(db):
             total = db.execute(COUNT_TASKS, (channel,)).fetchone()[0]
             rows = dict(db.execute(COUNT_BY_STATE, {"now": stamp, "max": self.max_attempts, "channel": channel}))
-            counts = {state: rows.get(state, 0) for state in ("claimed", "done", "dead")}
-            counts["pending"] = total - sum(rows.values()) + rows.get("pending", 0)
+            pending = total - sum(rows.values()) + rows.get("pending", 0)
+            counts = {"pending": pending} | {state: rows.get(state, 0) for state in ("claimed", "done", "dead")}
             claimed = db.execute(SELECT_CLAIMED, (channel, stamp, limit)).fetchall()
             dead = db.execute(SELECT_DEAD, (channel, stamp, self.max_attempts, limit)).fetchall()
             return counts, claimed, dead

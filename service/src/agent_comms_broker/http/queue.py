@@ -1,0 +1,171 @@
+"""Any channel worked as a task queue: take the oldest pending task (waiting for one like
+a long-poll), claim one by id and extend its lease, finish it with a reply, release it,
+and the queue's view. A task is a message that is not a reply."""
+
+import functools
+import math
+import time
+
+from bottle import HTTPError, request, response
+
+from ..access import allow_read, allow_write, caller
+from ..store import TaskRefused, stored_size
+from .validate import LIMIT_MAX, bad_request, int_param, read_json_body, validate_channel, validate_post, whole_number
+from .waiting import Wait
+
+LEASE_DEFAULT = 300.0
+LEASE_MAX = 86400.0
+QUEUE_LIST_DEFAULT = 100
+# A waiting take looks again at least this often: a release or an ended lease on another
+# worker brings no new message to wake it.
+TAKE_RECHECK = 1.0
+
+
+def register(app, broker):
+    app.post("/queue/<channel>/take", callback=functools.partial(take, broker), access="write")
+    app.get("/queue/<channel>", callback=functools.partial(queue_view, broker))
+    app.post("/messages/<channel>/<message_id>/claim", callback=functools.partial(claim, broker), access="write")
+    app.post("/messages/<channel>/<message_id>/done", callback=functools.partial(done, broker), access="write")
+    app.post("/messages/<channel>/<message_id>/release", callback=functools.partial(release, broker), access="write")
+
+
+def worked_channel(channel):
+    """Taking and finishing tasks reads the channel and writes to it: both grants needed."""
+    validate_channel(channel)
+    allow_read(channel)
+    allow_write(channel)
+
+
+def options(broker):
+    """The JSON object a task call may send (none: {})."""
+    if request.content_length == 0 or (request.content_length < 0 and not request.headers.get("Transfer-Encoding")):
+        return {}
+    body = read_json_body(broker.settings.max_body)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    return body
+
+
+def seconds(body, name, default, high):
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise bad_request(f"{name} must be a number of seconds")
+    return min(float(value), high)
+
+
+def lease_of(body):
+    lease = seconds(body, "lease", LEASE_DEFAULT, math.inf)
+    if not 1 <= lease <= LEASE_MAX:
+        raise bad_request(f"lease must be from 1 to {LEASE_MAX:g} seconds")
+    return lease
+
+
+def claimed(message, lease):
+    task = message.task
+    return {
+        "status": "success",
+        **message.as_dict(),
+        "claim": {"agent": task.agent, "expires": task.expires, "attempt": task.attempt, "lease": lease},
+    }
+
+
+def refused(error):
+    """409 naming the task's state and holder; 400 when the message is not a task."""
+    if error.task is None:
+        raise bad_request(str(error))
+    response.status = 409
+    task = error.task
+    return {"error": str(error), "holder": task.agent, "expires": task.expires, "task": task.as_dict()}
+
+
+def take(broker, channel):
+    worked_channel(channel)
+    body = options(broker)
+    lease = lease_of(body)
+    wait = seconds(body, "wait", 0, broker.settings.max_wait)
+    agent = broker.acting_agent()
+    store = broker.store
+    message = store.take(channel, agent, lease)
+    if message is None and wait:
+        with Wait(broker, channel) as waiting:
+            deadline = time.monotonic() + wait
+            while message is None and not waiting.over and waiting.allowed():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if waiting.wait(min(remaining, TAKE_RECHECK)):
+                    waiting.watcher.take()
+                message = store.take(channel, agent, lease)
+        if waiting.has_token and not waiting.allowed(now=True):
+            # The token went, or lost the channel, while the request waited: a task taken
+            # in that last second goes back.
+            if message is not None:
+                store.release(channel, message.id, agent)
+            if waiting.who is None:
+                raise HTTPError(401, "the bearer token was revoked or expired while the request waited")
+            raise HTTPError(403, f"token {waiting.who.token_id} may no longer read channel {channel!r}")
+    if message is None:
+        response.status = 204
+        return ""
+    return claimed(message, lease)
+
+
+def claim(broker, channel, message_id):
+    worked_channel(channel)
+    task_id = whole_number(message_id, "message id", 1)
+    lease = lease_of(options(broker))
+    agent = broker.acting_agent()
+    try:
+        return claimed(broker.store.claim(channel, task_id, agent, lease), lease)
+    except TaskRefused as error:
+        return refused(error)
+
+
+def done(broker, channel, message_id):
+    worked_channel(channel)
+    task_id = whole_number(message_id, "message id", 1)
+    body = options(broker)
+    agent = broker.acting_agent()
+    reply = None
+    if body.get("message") is not None:
+        item = {**body, "sender": agent, "reply_to": task_id}
+        reply = validate_post(item, broker.settings.max_message, channel, caller())
+        broker.access.spend_bytes(stored_size(channel, agent, reply.message, reply.tags, reply.meta))
+    try:
+        message, answer = broker.store.done(channel, task_id, agent, reply)
+    except TaskRefused as error:
+        return refused(error)
+    if answer is not None:
+        broker.hub.committed()
+    return {"status": "success", "task": message.task.as_dict(), "reply": answer.as_dict() if answer else None}
+
+
+def release(broker, channel, message_id):
+    worked_channel(channel)
+    task_id = whole_number(message_id, "message id", 1)
+    dead = options(broker).get("dead", False)
+    if not isinstance(dead, bool):
+        raise bad_request("dead must be true or false")
+    agent = broker.acting_agent()
+    try:
+        message = broker.store.release(channel, task_id, agent, dead)
+    except TaskRefused as error:
+        return refused(error)
+    return {"status": "success", "task": message.task.as_dict()}
+
+
+def queue_view(broker, channel):
+    validate_channel(channel)
+    allow_read(channel)
+    limit = int_param("limit", 1, LIMIT_MAX) or QUEUE_LIST_DEFAULT
+    broker.touch_reader()
+    counts, holding, dead = broker.store.queue(channel, limit)
+    return {
+        "channel": channel,
+        "counts": counts,
+        "claimed": [
+            {"id": task_id, "agent": agent, "expires": expires, "attempt": attempt}
+            for task_id, agent, expires, attempt in holding
+        ],
+        "dead": [{"id": task_id, "agent": agent, "attempt": attempt} for task_id, agent, attempt in dead],
+    }
