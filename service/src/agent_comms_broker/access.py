@@ -22,6 +22,8 @@ from . import auth
 log = logging.getLogger("agent_comms_broker.access")
 
 CALLER = "agent_comms.caller"
+# Set in modes with tokens: an inbox ('@AGENT') is read with a token only.
+PRIVATE_INBOXES = "agent_comms.private_inboxes"
 LOGGED_TOKEN = "agent_comms.token"
 LOGGED_AGENT = "agent_comms.agent"
 # The longest X-Agent-ID the access log shows (a valid one is at most 128 characters).
@@ -67,10 +69,21 @@ def limit_key():
     return f"address:{request.environ.get('REMOTE_ADDR')}"
 
 
+def readable(channel):
+    """Whether this request may read a channel: its token's grants, and without a token
+    anything but an inbox in modes with tokens."""
+    who = caller()
+    if who is not None:
+        return who.may_read(channel)
+    return not (channel.startswith(auth.INBOX) and request.environ.get(PRIVATE_INBOXES))
+
+
 def allow_read(channel):
     who = caller()
     if who is not None and not who.may_read(channel):
         raise HTTPError(403, f"token {who.token_id} (agent {who.agent}) may not read channel {channel!r}")
+    if who is None and not readable(channel):
+        raise unauthorized(f"{channel} is an inbox: read it with its agent's token (Authorization: Bearer ...)")
 
 
 def allow_write(channel):
@@ -97,6 +110,7 @@ class AccessPlugin:
 
         def wrapper(*args, **kwargs):
             request.environ[LOGGED_AGENT] = logged_claim(request.environ.get("HTTP_X_AGENT_ID"))
+            request.environ[PRIVATE_INBOXES] = self.policy.mode != "open"
             who = request.environ[CALLER] = self.identify()
             if who is not None:  # for the access log: the agent the token proved
                 request.environ[LOGGED_TOKEN] = f"{who.token_id}({who.agent})"

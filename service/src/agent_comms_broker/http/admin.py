@@ -9,7 +9,7 @@ from importlib import resources
 from bottle import HTTPError, response
 
 from .. import __version__
-from ..access import caller
+from ..access import caller, readable
 from .validate import LIMIT_MAX, int_param, text_param
 
 OPENAPI_DOCUMENT = resources.files("agent_comms_broker").joinpath("openapi.json").read_bytes()
@@ -78,13 +78,12 @@ def listed(key, rows, limit, after):
 def channels(broker):
     limit, after = listing_page()
     agent = broker.touch_reader()
-    who = caller()
     rows, position = [], after
     # Channels the token may not read are skipped, never named (not even by the cursor):
     # read on until the page is full or the channels end.
     while len(rows) <= limit:
         batch = broker.store.channels(position, limit + 1)
-        rows += [row for row in batch if who is None or who.may_read(row[0])]
+        rows += [row for row in batch if readable(row[0])]
         if len(batch) <= limit:
             break
         position = batch[-1][0]

@@ -5,9 +5,9 @@ import functools
 import time
 
 import gevent
-from bottle import HTTPError, response
+from bottle import HTTPError, request, response
 
-from ..access import allow_read, caller
+from ..access import PRIVATE_INBOXES, allow_read, caller
 from ..live import sse_frame
 from .validate import given_cursor, header, int_param, validate_channel, whole_number
 from .waiting import Wait
@@ -63,9 +63,13 @@ def open_stream(broker, channel):
             return store.all_after_id(position, STREAM_BACKLOG_PAGE, settings.page_bytes, granted)
         return store.after_id(channel, position, STREAM_BACKLOG_PAGE, settings.page_bytes)
 
+    private_inboxes = request.environ.get(PRIVATE_INBOXES)
+
     def readable(message):
-        if not waiting.has_token or channel is not None:
+        if channel is not None:
             return True
+        if not waiting.has_token:
+            return not (private_inboxes and message.channel.startswith("@"))
         return waiting.who is not None and waiting.who.may_read(message.channel)
 
     def events():
