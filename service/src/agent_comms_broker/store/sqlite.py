@@ -513,10 +513,11 @@ class Store(Coordination):
         now = time.time()
         return [message_of(row, now, self.max_attempts) for row in rows]
 
-    def message(self, channel, message_id):
-        """One message of a channel, or None."""
+    def message(self, channel, message_id, now=None):
+        """One message of a channel (its task as it stands at `now`), or None."""
         row = self._read(lambda db: db.execute(SELECT_ONE, (message_id, channel)).fetchone())
-        return None if row is None else message_of(row, time.time(), self.max_attempts)
+        stamp = time.time() if now is None else now
+        return None if row is None else message_of(row, stamp, self.max_attempts)
 
     def latest(self, channel, limit, max_bytes=None, only=EVERYTHING):
         """The newest `limit` messages of a channel (those `only` keeps), oldest first; the
