@@ -10,6 +10,8 @@ Python code can use it:
 Each method is one call of the API; how requests travel, what is retried and how failures
 read is transport.py's job."""
 
+import time
+
 from .transport import TIMEOUT, BrokerError, Transport, route
 
 __all__ = ["BrokerClient", "BrokerError"]
@@ -17,31 +19,83 @@ __all__ = ["BrokerClient", "BrokerError"]
 # The channels and agents listings are read page after page (1000 rows each), up to this
 # many pages.
 LISTING_PAGES = 100
+# A long-poll for a reply asks for this many seconds at a time (the broker may cut it shorter).
+LONG_POLL = 60
 
 
 class BrokerClient(Transport):
     # -- messages -------------------------------------------------------------------------
 
-    def send(self, channel, message, sender=None):
-        """Post one message; returns the stored message (with its id)."""
+    def send(self, channel, message, sender=None, reply_to=None, priority=None, tags=None, meta=None, key=None):
+        """Post one message; returns the stored message (with its id). It carries an
+        idempotency key (a new uuid4 unless `key` is given): the broker stores a repeat
+        of it once and answers it with the first message, so a post whose answer was lost
+        is safely sent again."""
         post = {"message": message}
         if sender or self.agent_id:
             post["sender"] = sender or self.agent_id
+        post.update(_optional(reply_to=reply_to, priority=priority, tags=tags or None, meta=meta))
+        post["key"] = key or _new_key()
         path = route("messages", channel)
-        answer = self.write("POST", path, post)
+        answer = self.write("POST", path, post, retry_lost=True)
         if answer is None:
             raise BrokerError(f"POST {self.url}{path} answered 204 with something that is not a JSON object")
         self.expect(answer, path, "id", int)
         return answer
 
-    def read(self, channel, limit=None, since=None, after=None, wait=None):
-        """One page: {"messages": [...], "cursor": ..., "gap": ..., "more": ...}."""
+    def read(
+        self,
+        channel,
+        limit=None,
+        since=None,
+        after=None,
+        wait=None,
+        thread=None,
+        tag=None,
+        min_priority=None,
+        unread=False,
+    ):
+        """One page: {"messages": [...], "cursor": ..., "gap": ..., "more": ...}. `thread`,
+        `tag` and `min_priority` keep only the matching messages; `unread` starts after the
+        caller's read position (not with `after` or `since`)."""
         params = {"limit": limit, "since": since, "after": after, "wait": wait}
+        params.update(_optional(thread=thread, tag=tag, min_priority=min_priority, unread=1 if unread else None))
         timeout = (TIMEOUT[0], TIMEOUT[1] + float(wait or 0))
         path = route("messages", channel)
         page = self.call("GET", path, timeout=timeout, params=params)
         self.expect(page, path, "messages", list)
         return page
+
+    def message(self, channel, message_id):
+        """One message of the channel (BrokerError with status 404 if it has none of that id)."""
+        path = route("messages", channel, message_id)
+        answer = self.call("GET", path)
+        self.expect(answer, path, "id", int)
+        return answer
+
+    def receipts(self, channel, message_id):
+        """{"receipts": [{"agent", "read_at"}], "count"}: the agents whose read position
+        has passed the message."""
+        path = route("messages", channel, message_id, "receipts")
+        answer = self.call("GET", path)
+        self.expect(answer, path, "receipts", list)
+        return answer
+
+    def first_reply(self, channel, stored, deadline=None):
+        """The first message that replies to `stored` (a message as send returns it), by
+        long-polls on its thread; None once `deadline` (time.monotonic()) passes."""
+        root = stored.get("thread") or stored["id"]
+        cursor = stored["id"]
+        while True:
+            wait = LONG_POLL if deadline is None else min(LONG_POLL, deadline - time.monotonic())
+            if wait <= 0:
+                return None
+            page = self.read(channel, thread=root, after=cursor, wait=round(wait, 3), limit=1000)
+            for message in page["messages"]:
+                if message.get("reply_to") == stored["id"]:
+                    return message
+            if isinstance(page.get("cursor"), int):
+                cursor = max(cursor, page["cursor"])
 
     def latest_cursor(self, channel):
         """The cursor of the channel's newest message: watch after it for what comes next."""
@@ -53,6 +107,70 @@ class BrokerClient(Transport):
         seen, so nothing is lost or repeated. Returns when `deadline` (time.monotonic())
         passes; raises BrokerError for an answer that retrying cannot fix (4xx)."""
         return self.stream(route("stream", channel), after, deadline=deadline, on_gap=on_gap)
+
+    # -- task queues ----------------------------------------------------------------------
+
+    def take(self, channel, lease=None, wait=None):
+        """Claim the channel's oldest pending task for this agent, waiting up to `wait`
+        seconds for one: the message with its `task` and `claim`, or None if none came.
+        Not sent twice: a take whose answer was lost may hold a task until its lease ends."""
+        path = route("queue", channel, "take")
+        timeout = (TIMEOUT[0], TIMEOUT[1] + float(wait or 0))
+        answer = self.write("POST", path, _optional(lease=lease, wait=wait), timeout=timeout)
+        if answer is not None:
+            self.expect(answer, path, "id", int)
+        return answer
+
+    def claim(self, channel, task_id, lease=None):
+        """Claim that task, or extend this agent's lease of it (a heartbeat): as take."""
+        path = route("messages", channel, task_id, "claim")
+        answer = self.write("POST", path, _optional(lease=lease), retry_lost=True)
+        self.expect(answer or {}, path, "claim", dict)
+        return answer
+
+    def done(self, channel, task_id, message=None, priority=None, tags=None, meta=None):
+        """Mark the task this agent holds done, posting `message` (if any) as its reply in
+        the same step: {"task": {...}, "reply": message or None}. The broker answers a
+        repeat with the same, so a lost answer is asked again."""
+        post = _optional(priority=priority, tags=tags or None, meta=meta)
+        if message is not None:
+            post.update(message=message, key=_new_key())
+        path = route("messages", channel, task_id, "done")
+        answer = self.write("POST", path, post, retry_lost=True)
+        self.expect(answer or {}, path, "task", dict)
+        return answer
+
+    def release(self, channel, task_id, dead=False):
+        """Give the task this agent holds back (pending again, its attempt counted), or up
+        for good with `dead`: {"task": {...}}."""
+        path = route("messages", channel, task_id, "release")
+        answer = self.write("POST", path, {"dead": True} if dead else {})
+        self.expect(answer or {}, path, "task", dict)
+        return answer
+
+    def queue(self, channel, limit=None):
+        """{"counts": {"pending", "claimed", "done", "dead"}, "claimed": [...], "dead": [...]}."""
+        path = route("queue", channel)
+        answer = self.call("GET", path, params=_optional(limit=limit))
+        self.expect(answer, path, "counts", dict)
+        return answer
+
+    # -- read positions -------------------------------------------------------------------
+
+    def get_cursor(self, channel):
+        """This agent's read position in the channel: {"read": id, "unread": n, ...}."""
+        path = route("cursors", channel)
+        answer = self.call("GET", path)
+        self.expect(answer, path, "read", int)
+        return answer
+
+    def put_cursor(self, channel, read):
+        """Move this agent's read position forward to message `read` (never back):
+        {"read": the position now, "moved": whether it moved}."""
+        path = route("cursors", channel)
+        answer = self.write("PUT", path, {"read": read}, retry_lost=True)
+        self.expect(answer or {}, path, "read", int)
+        return answer
 
     # -- listings and status --------------------------------------------------------------
 
@@ -88,3 +206,15 @@ class BrokerClient(Transport):
 
     def status(self):
         return self.call("GET", "/status")
+
+
+def _optional(**fields):
+    """The fields given (not None), for a request body or query."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _new_key():
+    """An idempotency key: unique to this one post, however often it is sent."""
+    import uuid
+
+    return str(uuid.uuid4())

@@ -129,6 +129,11 @@ def _tls_failure(url, error):
     return f"the TLS handshake with {url} failed ({reason or error}): if the broker serves plain HTTP, use {plain}"
 
 
+class _LostAnswer(Exception):
+    """A request went out and its connection broke before the answer came: the broker may
+    have done it."""
+
+
 class Transport:
     """A broker's URL and who speaks to it (agent id, token, CA), and requests to it."""
 
@@ -242,11 +247,13 @@ class Transport:
             raise BrokerError(f"{self.url}{path} answered a {key!r} that is not a list of objects")
         return value
 
-    def write(self, method, path, payload):
+    def write(self, method, path, payload, timeout=TIMEOUT, retry_lost=False):
         """One write (POST, PUT) of `payload` as JSON: the answer's JSON object, or None
-        for an answer without a body (204). Only opening the connection is retried, and a
-        refusal that says nothing was done (429, 503) after its Retry-After; once the
-        request has gone out it is never sent again."""
+        for an answer without a body (204). Opening the connection is retried, and a
+        refusal that says nothing was done (429, 503) after its Retry-After. Once the
+        request has gone out it is sent again only if `retry_lost` says a repeat is
+        harmless (a post with an idempotency key, a heartbeat): when its connection broke
+        before the answer came, for up to SEND_RETRY_BUDGET seconds in all."""
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.url)
@@ -254,8 +261,16 @@ class Transport:
             raise BrokerError(f"invalid broker URL {self.url}: it must look like http://HOST:PORT")
         body = json.dumps(payload).encode()
         give_up = time.monotonic() + SEND_RETRY_BUDGET
+        pause = RECONNECT_FIRST
         while True:
-            status, reason, data, retry_after = self._write_once(parts, method, path, body)
+            try:
+                status, reason, data, retry_after = self._write_once(parts, method, path, body, timeout)
+            except _LostAnswer as lost:
+                if not retry_lost or time.monotonic() + pause > give_up:
+                    raise BrokerError(str(lost)) from None
+                time.sleep(pause)
+                pause = min(pause * 2, RECONNECT_MAX)
+                continue
             if status not in (429, 503) or retry_after is None or time.monotonic() + retry_after > give_up:
                 break
             time.sleep(retry_after)
@@ -273,7 +288,7 @@ class Transport:
             raise BrokerError(f"{method} {url} answered {status} with something that is not a JSON object")
         return answer
 
-    def _write_once(self, parts, method, path, body):
+    def _write_once(self, parts, method, path, body, timeout):
         """One request: (status, reason, body, Retry-After seconds or None)."""
         import ssl
         from http.client import HTTPConnection, HTTPException, HTTPSConnection
@@ -298,11 +313,11 @@ class Transport:
                 time.sleep(0.3 * 2**attempt)
                 continue
             try:
-                connection.sock.settimeout(TIMEOUT[1])
+                connection.sock.settimeout(timeout[1])
                 connection.request(method, f"{parts.path}{path}", body, headers)
                 reply = connection.getresponse()
                 status, reason = reply.status, reply.reason
-                data = _bounded(_pieces(reply), f"{method} {url}", time.monotonic() + TIMEOUT[1])
+                data = _bounded(_pieces(reply), f"{method} {url}", time.monotonic() + timeout[1])
                 retry_after = reply.getheader("Retry-After")
             except (OSError, HTTPException) as error:
                 https = self._https_instead(error)
@@ -310,7 +325,7 @@ class Transport:
                     raise BrokerError(
                         f"{method} {url} got no answer: the broker there speaks TLS, so nothing was stored: use {https}"
                     ) from None
-                raise BrokerError(f"{method} {url} got no answer ({_cause(error)}): it may have been stored") from None
+                raise _LostAnswer(f"{method} {url} got no answer ({_cause(error)}): it may have been stored") from None
             finally:
                 connection.close()
             try:
