@@ -6,7 +6,7 @@ Usage: run.py [--only NAMES] [--seconds S] [--wrk-threads N] [--watchers N] [--m
               [--rate R] [--big-store N] [--keep]
 
 Scenarios, in order: publish, publish-secured (a token and the rate limiter on every post),
-read, fanout (also each worker's memory), big-store, cli-send.
+read, fanout (also each worker's memory), big-store, cli-send, queue (take+done pairs).
 Exit status: 0 when every figure meets its target, 1 when one misses, 2 when a scenario
 could not run.
 """
@@ -26,6 +26,7 @@ import cli_send
 import fanout
 import latest_read
 import publish
+import queue_pairs
 from figures import Report
 from wrk_runner import require_wrk
 
@@ -42,6 +43,7 @@ def scenarios(args):
         "fanout": lambda report, workdir: fanout.run(report, workdir, args.watchers, args.messages, args.rate),
         "big-store": lambda report, workdir: big_store.run(report, workdir, args.big_store),
         "cli-send": lambda report, workdir: cli_send.run(report, workdir),
+        "queue": lambda report, workdir: queue_pairs.run(report, workdir, args.seconds),
     }
 
 

@@ -79,7 +79,7 @@ def test_one_message_by_id(url, channel):
     assert one.status_code == 200 and one.json() == {k: v for k, v in posted.items() if k != "status"}
     assert requests.get(f"{url}/messages/{channel}-nope/{posted['id']}").status_code == 404
     assert requests.get(f"{url}/messages/{channel}/{posted['id'] + 10**6}").status_code == 404
-    assert requests.get(f"{url}/messages/{channel}/abc").status_code == 400
+    assert requests.get(f"{url}/messages/{channel}/abc").status_code == 404
 
 
 # -- priority, tags, meta --------------------------------------------------------------------

@@ -25,8 +25,10 @@ log = logging.getLogger("agent_comms_broker.live")
 WATCHER_QUEUE_LIMIT = 1000
 WATCHER_QUEUE_PAGES = 4
 HUB_READ_BATCH = 1000
-# Posts merged into one transaction at most.
+# Posts (or coordination writes) merged into one transaction at most.
 GROUP_COMMIT_LIMIT = 1000
+# What a group commit merges: posts, or coordination writes; a group holds one kind.
+POSTS, WORK = "posts", "work"
 
 
 def sse_frame(message):
@@ -157,12 +159,19 @@ class Hub:
 
 
 class GroupCommitter:
-    """Merges the posts that arrive while one transaction runs into the next one, so
-    many posts share one commit (and one fsync) without any post waiting on a timer."""
+    """Merges the writes that arrive while one transaction runs into the next one, so
+    many share one commit (and one fsync) without any waiting on a timer: posts, and the
+    coordination writes (takes, claims, dones, releases, read positions), each of which
+    runs in a savepoint of its own so that one refused leaves the others be.
 
-    def __init__(self, store, on_commit, max_channels=0, max_agents=0, max_database=0):
+    With `call` (a thread pool's apply), each transaction runs in that pool's thread, on
+    `store`'s own connection: the worker's event loop keeps reading requests and writing
+    replies while SQLite writes and fsyncs, and those requests join the next group."""
+
+    def __init__(self, store, on_commit, max_channels=0, max_agents=0, max_database=0, call=None):
         self.store = store
         self.on_commit = on_commit
+        self._call = call or (lambda function, args: function(*args))
         self.caps = {"max_channels": max_channels, "max_agents": max_agents, "max_database": max_database}
         self._queue = collections.deque()
         self._ready = Event()
@@ -172,8 +181,16 @@ class GroupCommitter:
         """Store entries; returns their Messages once committed, or raises the error.
         `capped`: the caps on channels and agents hold these entries (posts without a
         token); a token holder's posts always go in."""
+        return self._submit(POSTS, entries, capped)
+
+    def run(self, work):
+        """Run work(db) (a store's *_work) in the next group's transaction; returns what
+        it returned once committed, or raises what it raised."""
+        return self._submit(WORK, [work], None)
+
+    def _submit(self, kind, items, capped):
         result = AsyncResult()
-        self._queue.append((entries, result, capped))
+        self._queue.append((kind, items, result, capped))
         self._ready.set()
         return result.get()
 
@@ -182,21 +199,29 @@ class GroupCommitter:
             self._ready.wait()
             self._ready.clear()
             while self._queue:
+                kind = self._queue[0][0]
                 group, size = [], 0
-                while self._queue and (not group or size + len(self._queue[0][0]) <= GROUP_COMMIT_LIMIT):
+                while (
+                    self._queue
+                    and self._queue[0][0] == kind
+                    and (not group or size + len(self._queue[0][1]) <= GROUP_COMMIT_LIMIT)
+                ):
                     item = self._queue.popleft()
                     group.append(item)
-                    size += len(item[0])
-                self._commit(group)
+                    size += len(item[1])
+                if kind == POSTS:
+                    self._commit(group)
+                else:
+                    self._commit_work(group)
 
     def _commit(self, group):
         try:
-            batch = [entry for entries, _, _ in group for entry in entries]
-            capped = [entry for entries, _, is_capped in group if is_capped for entry in entries]
-            stored = self.store.append(batch, capped=capped, **self.caps)
+            batch = [entry for _, entries, _, _ in group for entry in entries]
+            capped = [entry for _, entries, _, is_capped in group if is_capped for entry in entries]
+            stored = self._call(self._append, (batch, capped))
         except (ChannelLimit, AgentLimit, KeyConflict) as error:
             if len(group) == 1:
-                group[0][1].set_exception(error)
+                group[0][2].set_exception(error)
                 return
             # One post's new channel or agent (or reused key) must not fail the others:
             # commit them one by one.
@@ -204,14 +229,31 @@ class GroupCommitter:
                 self._commit([item])
             return
         except BaseException as error:
-            for _, result, _ in group:
+            for _, _, result, _ in group:
                 result.set_exception(error)
             return
         self.on_commit()
         start = 0
-        for entries, result, _ in group:
+        for _, entries, result, _ in group:
             result.set(stored[start : start + len(entries)])
             start += len(entries)
+
+    def _append(self, batch, capped):
+        return self.store.append(batch, capped=capped, **self.caps)
+
+    def _commit_work(self, group):
+        try:
+            outcomes = self._call(self.store.write_batch, ([item[1][0] for item in group],))
+        except BaseException as error:
+            for _, _, result, _ in group:
+                result.set_exception(error)
+            return
+        self.on_commit()
+        for (_, _, result, _), (value, error) in zip(group, outcomes, strict=True):
+            if error is not None:
+                result.set_exception(error)
+            else:
+                result.set(value)
 
 
 def run_retention(store, settings, alive=lambda: True, clock=time.time):

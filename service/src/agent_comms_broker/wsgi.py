@@ -5,8 +5,10 @@ hub and group committer, created on its first request.
 """
 
 import os
+import time
 
 import gevent
+import gevent.threadpool
 
 from . import limits
 from .config import Settings
@@ -34,8 +36,15 @@ class Runtime:
         settings = self.settings
         self.store = Store(settings.db, settings.synchronous, sleep=gevent.sleep, max_attempts=settings.max_attempts)
         self.hub = Hub(self.store, settings.wakeup_interval, settings.page_bytes, alive=lambda: self.alive())
+        # The group committer writes on a connection of its own, in a thread of its own.
+        self.writer = Store(settings.db, settings.synchronous, sleep=time.sleep, max_attempts=settings.max_attempts)
         self.committer = GroupCommitter(
-            self.store, self.hub.committed, settings.max_channels, settings.max_agents, settings.max_database
+            self.writer,
+            self.hub.committed,
+            settings.max_channels,
+            settings.max_agents,
+            settings.max_database,
+            call=gevent.threadpool.ThreadPool(1).apply,
         )
         self.retention = run_retention(self.store, settings, alive=lambda: self.alive())
         self.pid = os.getpid()

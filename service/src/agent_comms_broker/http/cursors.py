@@ -23,7 +23,7 @@ def put_cursor(broker, channel):
         raise bad_request('send {"read": ID}: the id of the last message read, a whole number')
     given_cursor(broker.store, read, "read")
     agent = broker.acting_agent()
-    position, moved = broker.store.move_cursor(agent, channel, read)
+    position, moved = broker.committer.run(broker.store.move_cursor_work(agent, channel, read))
     return {"channel": channel, "agent": agent, "read": position, "moved": moved}
 
 

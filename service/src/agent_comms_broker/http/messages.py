@@ -8,7 +8,7 @@ import time
 
 from bottle import HTTPError, request, response
 
-from ..access import CALLER, allow_read, allow_write, caller
+from ..access import CALLER, allow_read, allow_write, caller, unauthorized
 from ..store import EVERYTHING, Filter, NoSuchMessage, stored_size
 from .validate import (
     LIMIT_DEFAULT,
@@ -31,12 +31,15 @@ from .validate import (
 )
 from .waiting import Wait
 
+# One message: its id is digits (anything else is no route of this broker's: 404).
+MESSAGE_PATH = "/messages/<channel>/<message_id:re:[0-9]+>"
+
 
 def register(app, broker):
     app.post("/messages/<channel>", callback=functools.partial(post_messages, broker), access="write")
     app.get("/messages/<channel>", callback=functools.partial(get_messages, broker))
-    app.get("/messages/<channel>/<message_id>", callback=functools.partial(get_message, broker))
-    app.get("/messages/<channel>/<message_id>/receipts", callback=functools.partial(get_receipts, broker))
+    app.get(MESSAGE_PATH, callback=functools.partial(get_message, broker))
+    app.get(f"{MESSAGE_PATH}/receipts", callback=functools.partial(get_receipts, broker))
 
 
 def post_messages(broker, channel):
@@ -113,8 +116,10 @@ def get_messages(broker, channel):
     since_raw = request.query.get("since")
     since = parse_timestamp(since_raw) if since_raw is not None else None
     unread = flag_param("unread")
-    if sum((after is not None, since is not None, unread)) > 1:
-        raise bad_request("give at most one of after, since and unread")
+    if after is not None and since is not None:
+        raise bad_request("give either after or since, not both")
+    if unread and (after is not None or since is not None):
+        raise bad_request("unread reads from the agent's read position: give it without after or since")
     only = read_filter()
     wait = wait_param(broker.settings.max_wait)
     agent = broker.touch_reader()
@@ -205,7 +210,7 @@ def long_poll(broker, read, channel, wait):
         waiting.allowed(now=True)
         request.environ[CALLER] = waiting.who
         if waiting.who is None:
-            raise HTTPError(401, "the bearer token was revoked or expired while the request waited")
+            raise unauthorized("the bearer token was revoked or expired while the request waited")
         allow_read(channel)
     return page
 

@@ -8,8 +8,9 @@ import time
 
 from bottle import HTTPError, request, response
 
-from ..access import allow_read, allow_write, caller
+from ..access import allow_read, allow_write, caller, unauthorized
 from ..store import TaskRefused, stored_size
+from .messages import MESSAGE_PATH
 from .validate import LIMIT_MAX, bad_request, int_param, read_json_body, validate_channel, validate_post, whole_number
 from .waiting import Wait
 
@@ -24,9 +25,9 @@ TAKE_RECHECK = 1.0
 def register(app, broker):
     app.post("/queue/<channel>/take", callback=functools.partial(take, broker), access="write")
     app.get("/queue/<channel>", callback=functools.partial(queue_view, broker))
-    app.post("/messages/<channel>/<message_id>/claim", callback=functools.partial(claim, broker), access="write")
-    app.post("/messages/<channel>/<message_id>/done", callback=functools.partial(done, broker), access="write")
-    app.post("/messages/<channel>/<message_id>/release", callback=functools.partial(release, broker), access="write")
+    for action, callback in (("claim", claim), ("done", done), ("release", release)):
+        path = f"{MESSAGE_PATH}/{action}"
+        app.post(path, callback=functools.partial(callback, broker), access="write")
 
 
 def worked_channel(channel):
@@ -48,9 +49,15 @@ def options(broker):
 
 def seconds(body, name, default, high):
     value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad_request(f"{name} must be a number of seconds")
-    return min(float(value), high)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float, as JSON allows
+        value = math.inf
+    if not math.isfinite(value) or value < 0:
+        raise bad_request(f"{name} must be a number of seconds")
+    return min(value, high)
 
 
 def lease_of(body):
@@ -84,8 +91,8 @@ def take(broker, channel):
     lease = lease_of(body)
     wait = seconds(body, "wait", 0, broker.settings.max_wait)
     agent = broker.acting_agent()
-    store = broker.store
-    message = store.take(channel, agent, lease)
+    store, run = broker.store, broker.committer.run
+    message = run(store.take_work(channel, agent, lease))
     if message is None and wait:
         with Wait(broker, channel) as waiting:
             deadline = time.monotonic() + wait
@@ -95,14 +102,14 @@ def take(broker, channel):
                     break
                 if waiting.wait(min(remaining, TAKE_RECHECK)):
                     waiting.watcher.take()
-                message = store.take(channel, agent, lease)
+                message = run(store.take_work(channel, agent, lease))
         if waiting.has_token and not waiting.allowed(now=True):
             # The token went, or lost the channel, while the request waited: a task taken
             # in that last second goes back.
             if message is not None:
-                store.release(channel, message.id, agent)
+                run(store.release_work(channel, message.id, agent))
             if waiting.who is None:
-                raise HTTPError(401, "the bearer token was revoked or expired while the request waited")
+                raise unauthorized("the bearer token was revoked or expired while the request waited")
             raise HTTPError(403, f"token {waiting.who.token_id} may no longer read channel {channel!r}")
     if message is None:
         response.status = 204
@@ -116,7 +123,7 @@ def claim(broker, channel, message_id):
     lease = lease_of(options(broker))
     agent = broker.acting_agent()
     try:
-        return claimed(broker.store.claim(channel, task_id, agent, lease), lease)
+        return claimed(broker.committer.run(broker.store.claim_work(channel, task_id, agent, lease)), lease)
     except TaskRefused as error:
         return refused(error)
 
@@ -132,11 +139,9 @@ def done(broker, channel, message_id):
         reply = validate_post(item, broker.settings.max_message, channel, caller())
         broker.access.spend_bytes(stored_size(channel, agent, reply.message, reply.tags, reply.meta))
     try:
-        message, answer = broker.store.done(channel, task_id, agent, reply)
+        message, answer = broker.committer.run(broker.store.done_work(channel, task_id, agent, reply))
     except TaskRefused as error:
         return refused(error)
-    if answer is not None:
-        broker.hub.committed()
     return {"status": "success", "task": message.task.as_dict(), "reply": answer.as_dict() if answer else None}
 
 
@@ -148,7 +153,7 @@ def release(broker, channel, message_id):
         raise bad_request("dead must be true or false")
     agent = broker.acting_agent()
     try:
-        message = broker.store.release(channel, task_id, agent, dead)
+        message = broker.committer.run(broker.store.release_work(channel, task_id, agent, dead))
     except TaskRefused as error:
         return refused(error)
     return {"status": "success", "task": message.task.as_dict()}

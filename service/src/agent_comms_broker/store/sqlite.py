@@ -20,10 +20,12 @@ from .model import (
     DatabaseFull,
     KeyConflict,
     Message,
+    NoSuchMessage,
     Page,
     Post,
     StoreBusy,
     StoreFull,
+    TaskRefused,
     Token,
     text_size,
 )
@@ -171,6 +173,8 @@ DISK_RESERVE_SHARE = 0.25
 # Strictly rising timestamps: the next is at least this far after the last.
 TIMESTAMP_STEP = 1e-6
 PRUNE_BATCH = 2000
+# What one write of a batch may be refused with, leaving the others be.
+REFUSALS = (KeyConflict, NoSuchMessage, TaskRefused)
 # A post repeated with its idempotency key within this many seconds stores nothing.
 KEY_LIFETIME = 24 * 3600
 # Tasks: a release or an expired lease counts as a failure; this many make a task dead.
@@ -258,7 +262,7 @@ class Store(Coordination):
     def _retry(self, work, busy_deadline=None):
         """Run work (a whole transaction) until SQLite stops answering 'locked'."""
         deadline = time.monotonic() + (self.busy_deadline if busy_deadline is None else busy_deadline)
-        pause = 0.0005
+        pause = 0.0002
         while True:
             try:
                 return work()
@@ -272,7 +276,7 @@ class Store(Coordination):
                         raise StoreBusy(str(error)) from error
                     raise
                 self._sleep(pause)
-                pause = min(pause * 2, 0.02)
+                pause = min(pause * 2, 0.005)
 
     def _write(self, work, busy_deadline=None):
         def transaction():
@@ -345,6 +349,26 @@ class Store(Coordination):
             return self._insert(db, posts, time.time() if now is None else now)
 
         return self._write(work)
+
+    def write_batch(self, works):
+        """Run each work(db) in one transaction (one commit), each in a savepoint of its
+        own: one that is refused (a task's state, a missing message, a reused key) is
+        undone alone. [(result, None) or (None, the refusal)] in order."""
+        self._check_free_space()
+
+        def transaction(db):
+            outcomes = []
+            for work in works:
+                db.execute("SAVEPOINT work")
+                try:
+                    outcomes.append((work(db), None))
+                except REFUSALS as error:
+                    db.execute("ROLLBACK TO work")
+                    outcomes.append((None, error))
+                db.execute("RELEASE work")
+            return outcomes
+
+        return self._write(transaction)
 
     def _insert(self, db, posts, clock):
         """Insert posts inside the caller's transaction (see append)."""

@@ -93,11 +93,17 @@ class Coordination:
 
     # -- tasks ----------------------------------------------------------------------------
 
+    # Each change is a *_work(...) that makes the transaction's work (work(db)), which a
+    # group commit runs beside others (Store.write_batch); the plain method runs it alone.
+
     def take(self, channel, agent, lease=DEFAULT_LEASE, now=None):
         """Claim the channel's oldest task that is pending (released, lapsed or never
         claimed) for `agent` for `lease` seconds; its Message (with its task), or None."""
+        return self._write(self.take_work(channel, agent, lease, now))
+
+    def take_work(self, channel, agent, lease=DEFAULT_LEASE, now=None):
         stamp = time.time() if now is None else now
-        return self._write(lambda db: self._take_one(db, channel, agent, lease, stamp))
+        return lambda db: self._take_one(db, channel, agent, lease, stamp)
 
     def _take_one(self, db, channel, agent, lease, now):
         while True:
@@ -129,6 +135,9 @@ class Coordination:
     def claim(self, channel, message_id, agent, lease=DEFAULT_LEASE, now=None):
         """Claim one task for `agent`, or extend the lease it holds; its Message. Raises
         NoSuchMessage, or TaskRefused (a reply; held by another agent; done; dead)."""
+        return self._write(self.claim_work(channel, message_id, agent, lease, now))
+
+    def claim_work(self, channel, message_id, agent, lease=DEFAULT_LEASE, now=None):
         stamp = time.time() if now is None else now
 
         def work(db):
@@ -150,12 +159,15 @@ class Coordination:
                 raise TaskRefused(f"task {message_id} changed hands while it was claimed; try again", task)
             return self._task_message(db, channel, message_id, stamp)
 
-        return self._write(work)
+        return work
 
     def done(self, channel, message_id, agent, reply=None, now=None):
         """Mark the task `agent` holds done and, in the same transaction, store `reply` (a
         Post answering it, or None); (its Message, the reply's Message or None). Done again
         by the agent that finished it answers the same, storing nothing."""
+        return self._write(self.done_work(channel, message_id, agent, reply, now))
+
+    def done_work(self, channel, message_id, agent, reply=None, now=None):
         stamp = time.time() if now is None else now
 
         def work(db):
@@ -169,11 +181,14 @@ class Coordination:
             db.execute(FINISH, (stored.id if stored else None, stamp, message_id, agent))
             return self._task_message(db, channel, message_id, stamp), stored
 
-        return self._write(work)
+        return work
 
     def release(self, channel, message_id, agent, dead=False, now=None):
         """Give back the task `agent` holds: pending again, or dead (with `dead`, or when it
         was its last attempt); its Message."""
+        return self._write(self.release_work(channel, message_id, agent, dead, now))
+
+    def release_work(self, channel, message_id, agent, dead=False, now=None):
         stamp = time.time() if now is None else now
 
         def work(db):
@@ -185,7 +200,7 @@ class Coordination:
             db.execute(RELEASE, (state, kept, stamp, message_id, agent))
             return self._task_message(db, channel, message_id, stamp)
 
-        return self._write(work)
+        return work
 
     def _task_message(self, db, channel, message_id, now):
         row = db.execute(SELECT_TASK_ROW, (message_id, channel)).fetchone()
@@ -234,6 +249,9 @@ class Coordination:
     def move_cursor(self, agent, channel, read_id, now=None):
         """Move an agent's read position in a channel forward to `read_id` (never back);
         (where it stands, whether it moved)."""
+        return self._write(self.move_cursor_work(agent, channel, read_id, now))
+
+    def move_cursor_work(self, agent, channel, read_id, now=None):
         stamp = time.time() if now is None else now
 
         def work(db):
@@ -242,7 +260,7 @@ class Coordination:
                 db.execute(RECORD_MOVE, (channel, read_id, agent, stamp))
             return db.execute(SELECT_CURSOR, (agent, channel)).fetchone()[0], moved
 
-        return self._write(work)
+        return work
 
     def cursor(self, agent, channel):
         """An agent's read position in a channel (0: it has read nothing)."""
