@@ -306,3 +306,70 @@ def test_in_open_mode_inboxes_are_private_by_convention_only(url):
     for bad in ("@", "@-x", "@a.b c", "@" + "x" * 129):
         refused = requests.post(f"{url}/messages/{bad}", json={"sender": "d", "message": "m"})
         assert refused.status_code == 400 and "inbox" in refused.json()["error"], bad
+
+
+# -- upgrades and backups ----------------------------------------------------------------------
+
+
+def test_a_broker_py_database_upgrades_in_place_and_works_as_a_queue(own_broker, tmp_path):
+    from legacy_broker import legacy_database
+
+    db = tmp_path / "messages.db"
+    legacy_database(str(db), [("tasks", "warp-ct200", "Download movie.mkv", "2025-08-03 18:42:28")])
+    broker = own_broker().start()
+    assert broker.db_path == str(db)
+    old = read(broker.url, "tasks")["messages"][0]
+    assert (old["id"], old["message"], old["priority"], old["tags"], old["thread"]) == (
+        1,
+        "Download movie.mkv",
+        3,
+        [],
+        None,
+    )
+    got = requests.post(f"{broker.url}/queue/tasks/take", json={}, headers=agent("w"), timeout=10)
+    assert got.status_code == 200 and got.json()["id"] == 1
+    done = requests.post(f"{broker.url}/messages/tasks/1/done", json={"message": "ok"}, headers=agent("w"))
+    assert done.json()["reply"]["thread"] == 1
+
+
+def test_backups_hold_tasks_positions_and_keys(own_broker, tmp_path):
+    broker = own_broker().start()
+    url = broker.url
+    task = send(url, "jobs", {"sender": "p", "message": "job", "key": "job-1"})["id"]
+    requests.post(f"{url}/queue/jobs/take", json={"lease": 3600}, headers=agent("w"), timeout=10)
+    requests.put(f"{url}/cursors/jobs", json={"read": task}, headers=agent("reader"), timeout=10)
+    copy = tmp_path / "copy.db"
+    admin_bin = str(BIN / "agent-comms-broker")
+    done = subprocess.run([admin_bin, "backup", str(copy), "--db", broker.db_path], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    requests.post(f"{url}/messages/jobs/{task}/release", json={}, headers=agent("w"), timeout=10)
+    broker.stop()
+    restored = subprocess.run([admin_bin, "restore", str(copy), "--db", broker.db_path], capture_output=True, text=True)
+    assert restored.returncode == 0, restored.stderr
+    broker.start()
+    shown = requests.get(f"{url}/messages/jobs/{task}", timeout=10).json()
+    assert shown["task"]["state"] == "claimed" and shown["task"]["agent"] == "w"
+    assert requests.get(f"{url}/cursors/jobs", headers=agent("reader"), timeout=10).json()["read"] == task
+    assert send(url, "jobs", {"sender": "p", "message": "job", "key": "job-1"}, status=200)["id"] == task
+
+
+def test_a_schema_2_database_upgrades_to_coordination(tmp_path):
+    import sqlite3
+
+    from agent_comms_broker.store import Post, Store
+    from agent_comms_broker.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+    path = str(tmp_path / "v2.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in MIGRATIONS[:2]:
+        step(db)
+    db.execute("PRAGMA user_version = 2")
+    db.execute("INSERT INTO messages (channel, sender, message, timestamp) VALUES ('tasks', 'a', 'old task', 1.0)")
+    db.close()
+    store = Store(path)
+    assert store.schema_version() == SCHEMA_VERSION == 3
+    task = store.take("tasks", "w", 60)
+    assert (task.id, task.message, task.priority, task.tags) == (1, "old task", 3, ())
+    _, reply = store.done("tasks", 1, "w", Post("tasks", "w", "done", reply_to=1))
+    assert reply.thread == 1
+    store.close()
