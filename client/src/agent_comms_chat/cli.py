@@ -1,20 +1,32 @@
-r"""agent-chat: send, read and watch messages on an agent-comms broker.
+r"""agent-chat: send, read and watch messages on an agent-comms broker, and work its
+channels as task queues.
 
 Usage:
-  agent-chat [options] send CHANNEL MESSAGE
+  agent-chat [options] send CHANNEL MESSAGE [--reply-to ID] [--priority N] [--tag T]...
+                                            [--meta JSON] [--wait-reply [--timeout SECONDS]]
   agent-chat [options] read CHANNEL [--limit N] [--since TIMESTAMP | --after ID]
+                                    [--thread ID] [--unread]
   agent-chat [options] watch CHANNEL [--interval SECONDS] [--after ID] [--count N]
-                                     [--until REGEX] [--timeout SECONDS]
+                                     [--until REGEX] [--timeout SECONDS] [--resume]
   agent-chat [options] channels
   agent-chat [options] agents
   agent-chat [options] status
+  agent-chat [options] take CHANNEL [--lease D] [--wait SECONDS]
+  agent-chat [options] done CHANNEL ID [MESSAGE]
+  agent-chat [options] release CHANNEL ID [--dead]
+  agent-chat [options] queue CHANNEL
+  agent-chat [options] inbox [--unread] [--watch]
+  agent-chat [options] work CHANNEL [--lease D] [--count N] -- COMMAND [ARG...]
   agent-chat (-h | --help | --version)
 
 Commands:
   send       Post MESSAGE to CHANNEL and print the stored message's id.
              MESSAGE - reads the message from standard input (any UTF-8, many lines).
+             CHANNEL @AGENT is that agent's inbox: a direct message.
+             With --wait-reply it prints the first reply to it instead, once it comes.
   read       Print the latest messages of CHANNEL, oldest first; or the messages
-             that follow a time (--since) or a message id (--after).
+             that follow a time (--since), a message id (--after) or your read
+             position (--unread).
   watch      Print CHANNEL's new messages as they arrive (the broker's live stream; no
              polling), until interrupted, --count, --until or --timeout. A broker
              restart is survived: it reconnects from the last message seen.
@@ -22,6 +34,22 @@ Commands:
   agents     List the agents, the most recently seen first, with first and last seen,
              messages sent, and activity.
   status     Show the broker's status and statistics.
+  take       Claim CHANNEL's oldest pending task and print it with its id; it is yours
+             for --lease. Exit 124 if there was none (within --wait).
+  done       Mark task ID, which you hold, done; MESSAGE (- for standard input) is
+             posted as its reply.
+  release    Give task ID back: pending again, its attempt counted; --dead gives up on
+             it for good.
+  queue      Show how many of CHANNEL's tasks are pending, claimed, done and dead, and
+             who holds which until when.
+  inbox      Print your inbox, the channel @<your agent id> (--watch: follow it).
+  work       Take CHANNEL's tasks one at a time and run COMMAND for each, with the
+             message on its standard input and AGENT_COMMS_TASK_ID,
+             AGENT_COMMS_TASK_CHANNEL and AGENT_COMMS_TASK_SENDER in its environment.
+             While it runs the lease is renewed every third of --lease. Exit 0: the
+             task is done, COMMAND's output its reply; else it is released. Prints a
+             line per task. Without --count it waits for tasks without end; SIGTERM
+             stops COMMAND, releases its task and ends work with status 0.
 
 Options:
   --broker URL          Broker to use, http://HOST:PORT or https://HOST:PORT. Else
@@ -46,9 +74,25 @@ Options:
   --since TIMESTAMP     Messages after this time: unix seconds, or ISO 8601 (UTC).
   --after ID            Messages after this message id (e.g. the id `send` printed).
   --interval SECONDS    Accepted for old scripts; watch is live and ignores it.
-  --count N             watch: exit 0 after N messages.
+  --count N             watch: exit 0 after N messages. work: after N tasks.
   --until REGEX         watch: exit 0 after printing a message that matches REGEX.
-  --timeout SECONDS     watch: exit 124 if it has not ended by then.
+  --timeout SECONDS     watch, send --wait-reply: exit 124 if it has not ended by
+                        then (seconds, or with a unit: 30s, 5m, 1h).
+  --reply-to ID         send: the message replies to message ID of CHANNEL.
+  --priority N          send: 1 (lowest) to 5 (highest); the broker's default is 3.
+  --tag T               send: a tag of the message; again for more (at most 10).
+  --meta JSON           send: a JSON object the message carries (types, routing).
+  --wait-reply          send: wait for the first reply to the message and print it.
+  --thread ID           read: only message ID's thread: its first message and replies.
+  --unread              read, inbox: what follows your read position, which then
+                        moves to the last message printed. inbox --watch: start there.
+  --resume              watch: start at your read position and move it as messages
+                        print, so a watcher restarted anywhere goes on where it was.
+  --lease D             take, work: how long a task is yours before the broker may
+                        hand it to another: seconds, or 30s, 5m, 1h [default: 300].
+  --wait SECONDS        take: wait this long for a task to come [default: 0].
+  --dead                release: the task is given up on: never handed out again.
+  --watch               inbox: follow it live.
   -h --help             Show this text.
   --version             Show the version.
 
@@ -67,14 +111,18 @@ Exit status:
   1    usage error: the command line, the broker URL, the agent id or a config file
   2    the broker is unreachable or answered with an error (one line on stderr)
   3    the broker refused: no token, a bad token, or no permission (401, 403)
-  124  watch --timeout ran out
+  124  a time-out: watch --timeout ran out, send --wait-reply got no reply in time,
+       take found no task
   130  interrupted (Ctrl-C)
 
 Waiting for a reply in a script:
-  id=$(agent-chat send tasks "Download media file: movie.mkv")
-  agent-chat watch tasks --after "$id" --until '✅ Download completed' --timeout 3600
+  agent-chat send tasks "Download media file: movie.mkv" --wait-reply --timeout 1h
+
+A worker:
+  agent-chat work tasks --lease 5m -- ./handle-task.sh
 """
 
+import math
 import os
 import sys
 import time
@@ -170,9 +218,21 @@ def run(args):
     after = _number(args, "--after", low=0)
     since = args["--since"]
     count = _number(args, "--count")
-    timeout = _number(args, "--timeout", float, low=0)
+    timeout = _duration(args, "--timeout", low=0)
     _number(args, "--interval", float, low=0)
     until = _compile(args["--until"])
+    task_id = _number(args, "ID")
+    thread = _number(args, "--thread")
+    lease = _duration(args, "--lease")
+    wait = _duration(args, "--wait", low=0)
+    _exclusive(args, "--unread", "--after", "--since")
+    _exclusive(args, "--resume", "--after")
+    if args["send"] and timeout is not None and not args["--wait-reply"]:
+        raise UsageError("--timeout needs --wait-reply (send waits for nothing else)")
+    if args["inbox"]:
+        channel = _inbox(settings)
+    if args["work"]:
+        command = _command(args)
 
     from .client import BrokerClient, BrokerError
     from .output import Printer
@@ -181,21 +241,125 @@ def run(args):
     out = Printer(as_json=args["--json"])
     try:
         if args["send"]:
-            out.sent(broker.send(channel, _message(args["MESSAGE"])))
-        elif args["read"]:
-            out.messages(broker.read(channel, limit=limit, since=since, after=after)["messages"])
-        elif args["watch"]:
-            return watch(broker, out, channel, after, count, until, timeout)
+            return send(broker, out, channel, _message(args["MESSAGE"]), args, timeout)
+        elif args["read"] or (args["inbox"] and not args["--watch"]):
+            if args["--unread"]:
+                read_unread(broker, out, channel, limit, thread)
+            else:
+                out.messages(broker.read(channel, limit=limit, since=since, after=after, thread=thread)["messages"])
+        elif args["watch"] or args["inbox"]:
+            resume = args["--resume"] or args["--unread"]
+            return watch(broker, out, channel, after, count, until, timeout, resume)
         elif args["channels"]:
             out.channels(_complete(broker.channels(), "channels"))
         elif args["agents"]:
             out.agents(_complete(broker.agents(), "agents"))
         elif args["status"]:
             out.status(broker.status())
+        elif args["take"]:
+            taken = broker.take(channel, lease=lease, wait=wait)
+            if taken is None:
+                say(f"no task came in {channel} within {wait:g} s")
+                return EXIT_TIMEOUT
+            out.task(taken)
+        elif args["done"]:
+            reply = _message(args["MESSAGE"]) if args["MESSAGE"] is not None else None
+            out.task_state(task_id, broker.done(channel, task_id, reply))
+        elif args["release"]:
+            out.task_state(task_id, broker.release(channel, task_id, dead=args["--dead"]))
+        elif args["queue"]:
+            out.queue(broker.queue(channel))
+        elif args["work"]:
+            from .work import Worker
+
+            return Worker(broker, out, channel, command, lease=lease, count=count, say=say).run()
     except BrokerError as error:
         say(str(error))
         return EXIT_REFUSED if error.status in (401, 403) else EXIT_BROKER
     return 0
+
+
+def _exclusive(args, option, *others):
+    for other in others:
+        if args[option] and args[other] is not None:
+            raise UsageError(f"{option} and {other} exclude each other: give one of them")
+
+
+def _duration(args, option, low=1):
+    """Seconds, from a number of them or one with a unit: 30s, 5m, 1h, 1d."""
+    raw = args[option]
+    if raw is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (raw[:-1], units[raw[-1]]) if raw and raw[-1] in units else (raw, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < low:
+        raise UsageError(f"{option} must be {low} s or more: seconds, or with a unit (30s, 5m, 1h), not {raw!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _command(args):
+    """work's COMMAND and its arguments, COMMAND found on $PATH (or a path to a program)."""
+    import shutil
+
+    command = [_text(word, "COMMAND") for word in [args["COMMAND"], *args["ARG"]]]
+    if shutil.which(command[0]) is None:
+        raise UsageError(f"cannot run {command[0]!r}: no such program (or it is not executable)")
+    return command
+
+
+def _inbox(settings):
+    """The channel of this agent's inbox: @<agent id>."""
+    if not settings["agent_id"]:
+        raise UsageError("inbox needs your agent id: give --agent-id (or AGENT_COMMS_AGENT_ID), also with a token")
+    return "@" + settings["agent_id"]
+
+
+def _send_options(args):
+    """send's --reply-to, --priority, --tag and --meta as the client's keyword arguments."""
+    priority = _number(args, "--priority")
+    if priority is not None and priority > 5:
+        raise UsageError(f"--priority must be a number from 1 to 5, not {args['--priority']!r}")
+    meta = None
+    if args["--meta"] is not None:
+        import json
+
+        try:
+            meta = json.loads(args["--meta"])
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise UsageError(f'--meta must be a JSON object such as \'{{"type": "build"}}\', not {args["--meta"]!r}')
+    tags = [_text(tag, "--tag") for tag in args["--tag"]]
+    return {"reply_to": _number(args, "--reply-to"), "priority": priority, "tags": tags, "meta": meta}
+
+
+def send(broker, out, channel, message, args, timeout):
+    """Post; with --wait-reply, print the first reply to it instead of its id."""
+    options = _send_options(args)
+    stored = broker.send(channel, message, **options)
+    if not args["--wait-reply"]:
+        out.sent(stored)
+        return 0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reply = broker.first_reply(channel, stored, deadline)
+    if reply is None:
+        say(f"no reply to message {stored['id']} of {channel} within {timeout:g} s")
+        return EXIT_TIMEOUT
+    out.message(reply)
+    return 0
+
+
+def read_unread(broker, out, channel, limit, thread):
+    """What follows this agent's read position, printed; then the position moves to the
+    last message printed."""
+    messages = broker.read(channel, limit=limit, thread=thread, unread=True)["messages"]
+    out.messages(messages)
+    if messages:
+        broker.put_cursor(channel, messages[-1]["id"])
 
 
 def _complete(listing, key):
@@ -231,9 +395,13 @@ def _compile(pattern):
         raise UsageError(f"--until is not a valid regular expression: {error}") from None
 
 
-def watch(broker, out, channel, after, count, until, timeout):
+def watch(broker, out, channel, after, count, until, timeout, resume=False):
+    """Print the channel's messages as they come. With `resume`, from this agent's read
+    position, which moves past each message printed."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    if after is None:
+    if resume:
+        after = broker.get_cursor(channel)["read"]
+    elif after is None:
         after = broker.latest_cursor(channel)
 
     def gap(cursor):
@@ -242,6 +410,8 @@ def watch(broker, out, channel, after, count, until, timeout):
     seen = 0
     for message in broker.watch(channel, after, deadline=deadline, on_gap=gap):
         out.message(message)
+        if resume:
+            broker.put_cursor(channel, message["id"])
         seen += 1
         if until is not None and until.search(str(message.get("message"))):
             return 0

@@ -21,6 +21,8 @@ MESSAGE_KEEPS = frozenset("\t\u200c\u200d")
 # A message's own lines (and lines folded to the terminal's width) are indented by this, so
 # no line of a message can start where a "[time] sender: ..." line starts.
 INDENT = "    "
+# The states of a task, in the order `queue` prints their counts.
+TASK_STATES = ("pending", "claimed", "done", "dead")
 
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
 _NOT_ASCII_OR_DEL = re.compile(r"[^\x00-\x7e]")
@@ -186,3 +188,41 @@ class Printer:
         width = max((len(key) for key in keys.values()), default=0) + 1
         for key, value in reply.items():
             self._print(f"{keys[key]:<{width}}  {visible(value)}")
+
+    def task(self, taken):
+        """A task handed to this agent (take): a line on its claim, then the message."""
+        if self.as_json:
+            return self._json(taken)
+        claim = taken.get("claim") or {}
+        self._print(
+            f"task {visible(taken.get('id'))} of {visible(taken.get('channel'))}: "
+            f"attempt {visible(claim.get('attempt'))}, yours until {_when(claim.get('expires'))}"
+        )
+        self.message(taken)
+
+    def task_state(self, task_id, answer, why=None):
+        """Where a task stands after done or release: "task 42: done, reply 57"."""
+        if self.as_json:
+            return self._json(answer)
+        task = answer.get("task") or {}
+        line = f"task {visible(task_id)}: {visible(task.get('state'))}"
+        reply = answer.get("reply")
+        if isinstance(reply, dict):
+            line += f", reply {visible(reply.get('id'))}"
+        elif task.get("state") != "done":
+            line += f", attempt {visible(task.get('attempt'))}"
+        self._print(line + (f" ({visible(why)})" if why else ""))
+
+    def queue(self, reply):
+        """A queue's counts by state, then its claimed and dead tasks."""
+        if self.as_json:
+            return self._json(reply)
+        counts = reply.get("counts") or {}
+        self._print("  ".join(f"{state} {visible(counts.get(state, 0))}" for state in TASK_STATES))
+        rows = [
+            (t.get("id"), "claimed", t.get("agent"), _when(t.get("expires")), t.get("attempt"))
+            for t in reply.get("claimed") or []
+        ]
+        rows += [(t.get("id"), "dead", t.get("agent") or "-", "-", t.get("attempt")) for t in reply.get("dead") or []]
+        if rows:
+            self._table(("TASK", "STATE", "AGENT", "EXPIRES", "ATTEMPT"), rows)

@@ -7,6 +7,8 @@ import re
 
 # "[--since TIMESTAMP | --after ID]": options of which a command takes at most one.
 _ALTERNATIVES = re.compile(r"\[([^\[\]]*\|[^\[\]]*)\]")
+# "[--tag T]...": an option a command takes again and again.
+_REPEATABLE = re.compile(r"\[(--?[\w-]+)[^\[\]]*\]\.\.\.")
 _BRACKETED = re.compile(r"\[[^\[\]]*\]|\([^()]*\)")
 
 
@@ -108,8 +110,9 @@ class Usage:
             given = [option for option in self._options_in(group) if option in used]
             if len(given) > 1:
                 return f"{' and '.join(given)} exclude each other: give one of them"
+        repeatable = set(_REPEATABLE.findall(pattern))
         for option in used:
-            if used.count(option) > 1:
+            if used.count(option) > 1 and option not in repeatable:
                 return f"{option} is given twice"
         expected = [word for word in _BRACKETED.sub(" ", pattern).split() if word.isupper()]
         if len(arguments) < len(expected):
