@@ -1,5 +1,6 @@
-"""The message store. `Store` is the SQLite backend (sqlite.py; its schema and migrations
-in schema.py); model.py holds what every backend hands out and refuses with."""
+"""The message store. contract.py says what a backend must provide and promise; `Store` is
+the SQLite backend (sqlite.py and sqlite_coordination.py; its schema and migrations in
+schema.py); model.py holds what every backend hands out and refuses with."""
 
 from .model import (
     AgentLimit,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from .contract import StoreContract
 from .model import (
     AgentLimit,
     ChannelLimit,
@@ -234,7 +235,7 @@ def _is_full(error):
     return "full" in str(error) or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
-class Store(Coordination):
+class Store(Coordination, StoreContract):
     def __init__(
         self, path, synchronous="FULL", busy_deadline=10.0, sleep=time.sleep, max_attempts=DEFAULT_MAX_ATTEMPTS
     ):

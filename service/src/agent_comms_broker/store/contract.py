@@ -1,0 +1,168 @@
+"""What a store backend must provide, and the guarantees of each method. The HTTP layer,
+live delivery and access control use a store through these methods only; the SQLite
+backend (sqlite.py, sqlite_coordination.py) implements them, and a second backend
+(PostgreSQL) must keep the same promises.
+
+Every `now` parameter is unix seconds and defaults to the clock: tests pass it to control
+time. Pages are model.Page, messages model.Message (with model.Task when ever claimed).
+"""
+
+import abc
+
+
+class StoreContract(abc.ABC):
+    # -- writes of messages -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def append(self, entries, now=None, max_channels=0, max_agents=0, max_database=0, capped=None):
+        """Store Posts in one transaction, all or none; returns their Messages in order.
+        Ids rise strictly in commit order across every writer, and timestamps rise with
+        them (even if the clock steps back). A post repeated with its idempotency key
+        within KEY_LIFETIME answers the first Message (`duplicate` set) and stores nothing;
+        the key used for another channel raises KeyConflict. Caps raise ChannelLimit,
+        AgentLimit, DatabaseFull; a full disk StoreFull; a lock held too long StoreBusy."""
+
+    @abc.abstractmethod
+    def write_batch(self, works):
+        """Run each work(db) (from the *_work methods) in one transaction, each isolated
+        from the others' refusals (KeyConflict, NoSuchMessage, TaskRefused): [(result,
+        None) or (None, refusal)] in order. Any other error fails the whole batch."""
+
+    # -- reads of messages ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def message(self, channel, message_id, now=None):
+        """One message of a channel, or None."""
+
+    @abc.abstractmethod
+    def latest(self, channel, limit, max_bytes=None, only=None):
+        """The newest `limit` messages `only` (a Filter) keeps, oldest first, within
+        `max_bytes` of text (always one); a cut page starts at the oldest of them."""
+
+    @abc.abstractmethod
+    def after_id(self, channel, after, limit, max_bytes=None, only=None):
+        """Messages with id > after, oldest first; `gap` when retention removed any of
+        them; `more` when another page waits. Never skips or repeats a committed message."""
+
+    @abc.abstractmethod
+    def after_time(self, channel, since, limit, max_bytes=None, only=None):
+        """Messages with timestamp > since, oldest first; a page never ends between two
+        messages sharing a timestamp."""
+
+    @abc.abstractmethod
+    def all_after_id(self, after, limit, max_bytes=None, granted=None):
+        """Messages of every channel (or those `granted` patterns match, in bounded id
+        windows) with id > after, oldest first."""
+
+    @abc.abstractmethod
+    def pruned_after(self, after, channel=None):
+        """Whether retention removed a message with id > after."""
+
+    @abc.abstractmethod
+    def max_id(self):
+        """The newest id stored (0 if none)."""
+
+    @abc.abstractmethod
+    def last_given_id(self):
+        """The largest id ever given, even if retention removed it."""
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def take_work(self, channel, agent, lease, now=None):
+        """Work that claims the channel's oldest pending task (never claimed, released,
+        or whose lease ended; a lapsed claim on its last attempt becomes dead instead) for
+        `agent`; its Message, or None. At most one agent holds a task at any time, on any
+        number of connections: each change must be a conditional write whose effect says
+        whether it won."""
+
+    @abc.abstractmethod
+    def claim_work(self, channel, message_id, agent, lease, now=None):
+        """Work that claims one task, or extends the lease `agent` holds (even lapsed, if
+        no one took it since). NoSuchMessage; TaskRefused for a reply, a task another
+        agent holds, or one done or dead."""
+
+    @abc.abstractmethod
+    def done_work(self, channel, message_id, agent, reply=None, now=None):
+        """Work that marks the task `agent` holds done and stores `reply` (a Post) in the
+        same transaction: (Message, reply Message or None). Repeated by the agent that
+        finished it: the same answer, nothing stored. TaskRefused otherwise."""
+
+    @abc.abstractmethod
+    def release_work(self, channel, message_id, agent, dead=False, now=None):
+        """Work that gives back the task `agent` holds: pending, or dead (with `dead`, or
+        on its last attempt). TaskRefused if `agent` does not hold it."""
+
+    @abc.abstractmethod
+    def queue(self, channel, limit=100, now=None):
+        """(counts by state, claimed (id, agent, expires, attempt), dead (id, agent,
+        attempt)) as the tasks stand at `now`."""
+
+    # -- read positions ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def move_cursor_work(self, agent, channel, read_id, now=None):
+        """Work that moves an agent's read position forward (never back): (position, moved)."""
+
+    @abc.abstractmethod
+    def cursor(self, agent, channel):
+        """An agent's read position (0 if none)."""
+
+    @abc.abstractmethod
+    def unread(self, agent, channel):
+        """Messages after the agent's position."""
+
+    @abc.abstractmethod
+    def unread_counts(self, agent, listed):
+        """{channel: unread} for (channel, message count) pairs."""
+
+    @abc.abstractmethod
+    def receipts(self, channel, message_id):
+        """(agent, first time its position reached the message), earliest first."""
+
+    # -- agents, channels, tokens, upkeep ---------------------------------------------------
+
+    @abc.abstractmethod
+    def touch_agent(self, agent_id, now=None, busy_deadline=0.5, max_agents=0, register=True):
+        """Record an agent as seen; best effort."""
+
+    @abc.abstractmethod
+    def channels(self, after="", limit=-1):
+        """(name, message count, last activity) by name."""
+
+    @abc.abstractmethod
+    def agents(self, after="", limit=-1):
+        """(id, first seen, last seen, messages sent) by id."""
+
+    @abc.abstractmethod
+    def totals(self, active_since):
+        """(messages, channels, agents, active agents)."""
+
+    @abc.abstractmethod
+    def prune(self, max_age=0.0, max_messages=0, now=None):
+        """Remove what retention no longer keeps, with the tags, tasks and read-position
+        moves that hang on it, oldest first, in bounded batches; how many messages went."""
+
+    @abc.abstractmethod
+    def forget_idle_agents(self, idle_since):
+        """Forget agents not seen since then that hold no token."""
+
+    @abc.abstractmethod
+    def forget_old_keys(self, now=None):
+        """Forget idempotency keys past KEY_LIFETIME."""
+
+    @abc.abstractmethod
+    def token_by_hash(self, digest):
+        """The Token with that SHA-256, or None."""
+
+    @abc.abstractmethod
+    def token_agents(self, now=None):
+        """The agents that hold an active token."""
+
+    @abc.abstractmethod
+    def touch_token(self, token_id, now=None, busy_deadline=0.5):
+        """Record a token's last use; best effort."""
+
+    @abc.abstractmethod
+    def healthy(self):
+        """Whether the database answers with this broker's schema."""
