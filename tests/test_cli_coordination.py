@@ -113,6 +113,7 @@ class AnswerLosingProxy:
         return self
 
     def __exit__(self, *exc):
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone would not)
         self.server.close()
         self.thread.join(5)
 
@@ -146,6 +147,8 @@ def _http_message(sock):
     data = b""
     while b"\r\n\r\n" not in data:
         data += _received(sock)
+        if data.startswith(b"\x16"):  # a TLS handshake: a broker answers it with a 400 and closes
+            raise ConnectionError("not HTTP")
     head, body = data.split(b"\r\n\r\n", 1)
     length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
     while length and len(body) < int(length.group(1)):
@@ -301,6 +304,22 @@ def test_take_waits_for_a_task_to_come(url, channel):
         task = post(url, channel, "poster", "late task")
         assert taking.wait(20) == 0, taking.stderr()
         assert json.loads(taking.rest()[0])["id"] == task["id"]
+
+
+def test_take_waits_past_the_brokers_longest_wait(own_broker):
+    """A broker cuts a long-poll at AGENT_COMMS_MAX_WAIT (here 1 s): take asks again until
+    its own --wait is over."""
+    broker = own_broker(env={"AGENT_COMMS_MAX_WAIT": "1"}).start()
+    command = [*CHAT, "--broker", broker.url, "--agent-id", "worker", "take", "later", "--wait", "20s", "--json"]
+    with Running(command) as taking:
+        time.sleep(2.5)
+        task = post(broker.url, "later", "poster", "posted after two cut waits")
+        assert taking.wait(20) == 0, taking.stderr()
+        assert json.loads(taking.rest()[0])["id"] == task["id"]
+    started = time.monotonic()
+    done = chat("--broker", broker.url, "take", "later", "--wait", "2.5", agent="worker")
+    one_line(done, 124, "within 2.5 s")
+    assert 2.4 < time.monotonic() - started < 10
 
 
 def test_done_release_and_queue(url, channel):
