@@ -186,3 +186,22 @@ def test_work_refuses_a_program_it_cannot_run_before_taking_a_task(url, channel)
     assert status == 1 and lines == []
     assert stderr.startswith("agent-chat: cannot run '/nonexistent/program'") and len(stderr.splitlines()) == 1
     assert queue(url, channel)["pending"] == 1
+
+
+def test_work_waits_out_a_broker_restart(own_broker):
+    """A broker that stops under a waiting worker is waited for: one line on stderr, and
+    the task posted after the restart is worked."""
+    broker = own_broker()
+    broker.start()
+    command = [*CHAT, "--broker", broker.url, "--agent-id", "worker", "work", "restarts", "--", "cat"]
+    with Running(command) as worker:
+        time.sleep(1)  # into its long-poll
+        broker.restart()
+        task = post(broker.url, "restarts", "poster", "after the restart")
+        line = worker.line(timeout=30)
+        reply_id = message(broker.url, "restarts", task["id"])["task"]["reply"]
+        assert line == f"task {task['id']}: done, reply {reply_id}"
+        assert message(broker.url, "restarts", reply_id)["message"] == "after the restart"
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0, worker.stderr()
+        assert len(worker.stderr().splitlines()) <= 1 and "Traceback" not in worker.stderr()
