@@ -171,7 +171,7 @@ class GroupCommitter:
     def __init__(self, store, on_commit, max_channels=0, max_agents=0, max_database=0, call=None):
         self.store = store
         self.on_commit = on_commit
-        self._call = call or (lambda function, args: function(*args))
+        self._call = self._in(call) if call else (lambda function, args: function(*args))
         self.caps = {"max_channels": max_channels, "max_agents": max_agents, "max_database": max_database}
         self._queue = collections.deque()
         self._ready = Event()
@@ -237,6 +237,25 @@ class GroupCommitter:
         for _, entries, result, _ in group:
             result.set(stored[start : start + len(entries)])
             start += len(entries)
+
+    @staticmethod
+    def _in(call):
+        """`call` (a thread pool's apply) that hands back what the function raised as it
+        is, raised again here: the pool would also print each as a traceback."""
+
+        def outcome(function, args):
+            try:
+                return function(*args), None
+            except BaseException as error:  # raised again in the greenlet that waits
+                return None, error
+
+        def run(function, args):
+            value, error = call(outcome, (function, args))
+            if error is not None:
+                raise error
+            return value
+
+        return run
 
     def _append(self, batch, capped):
         return self.store.append(batch, capped=capped, **self.caps)
