@@ -502,9 +502,8 @@ CASES = [
         headers=WORKER,
         json={"message": "second"},
     ),
-    # A task never claimed is refused with 400 (the store knows no task for it), one claimed
-    # and released since with 409.
-    case("done-never-claimed", "post", DONE, 400, headers=WORKER),
+    # A task no one holds is refused with 409, whether never claimed or released since.
+    case("done-never-claimed", "post", DONE, 409, headers=WORKER),
     case("done-released", "post", DONE, 409, before=[CLAIMED, posted_by(WORKER, RELEASE)], headers=WORKER),
     case("done-held-by-another", "post", DONE, 409, before=[CLAIMED_BY_OTHER], headers=WORKER, json={"message": "m"}),
     case(
@@ -531,7 +530,7 @@ CASES = [
     case("done-not-an-object", "post", DONE, 400, headers=WORKER, json=["m"]),
     case("release", "post", RELEASE, 200, before=[CLAIMED], headers=WORKER),
     case("release-dead", "post", RELEASE, 200, before=[CLAIMED], headers=WORKER, json={"dead": True}),
-    case("release-never-claimed", "post", RELEASE, 400, headers=WORKER),
+    case("release-never-claimed", "post", RELEASE, 409, headers=WORKER),
     case("release-released", "post", RELEASE, 409, before=[CLAIMED, posted_by(WORKER, RELEASE)], headers=WORKER),
     case("release-held-by-another", "post", RELEASE, 409, before=[CLAIMED_BY_OTHER], headers=WORKER),
     case("release-dead-yes", "post", RELEASE, 400, before=[CLAIMED], headers=WORKER, json={"dead": "yes"}),

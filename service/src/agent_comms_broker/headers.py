@@ -16,8 +16,8 @@ SECURITY_HEADERS = [
     ("Cross-Origin-Resource-Policy", "same-site"),
 ]
 HSTS = ("Strict-Transport-Security", "max-age=31536000")
-CORS_METHODS = "GET, POST, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type, X-Agent-ID, Last-Event-ID"
+CORS_METHODS = "GET, POST, PUT, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, X-Agent-ID, Last-Event-ID, Idempotency-Key"
 CORS_EXPOSE = "Retry-After, WWW-Authenticate"
 CORS_MAX_AGE = "600"
 

@@ -122,12 +122,11 @@ def get_messages(broker, channel):
         raise bad_request("unread reads from the agent's read position: give it without after or since")
     only = read_filter()
     wait = wait_param(broker.settings.max_wait)
-    agent = broker.touch_reader()
     store = broker.store
     if unread:
-        if agent is None:
-            raise bad_request("unread needs an agent: send a bearer token, or an X-Agent-ID header")
-        after = store.cursor(agent, channel)
+        after = store.cursor(broker.acting_agent(), channel)
+    else:
+        broker.touch_reader()
     if wait and after is None and since is None:
         raise bad_request("wait needs a cursor: after=ID (take it from a previous reply's cursor)")
     given_cursor(store, after, "after")

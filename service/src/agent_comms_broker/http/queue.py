@@ -78,10 +78,12 @@ def claimed(message, lease):
 
 def refused(error):
     """409 naming the task's state and holder; 400 when the message is not a task."""
-    if error.task is None:
+    if error.not_a_task:
         raise bad_request(str(error))
     response.status = 409
     task = error.task
+    if task is None:  # never claimed
+        return {"error": str(error), "holder": None, "expires": None, "task": None}
     return {"error": str(error), "holder": task.agent, "expires": task.expires, "task": task.as_dict()}
 
 
@@ -139,7 +141,9 @@ def done(broker, channel, message_id):
         reply = validate_post(item, broker.settings.max_message, channel, caller())
         broker.access.spend_bytes(stored_size(channel, agent, reply.message, reply.tags, reply.meta))
     try:
-        message, answer = broker.committer.run(broker.store.done_work(channel, task_id, agent, reply))
+        settings = broker.settings
+        caps = {"max_agents": settings.max_agents if caller() is None else 0, "max_database": settings.max_database}
+        message, answer = broker.committer.run(broker.store.done_work(channel, task_id, agent, reply, **caps))
     except TaskRefused as error:
         return refused(error)
     return {"status": "success", "task": message.task.as_dict(), "reply": answer.as_dict() if answer else None}

@@ -83,10 +83,11 @@ class StoreContract(abc.ABC):
         agent holds, or one done or dead."""
 
     @abc.abstractmethod
-    def done_work(self, channel, message_id, agent, reply=None, now=None):
-        """Work that marks the task `agent` holds done and stores `reply` (a Post) in the
-        same transaction: (Message, reply Message or None). Repeated by the agent that
-        finished it: the same answer, nothing stored. TaskRefused otherwise."""
+    def done_work(self, channel, message_id, agent, reply=None, now=None, max_agents=0, max_database=0):
+        """Work that marks the task `agent` holds done and stores `reply` (a Post; the caps
+        hold it as a post) in the same transaction: (Message, reply Message or None).
+        Repeated by the agent that finished it: the same answer, nothing stored.
+        TaskRefused otherwise; KeyConflict if the reply's key stored another message."""
 
     @abc.abstractmethod
     def release_work(self, channel, message_id, agent, dead=False, now=None):

@@ -39,11 +39,12 @@ class NoSuchMessage(Exception):
 
 class TaskRefused(Exception):
     """A claim, done or release the task's state does not allow: `task` is the task as it
-    stands (a Task), or None when the message is not a task (a reply)."""
+    stands (a Task; None if it was never claimed). `not_a_task`: the message is a reply."""
 
-    def __init__(self, text, task=None):
+    def __init__(self, text, task=None, not_a_task=False):
         super().__init__(text)
         self.task = task
+        self.not_a_task = not_a_task
 
 
 @dataclass(frozen=True, slots=True)

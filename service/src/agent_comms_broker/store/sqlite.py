@@ -175,7 +175,7 @@ DISK_RESERVE_SHARE = 0.25
 TIMESTAMP_STEP = 1e-6
 PRUNE_BATCH = 2000
 # What one write of a batch may be refused with, leaving the others be.
-REFUSALS = (KeyConflict, NoSuchMessage, TaskRefused)
+REFUSALS = (AgentLimit, ChannelLimit, DatabaseFull, KeyConflict, NoSuchMessage, TaskRefused)
 # A post repeated with its idempotency key within this many seconds stores nothing.
 KEY_LIFETIME = 24 * 3600
 # Tasks: a release or an expired lease counts as a failure; this many make a task dead.

@@ -9,7 +9,7 @@ task; a take that loses looks again.
 
 import time
 
-from .model import NoSuchMessage, TaskRefused
+from .model import KeyConflict, NoSuchMessage, TaskRefused
 from .sqlite_rows import MESSAGE_COLUMNS, MESSAGES, SELECT_ONE, message_of
 
 # The oldest task a take can have, three ways: released back to pending; claimed with a
@@ -167,7 +167,8 @@ class Coordination:
         by the agent that finished it answers the same, storing nothing."""
         return self._write(self.done_work(channel, message_id, agent, reply, now))
 
-    def done_work(self, channel, message_id, agent, reply=None, now=None):
+    def done_work(self, channel, message_id, agent, reply=None, now=None, max_agents=0, max_database=0):
+        """(The caps hold the reply as they hold a post.)"""
         stamp = time.time() if now is None else now
 
         def work(db):
@@ -177,7 +178,18 @@ class Coordination:
                 answer = db.execute(SELECT_ONE, (task.reply, channel)).fetchone() if task.reply else None
                 return message, None if answer is None else message_of(answer, stamp, self.max_attempts)
             self._check_holder(db, message, agent, stamp, "finish")
-            stored = self._insert(db, [reply], stamp)[0] if reply is not None else None
+            stored = None
+            if reply is not None:
+                if max_database:
+                    self._check_database_size(db, max_database)
+                if max_agents:
+                    self._check_agent_cap(db, {reply.sender}, max_agents)
+                stored = self._insert(db, [reply], stamp)[0]
+                if stored.duplicate and stored.reply_to != message_id:
+                    raise KeyConflict(
+                        f"idempotency key {reply.key!r} was used for message {stored.id}, not a reply to "
+                        f"task {message_id}; use a new key"
+                    )
             db.execute(FINISH, (stored.id if stored else None, stamp, message_id, agent))
             return self._task_message(db, channel, message_id, stamp), stored
 
@@ -207,7 +219,7 @@ class Coordination:
         if row is None:
             raise NoSuchMessage(f"no message {message_id} in channel {channel!r}")
         if row[5] is not None:
-            raise TaskRefused(f"message {message_id} is a reply (to {row[5]}), not a task")
+            raise TaskRefused(f"message {message_id} is a reply (to {row[5]}), not a task", not_a_task=True)
         return message_of(row, now, self.max_attempts)
 
     @staticmethod
