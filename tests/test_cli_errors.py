@@ -47,7 +47,10 @@ USAGE_READ = "usage: agent-chat [options] read CHANNEL [--limit N] [--since TIME
         (["read", "general", "--limt", "3"], ["unknown option --limt (did you mean --limit?)"]),
         (["send", "general"], ["send needs MESSAGE", "usage: agent-chat [options] send CHANNEL MESSAGE"]),
         (["send", "general", "two", "words"], ["'words' is one too many (quote"]),
-        (["send", "general", "x", "--count", "2"], ["--count is not an option of send (it is an option of watch, work)"]),
+        (
+            ["send", "general", "x", "--count", "2"],
+            ["--count is not an option of send (it is an option of watch, work)"],
+        ),
         (["watch"], ["watch needs CHANNEL"]),
         (["frobnicate"], ["unknown command 'frobnicate': the commands are send, read, watch, channels"]),
         ([], ["no command given: the commands are send, read"]),

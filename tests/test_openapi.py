@@ -492,6 +492,17 @@ CASES = [
         json={"message": "finished", "priority": 4, "tags": ["result"], "meta": {"exit": 0}, "key": "k-{channel}"},
     ),
     case("done-without-a-reply", "post", DONE, 200, before=[CLAIMED], headers=WORKER),
+    case(
+        "done-and-next",
+        "post",
+        DONE,
+        200,
+        before=[CLAIMED],
+        headers=WORKER,
+        json={"message": "m", "next": {"lease": 5}},
+    ),
+    case("done-next-not-an-object", "post", DONE, 400, before=[CLAIMED], headers=WORKER, json={"next": 5}),
+    case("done-next-bad-lease", "post", DONE, 400, before=[CLAIMED], headers=WORKER, json={"next": {"lease": 0}}),
     case("done-null-message", "post", DONE, 200, before=[CLAIMED], headers=WORKER, json={"message": None, "tags": 1}),
     case(
         "done-again",

@@ -322,3 +322,35 @@ def test_sigkill_of_every_process_loses_no_acknowledged_claim_done_or_release(ow
         for i in done_ids[:50]
     ]
     assert set(thread_sizes) <= {2}, "a done task got more than one reply"
+
+
+def test_done_with_next_takes_the_following_task_in_the_same_request(url, channel, poster):
+    first = poster(url, channel, "poster", "one")["id"]
+    second = poster(url, channel, "poster", "two")["id"]
+    assert take(requests, url, channel, "w").json()["id"] == first
+    done = act(requests, url, channel, first, "done", "w", message="ok 1", next={"lease": 30})
+    assert done.status_code == 200, done.text
+    body = done.json()
+    assert body["task"]["state"] == "done" and body["reply"]["reply_to"] == first
+    assert body["next"]["id"] == second and body["next"]["claim"]["agent"] == "w"
+    assert body["next"]["claim"]["lease"] == 30.0
+    # Nothing left: next is null at once, or after its wait when a task arrives meanwhile.
+    last = act(requests, url, channel, second, "done", "w", next={"lease": 30})
+    assert last.json()["next"] is None and last.json()["task"]["state"] == "done"
+    assert act(requests, url, channel, second, "done", "w", next="soon").status_code == 400
+    third = {}
+
+    def later():
+        time.sleep(0.5)
+        third["id"] = requests.post(f"{url}/messages/{channel}", json={"sender": "p", "message": "three"}).json()["id"]
+
+    poster_thread = threading.Thread(target=later)
+    poster_thread.start()
+    fourth = poster(url, channel, "poster", "four")["id"]
+    assert take(requests, url, channel, "w").json()["id"] == fourth
+    waited = act(requests, url, channel, fourth, "done", "w", next={"lease": 30, "wait": 5})
+    poster_thread.join(5)
+    assert waited.json()["next"]["id"] == third["id"]
+    # A refused done takes nothing.
+    refused = act(requests, url, channel, fourth, "done", "intruder", next={"lease": 30})
+    assert refused.status_code == 409 and "next" not in refused.json()

@@ -205,3 +205,23 @@ def test_work_waits_out_a_broker_restart(own_broker):
         worker.process.send_signal(signal.SIGTERM)
         assert worker.wait(10) == 0, worker.stderr()
         assert len(worker.stderr().splitlines()) <= 1 and "Traceback" not in worker.stderr()
+
+
+def test_each_done_takes_the_next_task_in_the_same_request(own_broker, channel):
+    """A worker's loop is one request per task: the done of one takes the next."""
+    broker = own_broker().start()
+    ids = [post(broker.url, channel, "poster", f"job {n}")["id"] for n in range(4)]
+    env = {**os.environ, "AGENT_COMMS_BROKER": broker.url}
+    done = subprocess.run(
+        [*CHAT, "--agent-id", "w", "work", channel, "--count", "4", "--", "cat"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [message(broker.url, channel, i)["task"]["state"] for i in ids] == ["done"] * 4
+    log = broker.log()
+    assert log.count(f"POST /queue/{channel}/take") == 1
+    assert log.count("/done HTTP") == 4
+    assert queue(broker.url, channel) == {"pending": 0, "claimed": 0, "done": 4, "dead": 0}

@@ -128,13 +128,17 @@ class BrokerClient(Transport):
         self.expect(answer or {}, path, "claim", dict)
         return answer
 
-    def done(self, channel, task_id, message=None, priority=None, tags=None, meta=None):
+    def done(self, channel, task_id, message=None, priority=None, tags=None, meta=None, next_lease=None):
         """Mark the task this agent holds done, posting `message` (if any) as its reply in
         the same step: {"task": {...}, "reply": message or None}. The broker answers a
-        repeat with the same, so a lost answer is asked again."""
+        repeat with the same, so a lost answer is asked again. With `next_lease`, the same
+        request takes this agent's next task (without waiting): "next" is it, or None (a
+        lost answer asked again may leave the task it took claimed to its lease's end)."""
         post = _optional(priority=priority, tags=tags or None, meta=meta)
         if message is not None:
             post.update(message=message, key=_new_key())
+        if next_lease is not None:
+            post["next"] = {"lease": next_lease}
         path = route("messages", channel, task_id, "done")
         answer = self.write("POST", path, post, retry_lost=True)
         self.expect(answer or {}, path, "task", dict)

@@ -41,19 +41,24 @@ class Worker:
         # While a take waits, a stop interrupts it at once. A task whose answer was on its
         # way then stays claimed until its lease ends, as if this worker had vanished.
         self.taking = False
+        # The next task, taken by the done of the last one (one request for both).
+        self.following = None
+        self.worked = 0
 
     def run(self):
         """Works tasks until --count of them are done or released, or a signal stops it;
         the exit status."""
         handlers = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            worked = 0
-            while self.count is None or worked < self.count:
-                task = self._next_task()
+            while self.count is None or self.worked < self.count:
+                task, self.following = self.following or self._next_task(), None
                 if task is None:
                     break
+                if self.stopping is not None:  # stopped with the next task in hand
+                    self._report(task["id"], None, self._release(task["id"]), "stopped before it ran")
+                    break
                 self._work(task)
-                worked += 1
+                self.worked += 1
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -150,13 +155,15 @@ class Worker:
                 beat = time.monotonic() + self.lease / 3
 
     def _finish(self, task_id, reply):
+        more = self.stopping is None and (self.count is None or self.worked + 1 < self.count)
         try:
-            answer = self.broker.done(self.channel, task_id, reply or None)
+            answer = self.broker.done(self.channel, task_id, reply or None, next_lease=self.lease if more else None)
         except BrokerError as error:
             self.say(f"task {task_id}: not marked done: {error}")
             if error.status != 409:  # still ours: give it back rather than hold it to the lease's end
                 self._report(task_id, 0, self._release(task_id), "not marked done")
             return
+        self.following = answer.pop("next", None)
         self._report(task_id, 0, answer, None)
 
     def _release(self, task_id):

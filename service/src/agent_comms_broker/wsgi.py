@@ -37,7 +37,9 @@ class Runtime:
         self.store = Store(settings.db, settings.synchronous, sleep=gevent.sleep, max_attempts=settings.max_attempts)
         self.hub = Hub(self.store, settings.wakeup_interval, settings.page_bytes, alive=lambda: self.alive())
         # The group committer writes on a connection of its own, in a thread of its own.
-        self.writer = Store(settings.db, settings.synchronous, sleep=time.sleep, max_attempts=settings.max_attempts)
+        self.writer = Store(
+            settings.db, settings.synchronous, sleep=time.sleep, max_attempts=settings.max_attempts, writers_queue=True
+        )
         self.committer = GroupCommitter(
             self.writer,
             self.hub.committed,

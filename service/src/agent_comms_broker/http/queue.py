@@ -93,30 +93,38 @@ def take(broker, channel):
     lease = lease_of(body)
     wait = seconds(body, "wait", 0, broker.settings.max_wait)
     agent = broker.acting_agent()
-    store, run = broker.store, broker.committer.run
-    message = run(store.take_work(channel, agent, lease))
-    if message is None and wait:
-        with Wait(broker, channel) as waiting:
-            deadline = time.monotonic() + wait
-            while message is None and not waiting.over and waiting.allowed():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                if waiting.wait(min(remaining, TAKE_RECHECK)):
-                    waiting.watcher.take()
-                message = run(store.take_work(channel, agent, lease))
-        if waiting.has_token and not waiting.allowed(now=True):
-            # The token went, or lost the channel, while the request waited: a task taken
-            # in that last second goes back.
-            if message is not None:
-                run(store.release_work(channel, message.id, agent))
-            if waiting.who is None:
-                raise unauthorized("the bearer token was revoked or expired while the request waited")
-            raise HTTPError(403, f"token {waiting.who.token_id} may no longer read channel {channel!r}")
+    message = take_task(broker, channel, agent, lease, wait)
     if message is None:
         response.status = 204
         return ""
     return claimed(message, lease)
+
+
+def take_task(broker, channel, agent, lease, wait, tried=False):
+    """The task `agent` takes now, or within `wait` seconds (None if none came); `tried`:
+    a take found none a moment ago, so start waiting."""
+    store, run = broker.store, broker.committer.run
+    message = None if tried else run(store.take_work(channel, agent, lease))
+    if message is not None or not wait:
+        return message
+    with Wait(broker, channel) as waiting:
+        deadline = time.monotonic() + wait
+        while message is None and not waiting.over and waiting.allowed():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if waiting.wait(min(remaining, TAKE_RECHECK)):
+                waiting.watcher.take()
+            message = run(store.take_work(channel, agent, lease))
+    if waiting.has_token and not waiting.allowed(now=True):
+        # The token went, or lost the channel, while the request waited: a task taken in
+        # that last second goes back.
+        if message is not None:
+            run(store.release_work(channel, message.id, agent))
+        if waiting.who is None:
+            raise unauthorized("the bearer token was revoked or expired while the request waited")
+        raise HTTPError(403, f"token {waiting.who.token_id} may no longer read channel {channel!r}")
+    return message
 
 
 def claim(broker, channel, message_id):
@@ -131,22 +139,45 @@ def claim(broker, channel, message_id):
 
 
 def done(broker, channel, message_id):
+    """Finish a task (with its optional reply); with `"next": {"lease": ..., "wait": ...}`
+    take the next task in the same request, and in the same transaction when one is there:
+    a worker's loop is then one request per task."""
     worked_channel(channel)
     task_id = whole_number(message_id, "message id", 1)
     body = options(broker)
+    following = body.get("next")
+    if following is not None and not isinstance(following, dict):
+        raise bad_request('next must be an object: {"lease": SECONDS, "wait": SECONDS}')
+    if following is not None:
+        lease = lease_of(following)
+        wait = seconds(following, "wait", 0, broker.settings.max_wait)
     agent = broker.acting_agent()
     reply = None
     if body.get("message") is not None:
         item = {**body, "sender": agent, "reply_to": task_id}
         reply = validate_post(item, broker.settings.max_message, channel, caller())
         broker.access.spend_bytes(stored_size(channel, agent, reply.message, reply.tags, reply.meta))
+    settings, store = broker.settings, broker.store
+    caps = {"max_agents": settings.max_agents if caller() is None else 0, "max_database": settings.max_database}
+    finish = store.done_work(channel, task_id, agent, reply, **caps)
+    if following is None:
+        work = finish
+    else:
+        take_next = store.take_work(channel, agent, lease)
+
+        def work(db):
+            return finish(db), take_next(db)
+
     try:
-        settings = broker.settings
-        caps = {"max_agents": settings.max_agents if caller() is None else 0, "max_database": settings.max_database}
-        message, answer = broker.committer.run(broker.store.done_work(channel, task_id, agent, reply, **caps))
+        outcome = broker.committer.run(work)
     except TaskRefused as error:
         return refused(error)
-    return {"status": "success", "task": message.task.as_dict(), "reply": answer.as_dict() if answer else None}
+    (message, answer), taken = outcome if following is not None else (outcome, None)
+    reply_body = {"status": "success", "task": message.task.as_dict(), "reply": answer.as_dict() if answer else None}
+    if following is not None:
+        taken = taken or take_task(broker, channel, agent, lease, wait, tried=True)
+        reply_body["next"] = claimed(taken, lease) if taken else None
+    return reply_body
 
 
 def release(broker, channel, message_id):

@@ -7,6 +7,7 @@ later commit. One Store is one connection: use it from one thread (or one gevent
 """
 
 import dataclasses
+import fcntl
 import os
 import sqlite3
 import time
@@ -237,9 +238,18 @@ def _is_full(error):
 
 class Store(Coordination, StoreContract):
     def __init__(
-        self, path, synchronous="FULL", busy_deadline=10.0, sleep=time.sleep, max_attempts=DEFAULT_MAX_ATTEMPTS
+        self,
+        path,
+        synchronous="FULL",
+        busy_deadline=10.0,
+        sleep=time.sleep,
+        max_attempts=DEFAULT_MAX_ATTEMPTS,
+        writers_queue=False,
     ):
         self.path = path
+        self._writers = None
+        if writers_queue and not (path == ":memory:" or path.startswith("file:")):
+            self._writers = os.open(path + "-writers", os.O_RDWR | os.O_CREAT, 0o600)
         self.max_attempts = max_attempts
         self.busy_deadline = busy_deadline
         # Waiting for the write lock sleeps through `sleep` (cooperative under gevent),
@@ -281,6 +291,15 @@ class Store(Coordination, StoreContract):
 
     def _write(self, work, busy_deadline=None):
         def transaction():
+            if self._writers is not None:
+                fcntl.flock(self._writers, fcntl.LOCK_EX)
+            try:
+                return locked()
+            finally:
+                if self._writers is not None:
+                    fcntl.flock(self._writers, fcntl.LOCK_UN)
+
+        def locked():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(self._db)
