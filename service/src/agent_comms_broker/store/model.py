@@ -109,7 +109,9 @@ class Post:
         return entry if isinstance(entry, Post) else cls(*entry)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a page builds up to a thousand of these, and a frozen dataclass sets each
+# field through object.__setattr__. Treat it as read-only all the same.
+@dataclass(slots=True, unsafe_hash=True)
 class Message:
     id: int
     channel: str

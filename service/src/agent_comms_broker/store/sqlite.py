@@ -33,7 +33,7 @@ from .model import (
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlite_coordination import Coordination
-from .sqlite_rows import MESSAGE_COLUMNS, MESSAGES, SELECT_ONE, message_of
+from .sqlite_rows import PAGE_COLUMNS, SELECT_ONE, message_of, messages_of
 
 LAST_TIMESTAMP = "SELECT timestamp FROM messages ORDER BY id DESC LIMIT 1"
 # Bytes of the database's pages in use: what AGENT_COMMS_MAX_DATABASE caps. Pages retention
@@ -73,25 +73,25 @@ ON CONFLICT (id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)"""
 
 # Channel reads; `{only}` is what a read's filters add (Filter.sql), before its limit.
 SELECT_LATEST = f"""
-SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.channel = ? {{only}} ORDER BY m.id DESC LIMIT ?"""
+SELECT {PAGE_COLUMNS} FROM messages AS m WHERE m.channel = ? {{only}} ORDER BY m.id DESC LIMIT ?"""
 SELECT_AFTER_ID = f"""
-SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.channel = ? AND m.id > ? {{only}} ORDER BY m.id LIMIT ?"""
+SELECT {PAGE_COLUMNS} FROM messages AS m WHERE m.channel = ? AND m.id > ? {{only}} ORDER BY m.id LIMIT ?"""
 SELECT_AFTER_TIME = f"""
-SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.channel = ? AND m.timestamp > ? {{only}}
+SELECT {PAGE_COLUMNS} FROM messages AS m WHERE m.channel = ? AND m.timestamp > ? {{only}}
 ORDER BY m.timestamp, m.id LIMIT ?"""
 # Rows sharing the page's last timestamp, so a page never splits such a group.
 SELECT_SAME_TIME = f"""
-SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.channel = ? AND m.timestamp = ? AND m.id > ? {{only}}
+SELECT {PAGE_COLUMNS} FROM messages AS m WHERE m.channel = ? AND m.timestamp = ? AND m.id > ? {{only}}
 ORDER BY m.id"""
 # The filters: a thread (its first message and its replies), a tag, a lowest priority.
 ONLY_THREAD = "AND (m.id = ? OR m.thread = ?)"
 ONLY_TAG = "AND m.id IN (SELECT id FROM message_tags WHERE channel = ? AND tag = ?)"
 ONLY_PRIORITY = "AND m.priority >= ?"
-SELECT_ALL_AFTER_ID = f"SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id > ? ORDER BY m.id LIMIT ?"
+SELECT_ALL_AFTER_ID = f"SELECT {PAGE_COLUMNS} FROM messages AS m WHERE m.id > ? ORDER BY m.id LIMIT ?"
 # The same for a reader granted some channels only (patterns where `*` is any characters,
 # as GLOB reads them), over a window of ids: (after, window end, limit) then the patterns.
 SELECT_GRANTED_AFTER_ID = f"""
-SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id > ? AND m.id <= ? AND ({{granted}})
+SELECT {PAGE_COLUMNS} FROM messages AS m WHERE m.id > ? AND m.id <= ? AND ({{granted}})
 ORDER BY m.id LIMIT ?"""
 GRANTED = "m.channel GLOB ?"
 # A granted read looks at this many ids at most: reading past messages it may not see
@@ -553,9 +553,8 @@ class Store(Coordination, StoreContract):
 
     # -- reads ----------------------------------------------------------------------------
 
-    def _messages(self, rows):
-        now = time.time()
-        return [message_of(row, now, self.max_attempts) for row in rows]
+    def _messages(self, db, rows):
+        return messages_of(db, rows, time.time(), self.max_attempts)
 
     def message(self, channel, message_id, now=None):
         """One message of a channel (its task as it stands at `now`), or None."""
@@ -579,7 +578,7 @@ class Store(Coordination, StoreContract):
                 return self._after_id(db, channel, start - 1, limit, max_bytes, only)
             rows.reverse()
             cursor = rows[-1][0] if rows else 0
-            return Page(self._messages(rows), cursor, False, False)
+            return Page(self._messages(db, rows), cursor, False, False)
 
         return self._read(work)
 
@@ -595,7 +594,7 @@ class Store(Coordination, StoreContract):
         pruned = db.execute(SELECT_CHANNEL_PRUNED, (channel,)).fetchone()
         gap = pruned is not None and pruned[0] > after
         cursor = rows[-1][0] if rows else after
-        return Page(self._messages(rows), cursor, gap, more)
+        return Page(self._messages(db, rows), cursor, gap, more)
 
     def after_time(self, channel, since, limit, max_bytes=None, only=EVERYTHING):
         """Messages of a channel with timestamp > since, oldest first, within `limit` and
@@ -619,7 +618,7 @@ class Store(Coordination, StoreContract):
             else:
                 # Nothing newer than `since`: continue from the channel's newest message.
                 cursor = db.execute(SELECT_CHANNEL_LAST_ID, (channel,)).fetchone()[0]
-            return Page(self._messages(rows), cursor, gap, more)
+            return Page(self._messages(db, rows), cursor, gap, more)
 
         return self._read(work)
 
@@ -633,15 +632,15 @@ class Store(Coordination, StoreContract):
         def work(db):
             if granted is None or "*" in granted.split(","):
                 rows, more = _take(db.execute(SELECT_ALL_AFTER_ID, (after, limit + 1)), limit, max_bytes)
-                return Page(self._messages(rows), rows[-1][0] if rows else after, False, more)
+                return Page(self._messages(db, rows), rows[-1][0] if rows else after, False, more)
             patterns = granted.split(",")
             end = after + GRANTED_WINDOW
             statement = SELECT_GRANTED_AFTER_ID.format(granted=" OR ".join([GRANTED] * len(patterns)))
             rows, cut = _take(db.execute(statement, (after, end, *patterns, limit + 1)), limit, max_bytes)
             if cut:
-                return Page(self._messages(rows), rows[-1][0], False, True)
+                return Page(self._messages(db, rows), rows[-1][0], False, True)
             last = db.execute(LAST_GIVEN_ID).fetchone()[0]
-            return Page(self._messages(rows), min(end, max(last, after)), False, end < last)
+            return Page(self._messages(db, rows), min(end, max(last, after)), False, end < last)
 
         return self._read(work)
 
