@@ -57,6 +57,7 @@ USAGE_READ = "usage: agent-chat [options] read CHANNEL [--limit N] [--since TIME
         (["--t", "x", "status"], ["--t is ambiguous: it could be --tag, --thread, --timeout, --token"]),
         (["--json=yes", "status"], ["--json takes no value"]),
         (["status", "extra"], ["status takes no arguments: 'extra' is one too many"]),
+        (["--agent-id", "", "take", "tasks"], ["--agent-id is empty"]),
     ],
 )
 def test_a_command_line_off_the_usage_is_explained_in_one_line(args, fragments):

@@ -275,6 +275,9 @@ def test_an_inbox_is_read_only_by_its_agent_or_an_inbox_grant(own_broker, mode):
     sent = send(url, "@bob", {"message": "for bob only"}, headers=bearer(alice))
     assert sent["sender"] == "alice"
     assert requests.post(f"{url}/messages/@bob", json={"message": "x"}, headers=bearer(narrow)).status_code == 403
+    # Posting to an inbox does not let a writer learn which ids it holds.
+    probe = requests.post(f"{url}/messages/@bob", json={"message": "p", "reply_to": sent["id"]}, headers=bearer(alice))
+    assert probe.status_code == 403
     assert [m["id"] for m in read(url, "@bob", headers=bearer(bob))["messages"]] == [sent["id"]]
     assert [m["id"] for m in read(url, "@bob", headers=bearer(auditor))["messages"]] == [sent["id"]]
     assert requests.get(f"{url}/messages/@bob", headers=bearer(alice)).status_code == 403

@@ -154,6 +154,9 @@ def test_releases_and_ended_leases_count_until_the_task_is_dead(own_broker, chan
     assert message(url, channel, task_id)["task"]["state"] == "dead"
     refused = act(requests, url, channel, task_id, "claim", "w4")
     assert refused.status_code == 409 and refused.json()["task"]["state"] == "dead"
+    # Its last holder cannot bring it back either: a task shown dead stays dead.
+    for what, body in (("claim", {}), ("done", {"message": "late"}), ("release", {})):
+        assert act(requests, url, channel, task_id, what, "w3", **body).status_code == 409, what
     assert queue(url, channel)["counts"] == {"pending": 0, "claimed": 0, "done": 0, "dead": 1}
 
 

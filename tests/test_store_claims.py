@@ -48,6 +48,11 @@ class Modelled:
     def lapsed(self, now):
         return self.state == "claimed" and self.expires <= now
 
+    def held_by(self, agent, now):
+        """`agent` may still extend, finish or release it: its claim, even past the lease,
+        unless that lease was the last attempt (then it shows, and stays, dead)."""
+        return self.state == "claimed" and self.holder == agent and self.now_state(now) != "dead"
+
 
 class ClaimMachine(RuleBasedStateMachine):
     directory = None
@@ -120,7 +125,7 @@ class ClaimMachine(RuleBasedStateMachine):
             refused = True
         else:
             refused = False
-        if task.state == "claimed" and task.holder == agent:  # a heartbeat, even past the lease
+        if task.held_by(agent, self.clock):  # a heartbeat, even past the lease
             assert not refused
             task.expires = self.clock + lease
         elif state == "pending":
@@ -136,7 +141,7 @@ class ClaimMachine(RuleBasedStateMachine):
     def done(self, agent, data):
         task_id = data.draw(st.sampled_from(sorted(self.tasks)))
         task = self.tasks[task_id]
-        may = (task.state == "claimed" and task.holder == agent) or (task.state == "done" and task.holder == agent)
+        may = task.held_by(agent, self.clock) or (task.state == "done" and task.holder == agent)
         try:
             message, reply = self.store.done(
                 CHANNEL, task_id, agent, Post(CHANNEL, agent, "ok", reply_to=task_id), now=self.clock
@@ -158,9 +163,9 @@ class ClaimMachine(RuleBasedStateMachine):
         try:
             message = self.store.release(CHANNEL, task_id, agent, dead, now=self.clock)
         except TaskRefused:
-            assert not (task.state == "claimed" and task.holder == agent), task
+            assert not task.held_by(agent, self.clock), task
             return
-        assert task.state == "claimed" and task.holder == agent, task
+        assert task.held_by(agent, self.clock), task
         task.failures += 1
         if dead or task.failures >= MAX_ATTEMPTS:
             task.state = "dead"

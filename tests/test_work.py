@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import requests
@@ -225,3 +226,33 @@ def test_each_done_takes_the_next_task_in_the_same_request(own_broker, channel):
     assert log.count(f"POST /queue/{channel}/take") == 1
     assert log.count("/done HTTP") == 4
     assert queue(broker.url, channel) == {"pending": 0, "claimed": 0, "done": 4, "dead": 0}
+
+
+def test_a_long_output_is_cut_to_fit_one_reply_and_the_task_is_done(url, channel):
+    task_id = post(url, channel, "poster", "make noise")["id"]
+    status, _, stderr = work(channel, "sh", "-c", "head -c 200000 /dev/zero | tr '\\0' a", options=["--count", "1"])
+    assert status == 0, stderr
+    shown = message(url, channel, task_id)
+    assert shown["task"]["state"] == "done"
+    reply = message(url, channel, shown["task"]["reply"])["message"]
+    assert reply.startswith("a" * 1000) and reply.endswith("more bytes of output cut]")
+    assert len(reply.encode()) <= 65536
+
+
+def test_sigterm_while_a_take_waits_leaves_no_task_claimed(url, channel):
+    """A stop can cut a take short just as the broker claims a task for it: work gives
+    such a claim back before it exits."""
+    stuck = 0
+    for attempt in range(6):
+        name = f"{channel}-{attempt}"
+        process = subprocess.Popen([*CHAT, "--agent-id", "wk", "work", name, "--", "cat"], stdout=subprocess.DEVNULL)
+        time.sleep(0.8)
+        poster = threading.Thread(target=post, args=(url, name, "p", "x"))
+        poster.start()
+        time.sleep(0.01 * (attempt % 3))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        poster.join(5)
+        time.sleep(0.3)
+        stuck += queue(url, name)["claimed"]
+    assert stuck == 0

@@ -121,6 +121,8 @@ def resolve(flags, environ=os.environ, paths=None, required=False):
     def pick(flag, variable, key, default):
         """(value, where it came from)."""
         nonlocal files
+        if flags.get(flag) == "":
+            raise ConfigError(f"{flag} is empty: give a value, or leave the option out")
         if flags.get(flag):
             return flags[flag], flag
         if environ.get(variable):

@@ -15,6 +15,10 @@ from .transport import BrokerError
 TAKE_WAIT = 30
 # A command told to stop (SIGTERM to its process group) has this long before SIGKILL.
 STOP_GRACE = 5.0
+# After a take cut short, how long the broker may still take to commit its claim.
+ORPHAN_SETTLE = 0.5
+# The longest reply work posts: the broker's default AGENT_COMMS_MAX_MESSAGE.
+REPLY_MAX = 65536
 # How often a running command is checked on (its exit, a stop, the next heartbeat).
 TICK = 0.1
 # The most of a command's output kept; past it the output is read and dropped.
@@ -74,6 +78,7 @@ class Worker:
         broker cannot be reached (a restart), it is asked again and again."""
         pause, told = RETRY_FIRST, False
         while self.stopping is None:
+            started = time.time()
             try:
                 self.taking = True
                 try:
@@ -81,6 +86,7 @@ class Worker:
                 finally:
                     self.taking = False
             except Stopped:
+                self._release_orphan(started)
                 return None
             except BrokerError as error:
                 if not _transient(error):
@@ -98,6 +104,20 @@ class Worker:
                 return None
             return task
         return None
+
+    def _release_orphan(self, started):
+        """A stop cut a take short: the broker may have claimed a task for it whose answer
+        never came. Such a claim is this agent's, made since the take began (its lease ends
+        after started + lease): give it back, rather than leave it claimed to the end."""
+        time.sleep(ORPHAN_SETTLE)  # a take the broker was still committing lands first
+        try:
+            agent = self.broker.get_cursor(self.channel)["agent"]
+            claimed = self.broker.queue(self.channel, limit=1000)["claimed"]
+        except (BrokerError, KeyError, TypeError):
+            return
+        for task in claimed:
+            if task.get("agent") == agent and task.get("expires", 0) >= started + self.lease - 1:
+                self._report(task["id"], None, self._release(task["id"]), "stopped before it ran")
 
     def _pause(self, seconds):
         end = time.monotonic() + seconds
@@ -232,5 +252,11 @@ class _Output:
         self.thread.join(timeout)
 
     def text(self):
-        """The output without its final newlines, as the shell's $(...) gives it."""
-        return bytes(self.data).decode("utf-8", "replace").rstrip("\n")
+        """The output without its final newlines, as the shell's $(...) gives it; past
+        REPLY_MAX bytes (what a broker takes in one message by default), its start and a
+        line saying how much was cut."""
+        data = bytes(self.data).rstrip(b"\n")
+        if len(data) <= REPLY_MAX:
+            return data.decode("utf-8", "replace")
+        kept = data[: REPLY_MAX - 200].decode("utf-8", "ignore")
+        return f"{kept}\n[agent-chat work: {len(data) - len(kept.encode())} more bytes of output cut]"

@@ -8,7 +8,7 @@ import time
 
 from bottle import HTTPError, request, response
 
-from ..access import CALLER, allow_read, allow_write, caller, unauthorized
+from ..access import CALLER, allow_read, allow_write, caller, readable, unauthorized
 from ..store import EVERYTHING, Filter, NoSuchMessage, stored_size
 from .validate import (
     LIMIT_DEFAULT,
@@ -101,7 +101,11 @@ def store_post(broker, channel, body):
 
 
 def check_replies(broker, channel, posts):
-    """A reply answers an earlier message of its own channel (400 otherwise)."""
+    """A reply answers an earlier message of its own channel (400 otherwise), which the
+    poster may read: else a reply_to would tell which ids an inbox it may only post to
+    holds."""
+    if any(post.reply_to is not None for post in posts) and not readable(channel):
+        raise HTTPError(403, f"reply_to needs read access to channel {channel!r}: nothing was stored")
     for index, post in enumerate(posts):
         if post.reply_to is not None and broker.store.message(channel, post.reply_to) is None:
             where = f"item {index}: " if len(posts) > 1 else ""

@@ -146,7 +146,7 @@ class Coordination:
             expires = stamp + lease
             if task is None:
                 won = db.execute(INSERT_CLAIM, (message_id, channel, agent, expires, stamp)).rowcount
-            elif (task.state == "claimed" and task.agent == agent) or self._lapsed_holder(db, message_id, agent, stamp):
+            elif task.state in ("claimed", "pending") and self._lapsed_holder(db, message_id, agent, stamp):
                 won = db.execute(EXTEND_CLAIM, (expires, stamp, message_id, agent)).rowcount
             elif task.state == "claimed":
                 raise TaskRefused(f"task {message_id} is held by agent {task.agent!r} until {task.expires}", task)
@@ -222,12 +222,14 @@ class Coordination:
             raise TaskRefused(f"message {message_id} is a reply (to {row[5]}), not a task", not_a_task=True)
         return message_of(row, now, self.max_attempts)
 
-    @staticmethod
-    def _lapsed_holder(db, message_id, agent, now):
-        """Whether `agent` still holds the task's claim row although its lease ended (no
-        one took the task since): it may still extend, finish or release it."""
-        row = db.execute("SELECT state, agent FROM tasks WHERE id = ?", (message_id,)).fetchone()
-        return row is not None and row[0] == "claimed" and row[1] == agent
+    def _lapsed_holder(self, db, message_id, agent, now):
+        """Whether `agent` still holds the task's claim (its lease may have ended while no
+        one took the task since: it may still extend, finish or release it), unless the
+        lease that ended was its last attempt: a task shown dead stays dead."""
+        row = db.execute("SELECT state, agent, expires, failures FROM tasks WHERE id = ?", (message_id,)).fetchone()
+        if row is None or row[0] != "claimed" or row[1] != agent:
+            return False
+        return row[2] > now or row[3] + 1 < self.max_attempts
 
     def _check_holder(self, db, message, agent, now, what):
         task = message.task
