@@ -5,8 +5,7 @@ reads what follows, /channels counts it, receipts are built from their moves."""
 import functools
 
 from ..access import allow_read
-from .queue import options
-from .validate import bad_request, given_cursor, validate_channel
+from .validate import bad_request, given_cursor, optional_json_object, validate_channel
 
 
 def register(app, broker):
@@ -17,7 +16,7 @@ def register(app, broker):
 def put_cursor(broker, channel):
     validate_channel(channel)
     allow_read(channel)
-    body = options(broker)
+    body = optional_json_object(broker.settings.max_body)
     read = body.get("read")
     if isinstance(read, bool) or not isinstance(read, int) or read < 0:
         raise bad_request('send {"read": ID}: the id of the last message read, a whole number')

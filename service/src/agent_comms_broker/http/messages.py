@@ -8,7 +8,7 @@ import time
 
 from bottle import HTTPError, request, response
 
-from ..access import CALLER, allow_read, allow_write, caller, readable, unauthorized
+from ..access import allow_read, allow_write, caller, readable
 from ..store import EVERYTHING, Filter, NoSuchMessage, stored_size
 from .validate import (
     LIMIT_DEFAULT,
@@ -209,12 +209,7 @@ def long_poll(broker, read, channel, wait):
             if waiting.wait(remaining):
                 waiting.watcher.take()
                 page = read()
-    if waiting.has_token:  # the token may have gone, or lost the channel, while it waited
-        waiting.allowed(now=True)
-        request.environ[CALLER] = waiting.who
-        if waiting.who is None:
-            raise unauthorized("the bearer token was revoked or expired while the request waited")
-        allow_read(channel)
+    waiting.recheck()  # the token may have gone, or lost the channel, while it waited
     return page
 
 

@@ -6,12 +6,20 @@ import functools
 import math
 import time
 
-from bottle import HTTPError, request, response
+from bottle import HTTPError, response
 
-from ..access import allow_read, allow_write, caller, unauthorized
+from ..access import allow_read, allow_write, caller
 from ..store import TaskRefused, stored_size
 from .messages import MESSAGE_PATH
-from .validate import LIMIT_MAX, bad_request, int_param, read_json_body, validate_channel, validate_post, whole_number
+from .validate import (
+    LIMIT_MAX,
+    bad_request,
+    int_param,
+    optional_json_object,
+    validate_channel,
+    validate_post,
+    whole_number,
+)
 from .waiting import Wait
 
 LEASE_DEFAULT = 300.0
@@ -35,16 +43,6 @@ def worked_channel(channel):
     validate_channel(channel)
     allow_read(channel)
     allow_write(channel)
-
-
-def options(broker):
-    """The JSON object a task call may send (none: {})."""
-    if request.content_length == 0 or (request.content_length < 0 and not request.headers.get("Transfer-Encoding")):
-        return {}
-    body = read_json_body(broker.settings.max_body)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
-    return body
 
 
 def seconds(body, name, default, high):
@@ -89,7 +87,7 @@ def refused(error):
 
 def take(broker, channel):
     worked_channel(channel)
-    body = options(broker)
+    body = optional_json_object(broker.settings.max_body)
     lease = lease_of(body)
     wait = seconds(body, "wait", 0, broker.settings.max_wait)
     agent = broker.acting_agent()
@@ -116,21 +114,21 @@ def take_task(broker, channel, agent, lease, wait, tried=False):
             if waiting.wait(min(remaining, TAKE_RECHECK)):
                 waiting.watcher.take()
             message = run(store.take_work(channel, agent, lease))
-    if waiting.has_token and not waiting.allowed(now=True):
+    try:
+        waiting.recheck()
+    except HTTPError:
         # The token went, or lost the channel, while the request waited: a task taken in
         # that last second goes back.
         if message is not None:
             run(store.release_work(channel, message.id, agent))
-        if waiting.who is None:
-            raise unauthorized("the bearer token was revoked or expired while the request waited")
-        raise HTTPError(403, f"token {waiting.who.token_id} may no longer read channel {channel!r}")
+        raise
     return message
 
 
 def claim(broker, channel, message_id):
     worked_channel(channel)
     task_id = whole_number(message_id, "message id", 1)
-    lease = lease_of(options(broker))
+    lease = lease_of(optional_json_object(broker.settings.max_body))
     agent = broker.acting_agent()
     try:
         return claimed(broker.committer.run(broker.store.claim_work(channel, task_id, agent, lease)), lease)
@@ -144,7 +142,7 @@ def done(broker, channel, message_id):
     a worker's loop is then one request per task."""
     worked_channel(channel)
     task_id = whole_number(message_id, "message id", 1)
-    body = options(broker)
+    body = optional_json_object(broker.settings.max_body)
     following = body.get("next")
     if following is not None and not isinstance(following, dict):
         raise bad_request('next must be an object: {"lease": SECONDS, "wait": SECONDS}')
@@ -183,7 +181,7 @@ def done(broker, channel, message_id):
 def release(broker, channel, message_id):
     worked_channel(channel)
     task_id = whole_number(message_id, "message id", 1)
-    dead = options(broker).get("dead", False)
+    dead = optional_json_object(broker.settings.max_body).get("dead", False)
     if not isinstance(dead, bool):
         raise bad_request("dead must be true or false")
     agent = broker.acting_agent()

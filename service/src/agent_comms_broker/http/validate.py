@@ -191,6 +191,16 @@ def read_json_body(max_body):
         raise bad_request("request body is not valid JSON: nested too deeply") from None
 
 
+def optional_json_object(max_body):
+    """The JSON object a request may send; none sent: {}."""
+    if request.content_length == 0 or (request.content_length < 0 and not request.headers.get("Transfer-Encoding")):
+        return {}
+    body = read_json_body(max_body)
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    return body
+
+
 # Optional fields of a post.
 MAX_TAGS = 10
 TAG_MAX = 32

@@ -9,7 +9,7 @@ import time
 import gevent
 from bottle import request
 
-from ..access import caller, limit_key
+from ..access import CALLER, allow_read, caller, limit_key, unauthorized
 
 # A waiting request re-reads its token at most this often: revoked or expired, the wait
 # ends; changed grants apply.
@@ -63,6 +63,17 @@ class Wait:
             self._checked = time.monotonic()
             self.who = self.broker.access.refresh(self.who)
         return self.who is not None and (self.channel is None or self.who.may_read(self.channel))
+
+    def recheck(self):
+        """After the wait: the token (if any) as it stands now becomes the request's caller,
+        and one revoked or expired is 401, one that lost the channel 403."""
+        if not self.has_token:
+            return
+        self.allowed(now=True)
+        request.environ[CALLER] = self.who
+        if self.who is None:
+            raise unauthorized("the bearer token was revoked or expired while the request waited")
+        allow_read(self.channel)
 
 
 def _on_readable(sock, gone):

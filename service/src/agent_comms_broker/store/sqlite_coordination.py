@@ -86,6 +86,8 @@ SELECT agent, min(at) AS read_at FROM cursor_moves WHERE channel = ? AND read_id
 GROUP BY agent ORDER BY read_at, agent"""
 
 DEFAULT_LEASE = 300.0
+# Where a task's raw columns are in a row of MESSAGE_COLUMNS.
+STATE, AGENT, EXPIRES, FAILURES = 10, 11, 12, 14
 
 
 class Coordination:
@@ -141,12 +143,12 @@ class Coordination:
         stamp = time.time() if now is None else now
 
         def work(db):
-            message = self._task_message(db, channel, message_id, stamp)
-            task = message.task
+            row = self._task_row(db, channel, message_id)
+            task = message_of(row, stamp, self.max_attempts).task
             expires = stamp + lease
             if task is None:
                 won = db.execute(INSERT_CLAIM, (message_id, channel, agent, expires, stamp)).rowcount
-            elif task.state in ("claimed", "pending") and self._lapsed_holder(db, message_id, agent, stamp):
+            elif self._holds(row, agent, stamp):
                 won = db.execute(EXTEND_CLAIM, (expires, stamp, message_id, agent)).rowcount
             elif task.state == "claimed":
                 raise TaskRefused(f"task {message_id} is held by agent {task.agent!r} until {task.expires}", task)
@@ -172,12 +174,13 @@ class Coordination:
         stamp = time.time() if now is None else now
 
         def work(db):
-            message = self._task_message(db, channel, message_id, stamp)
+            row = self._task_row(db, channel, message_id)
+            message = message_of(row, stamp, self.max_attempts)
             task = message.task
             if task is not None and task.state == "done" and task.agent == agent:
                 answer = db.execute(SELECT_ONE, (task.reply, channel)).fetchone() if task.reply else None
                 return message, None if answer is None else message_of(answer, stamp, self.max_attempts)
-            self._check_holder(db, message, agent, stamp, "finish")
+            self._check_holder(row, message, agent, stamp, "finish")
             stored = None
             if reply is not None:
                 if max_database:
@@ -204,10 +207,9 @@ class Coordination:
         stamp = time.time() if now is None else now
 
         def work(db):
-            message = self._task_message(db, channel, message_id, stamp)
-            self._check_holder(db, message, agent, stamp, "release")
-            row = db.execute("SELECT failures FROM tasks WHERE id = ?", (message_id,)).fetchone()
-            buried = dead or row[0] + 1 >= self.max_attempts
+            row = self._task_row(db, channel, message_id)
+            self._check_holder(row, message_of(row, stamp, self.max_attempts), agent, stamp, "release")
+            buried = dead or row[FAILURES] + 1 >= self.max_attempts
             state, kept = ("dead", agent) if buried else ("pending", None)
             db.execute(RELEASE, (state, kept, stamp, message_id, agent))
             return self._task_message(db, channel, message_id, stamp)
@@ -215,25 +217,29 @@ class Coordination:
         return work
 
     def _task_message(self, db, channel, message_id, now):
+        return message_of(self._task_row(db, channel, message_id), now, self.max_attempts)
+
+    @staticmethod
+    def _task_row(db, channel, message_id):
+        """The row (MESSAGE_COLUMNS) of a task: NoSuchMessage, or TaskRefused for a reply."""
         row = db.execute(SELECT_TASK_ROW, (message_id, channel)).fetchone()
         if row is None:
             raise NoSuchMessage(f"no message {message_id} in channel {channel!r}")
         if row[5] is not None:
             raise TaskRefused(f"message {message_id} is a reply (to {row[5]}), not a task", not_a_task=True)
-        return message_of(row, now, self.max_attempts)
+        return row
 
-    def _lapsed_holder(self, db, message_id, agent, now):
-        """Whether `agent` still holds the task's claim (its lease may have ended while no
-        one took the task since: it may still extend, finish or release it), unless the
-        lease that ended was its last attempt: a task shown dead stays dead."""
-        row = db.execute("SELECT state, agent, expires, failures FROM tasks WHERE id = ?", (message_id,)).fetchone()
-        if row is None or row[0] != "claimed" or row[1] != agent:
+    def _holds(self, row, agent, now):
+        """Whether `agent` still holds the task of a row: its claim, even past its lease
+        while no one took the task since (it may still extend, finish or release it),
+        unless the lease that ended was its last attempt: a task shown dead stays dead."""
+        if row[STATE] != "claimed" or row[AGENT] != agent:
             return False
-        return row[2] > now or row[3] + 1 < self.max_attempts
+        return row[EXPIRES] > now or row[FAILURES] + 1 < self.max_attempts
 
-    def _check_holder(self, db, message, agent, now, what):
+    def _check_holder(self, row, message, agent, now, what):
         task = message.task
-        if task is None or not self._lapsed_holder(db, message.id, agent, now):
+        if task is None or not self._holds(row, agent, now):
             if task is None:
                 text = f"task {message.id} is not claimed: claim it before you {what} it"
             elif task.state == "claimed":

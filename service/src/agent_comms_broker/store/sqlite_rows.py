@@ -35,8 +35,7 @@ def message_of(row, now, max_attempts):
     """The Message of a row of MESSAGE_COLUMNS."""
     if row[8] is None and row[10] is None:  # no tags, never claimed: most messages
         return Message(*row[:8], (), row[9])
-    tags = tuple(orjson.loads(row[8])) if row[8] else ()
-    return Message(*row[:8], tags, row[9], task_of(row, now, max_attempts))
+    return Message(*row[:8], _tags(row[8]), row[9], task_of(row, now, max_attempts))
 
 
 def messages_of(db, rows, now, max_attempts):
@@ -49,8 +48,13 @@ def messages_of(db, rows, now, max_attempts):
         statement = SELECT_TASKS_OF.format(ids=",".join("?" * len(ids)))
         tasks.update((task[0], task) for task in db.execute(statement, ids))
     if not tasks:
-        return [Message(*row[:8], tuple(orjson.loads(row[8])) if row[8] else (), row[9]) for row in rows]
+        return [Message(*row[:8], _tags(row[8]), row[9]) for row in rows]
     return [message_of((*row, *tasks.get(row[0], _NO_TASK)[1:]), now, max_attempts) for row in rows]
 
 
 _NO_TASK = (None,) * 7
+
+
+def _tags(stored):
+    """A message's tags, from their JSON list (NULL: none)."""
+    return tuple(orjson.loads(stored)) if stored else ()
