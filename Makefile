@@ -89,7 +89,7 @@ bench: venv ## Run the benchmarks and print their figures
 
 .PHONY: lint
 lint: venv ## ruff over everything, yamllint and ansible-lint (production profile) over ansible/
-	$(BIN)/ruff check service client tests bench
+	$(BIN)/ruff check service client tests bench ansible
 	$(BIN)/yamllint --strict -c ansible/.yamllint ansible
 	cd ansible && PATH="$(abspath $(BIN)):$$PATH" ansible-lint
 

@@ -1,4 +1,4 @@
-"""Debian 12 root file systems for the end-to-end tests' hosts (the LXC container's
+"""Debian root file systems (12 unless said) for the end-to-end tests' hosts (the LXC container's
 template, the Docker base image), built on this host with debootstrap from its own Debian
 mirror: no image registry or template server is reachable here, and the hosts themselves
 reach no mirror later, so everything they need comes in now.
@@ -56,19 +56,21 @@ def unmount_below(directory):
         run("umount", "--lazy", mount, check=False)
 
 
-def debootstrap_command(target, files, variant=None):
-    """The debootstrap command that installs Debian 12 with the packages that bring
+def debootstrap_command(target, files, variant=None, suite=SUITE):
+    """The debootstrap command that installs Debian `suite` with the packages that bring
     `files` ({path: package})."""
     packages = ",".join(sorted(set(files.values())))
     variant_option = [f"--variant={variant}"] if variant else []
-    return ["debootstrap", *variant_option, f"--include={packages}", f"--cache-dir={DEBOOTSTRAP_CACHE}", SUITE, target]
+    cache = DEBOOTSTRAP_CACHE if suite == SUITE else DEBOOTSTRAP_CACHE.with_name(f"debootstrap-{suite}")
+    return ["debootstrap", *variant_option, f"--include={packages}", f"--cache-dir={cache}", suite, target]
 
 
-def debootstrap(target, files, variant=None, timeout=900):
-    """Debian 12 into the directory `target`, with every file of `files` ({path as the
-    system sees it: the package that brings it}); fails saying which are missing."""
-    DEBOOTSTRAP_CACHE.mkdir(parents=True, exist_ok=True)
-    command = debootstrap_command(target, files, variant)
+def debootstrap(target, files, variant=None, timeout=900, suite=SUITE):
+    """Debian `suite` (12 unless said) into the directory `target`, with every file of
+    `files` ({path as the system sees it: the package that brings it}); fails saying
+    which are missing."""
+    command = debootstrap_command(target, files, variant, suite)
+    Path(command[-3].removeprefix("--cache-dir=")).mkdir(parents=True, exist_ok=True)
     try:
         result = run(*command, timeout=timeout, check=False)
     finally:

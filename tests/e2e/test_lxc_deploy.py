@@ -1,26 +1,28 @@
-"""Proxmox end to end: `make deploy` with a test inventory creates a real Debian 12 LXC
-container with systemd and deploys the broker into it, the way it does CT-950 on the
-homelab's Proxmox node; then the day-2 targets run against it.
+"""Proxmox end to end: `make deploy` with a test inventory adopts the homelab's CT-950 as
+it is before the first deploy (made by hand long ago, unprivileged but without nesting,
+under another host name, running broker.py) and deploys the broker into it, in a real
+Debian 12 LXC container with systemd; then the day-2 targets run against it.
 
-After the day-2 targets, a second deploy turns on what issue 5 added, the way a user
-would: auth `required`, HTTPS with a certificate from a throwaway CA, and two tokens whose
-secrets (and the TLS key) are ansible-vault encrypted in host_vars beside the inventory.
+The first deploy stops, since nesting and the host name would take effect only at the
+container's next start, and says how to apply them; the deploy it asks for reboots the
+container and goes on. After the day-2 targets, a second deploy turns on what issue 5
+added, the way a user would: auth `required`, HTTPS with a certificate from a throwaway
+CA, and two tokens whose secrets (and the TLS key) are ansible-vault encrypted in
+host_vars beside the inventory.
 
-This machine stands in for the Proxmox node: Ansible reaches it over SSH on loopback (an
-sshd of the test's own, with a key of its own), and finds a `pct` and `pveam` there:
-tests/e2e/pct_standin.py, which does what pve-container does on plain LXC (lxc-start,
-lxc-attach...), installed as /usr/sbin/pct and /usr/sbin/pveam for the test only. The
-template `pveam download` fetches is one the test builds first, as Proxmox builds its own:
-Debian 12 from debootstrap (this machine's mirror) packed as a .tar.zst, with python3, venv,
-systemd, sshd and iproute2, since the container reaches no mirror later. The container
-sits on a bridge and subnet the test makes (acbr0, 10.250.77.0/24). Nothing is sent
-anywhere else.
+This machine stands in for the Proxmox node (tests/e2e/proxmox_node.py): Ansible reaches it
+over SSH on loopback (an sshd of the test's own, with a key of its own, whose host key is
+in the ~/.ssh/known_hosts of the home directory `make` runs with), and finds `pct`,
+`pveam`, `pvesm` and `pvesh` there: tests/e2e/pve_standin, which does what Proxmox does on
+plain LXC, installed for the test only. The template is one the test builds first, as
+Proxmox builds its own: Debian 12 from debootstrap (this machine's mirror) packed as a
+.tar.zst, since the container reaches no mirror later. The container sits on a bridge and
+subnet the test makes (acbr0, 10.250.77.0/24). Nothing is sent anywhere else.
 
-Needs root on Debian; installs what is missing (checked by the files it uses: lxc,
-debootstrap, zstd, openssh-server, openssl) and removes what it made at the end: the
-container, the bridge, the stand-ins, the sshd and its keys. It keeps caches for the next
-run: the template and debootstrap's downloads (/var/cache/agent-comms-e2e) and the
-wheelhouse (build/e2e-wheelhouse).
+Needs root on Debian; installs what is missing (checked by the files it uses) and removes
+what it made at the end: the container, the bridge, the stand-ins, the sshd and its keys.
+It keeps caches for the next run: the templates and debootstrap's downloads
+(/var/cache/agent-comms-e2e) and the wheelhouse (build/e2e-wheelhouse).
 
 The tests are steps of one deployment: if a step fails (tools, template, bridge, deploy),
 its error says what broke and the tests after it stop with one line each
@@ -29,14 +31,9 @@ its error says what broke and the tests after it stop with one line each
 
 import json
 import os
-import re
 import shlex
-import shutil
-import socket
 import sqlite3
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -44,27 +41,25 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
-from debian_rootfs import CACHE, debootstrap, debootstrap_command
-from host_commands import ROOT, last_lines, require_files, run, stop_process, wait_for, wait_until
-from pct_standin import REPOSITORY
+from host_commands import ROOT, run, wait_until
+from proxmox_node import (
+    BIN,
+    BRIDGE,
+    GATEWAY,
+    PCT,
+    PREFIX,
+    STANDIN_STATE,
+    PctBackend,
+    build_template,
+    pct,
+    publish,
+    recap,
+)
 from steps import setup_takes_up_to
-from testinfra.backend.base import BaseBackend
 from testinfra.host import Host
 
-from broker_process import free_port
 from legacy_broker import legacy_database
 
-BIN = Path(sys.executable).parent
-STANDIN = Path(__file__).with_name("pct_standin.py")
-STANDIN_MARK = "Stand-ins for Proxmox's `pct` and `pveam`"
-TOOLS = [Path("/usr/sbin/pct"), Path("/usr/sbin/pveam")]
-STANDIN_STATE = Path("/var/lib/pct-standin")
-WHEELHOUSE = ROOT / "build" / "e2e-wheelhouse"
-
-BRIDGE = "acbr0"
-GATEWAY = "10.250.77.1"
-PREFIX = 24
 CT_IP = "10.250.77.50"
 VMID = 9950
 HOST = "broker-e2e"
@@ -72,41 +67,15 @@ URL = f"http://{CT_IP}:8080"
 SECURE_URL = f"https://{CT_IP}:8080"
 SERVICE = "agent-comms-broker"
 ADMIN = ["runuser", "-u", "agent-comms", "--", "/opt/agent-comms/venv/bin/agent-comms-broker"]
+# The build of Debian 12's template the homelab's CT-950 was made from long ago, and the
+# newest one, the only one the appliance index still lists.
+OLD_BUILD = "debian-12-standard_12.12-1_amd64.tar.zst"
+NEW_BUILD = "debian-12-standard_12.13-1_amd64.tar.zst"
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates LXC containers and a bridge: needs root"),
     pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs Debian (apt, debootstrap)"),
 ]
-
-# What this machine needs as the Proxmox node, by the file used, with the package that
-# brings it (checked by file: a package can be there without what a test runs).
-NODE_FILES = {
-    "/usr/bin/lxc-start": "lxc",
-    "/usr/bin/lxc-attach": "lxc",
-    "/usr/share/lxc/config/common.conf": "lxc",  # the stand-in's LXC config includes it
-    "/usr/sbin/debootstrap": "debootstrap",  # builds the template
-    "/usr/bin/zstd": "zstd",  # packs and unpacks it: a .tar.zst, as Proxmox's
-    "/usr/bin/ip": "iproute2",  # the bridge
-    "/usr/sbin/sshd": "openssh-server",  # Ansible reaches "the node" over SSH
-    "/usr/bin/ssh": "openssh-client",
-    "/usr/bin/ssh-keygen": "openssh-client",  # the test's keys, the container's host keys
-    "/usr/bin/openssl": "openssl",  # the throwaway CA of the secure deploy
-}
-
-# What the container needs from its template, likewise: it reaches no mirror, so it all
-# comes in the template (Proxmox's own has no python3; the role would apt-get it there).
-TEMPLATE_FILES = {
-    "/sbin/init": "systemd-sysv",  # systemd as PID 1
-    "/usr/bin/python3": "python3",  # Ansible's modules, broker.py's stand-in, chat.py
-    "/usr/lib/python3.11/ensurepip/__init__.py": "python3-venv",  # the broker's venv
-    "/usr/sbin/sshd": "openssh-server",  # agent_comms_connection=ssh
-    "/usr/sbin/ifup": "ifupdown",  # the /etc/network/interfaces pct writes
-    "/usr/bin/ip": "iproute2",
-    "/usr/bin/ss": "iproute2",  # the test waits for broker.py's port with it
-    "/usr/bin/ps": "procps",  # the test lists the broker's processes
-}
-# The template the role creates the container from (its default).
-TEMPLATE = yaml.safe_load((ROOT / "ansible/roles/proxmox_lxc/defaults/main.yml").read_text())["proxmox_lxc_template"]
 
 
 def unique(text):
@@ -118,134 +87,12 @@ def unique(text):
 
 @pytest.fixture(scope="module")
 @setup_takes_up_to(900)
-def host_tools():
-    """LXC, debootstrap, zstd, sshd and openssl on this machine, from apt if missing."""
-    require_files(NODE_FILES, "the LXC end-to-end test")
-
-
-@pytest.fixture(scope="module")
-@setup_takes_up_to(900)
 def template(host_tools):
-    """The template the role asks for, on the stand-in's appliance server (REPOSITORY):
-    Debian 12 from debootstrap with TEMPLATE_FILES, packed as Proxmox packs its templates
-    (a .tar.zst of the root file system, without SSH host keys, which `pct create` makes
-    for each container, and without package caches). Built once, then kept until the
-    recipe changes."""
-    archive = REPOSITORY / TEMPLATE
-    recipe_file = archive.with_name(f"{archive.name}.recipe")
-    recipe = json.dumps({"debootstrap": debootstrap_command("ROOTFS", TEMPLATE_FILES), "files": TEMPLATE_FILES})
-    if archive.exists() and recipe_file.exists() and recipe_file.read_text() == recipe:
-        return archive
-    REPOSITORY.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="template-", dir=CACHE) as work:
-        rootfs = Path(work, "rootfs")
-        debootstrap(rootfs, TEMPLATE_FILES)
-        for path in [
-            *rootfs.glob("etc/ssh/ssh_host_*"),
-            *rootfs.glob("var/cache/apt/archives/*.deb"),
-            *rootfs.glob("var/lib/apt/lists/*_*"),
-        ]:
-            path.unlink()
-        packed = Path(work, archive.name)
-        run("tar", "--zstd", "-C", rootfs, "--numeric-owner", "--xattrs", "--acls", "-cpf", packed, ".", timeout=300)
-        packed.replace(archive)
-    recipe_file.write_text(recipe)
+    """Debian 12 as Proxmox's appliance server has it: the newest build, and one older
+    (the same archive under its old name) that the index no longer lists."""
+    archive = build_template(NEW_BUILD, "bookworm", "3.11")
+    publish(archive, OLD_BUILD)
     return archive
-
-
-@pytest.fixture(scope="module")
-def bridge(host_tools):
-    """The container's network: a bridge with the gateway's address, this machine's side."""
-    addresses = run("ip", "-o", "-4", "addr", "show").stdout
-    taken = [line for line in addresses.splitlines() if f" {GATEWAY.rsplit('.', 1)[0]}." in line]
-    if any(f" {BRIDGE} " not in line for line in taken):
-        pytest.skip(f"10.250.77.0/24 is in use on this machine: {taken}")
-    created = run("ip", "link", "show", BRIDGE, check=False).returncode != 0
-    if created:
-        run("ip", "link", "add", BRIDGE, "type", "bridge")
-    if not taken:
-        run("ip", "addr", "add", f"{GATEWAY}/{PREFIX}", "dev", BRIDGE)
-    run("ip", "link", "set", BRIDGE, "up")
-    yield BRIDGE
-    if created:
-        run("ip", "link", "delete", BRIDGE, check=False)
-
-
-def is_standin(path):
-    return path.exists() and STANDIN_MARK in path.read_text(errors="replace")
-
-
-def remove_container():
-    """Removes the test's container, also one left by a run that died (the stand-in marks
-    its containers with a pct.conf; any other container of that name is not touched)."""
-    container = Path("/var/lib/lxc") / str(VMID)
-    if not container.exists():
-        return
-    if not (container / "pct.conf").exists():
-        pytest.fail(f"{container} exists and was not made by the pct stand-in: not touching it")
-    run("lxc-stop", "-n", VMID, "-k", check=False, timeout=60)
-    run("lxc-destroy", "-n", VMID, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def standin(host_tools):
-    """pct and pveam stand-ins at the paths Ansible's pct connection and the role call."""
-    for tool in TOOLS:
-        if tool.exists() and not is_standin(tool):
-            pytest.skip(f"{tool} is a real Proxmox tool: this test only runs where there is none")
-    for tool in TOOLS:
-        shutil.copyfile(STANDIN, tool)
-        tool.chmod(0o755)
-    remove_container()
-    shutil.rmtree(STANDIN_STATE, ignore_errors=True)
-    yield
-    remove_container()
-    shutil.rmtree(STANDIN_STATE, ignore_errors=True)
-    for tool in TOOLS:
-        if is_standin(tool):
-            tool.unlink()
-
-
-@pytest.fixture(scope="module")
-def sshd(host_tools, tmp_path_factory):
-    """An sshd of the test's own on a loopback port: its own host key, config and
-    authorized key, so the machine's own SSH setup and root's ~/.ssh are left alone."""
-    directory = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "agent-comms-e2e", "-f", directory / name)
-    (directory / "authorized_keys").write_text((directory / "client_key.pub").read_text())
-    port = free_port()
-    config = directory / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host_key'}\n"
-        f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPidFile {directory / 'sshd.pid'}\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "UsePAM no\nStrictModes no\n"
-    )
-    host_key = (directory / "host_key.pub").read_text().split()
-    (directory / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    privsep = Path("/run/sshd")
-    made_privsep = not privsep.exists()
-    privsep.mkdir(mode=0o755, exist_ok=True)
-    log = (directory / "sshd.log").open("ab")
-    process = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", config], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-
-    def listening():
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", port)) == 0
-
-    if not wait_for(lambda: process.poll() is not None or listening(), 20) or process.poll() is not None:
-        if process.poll() is None:
-            stop_process(process, 5)
-        log = (directory / "sshd.log").read_text()
-        pytest.fail(
-            f"the test's sshd did not listen on 127.0.0.1:{port} (exit {process.returncode}):\n{log}", pytrace=False
-        )
-    yield {"port": port, "key": directory / "client_key", "known_hosts": directory / "known_hosts"}
-    stop_process(process, 20)
-    if made_privsep:
-        shutil.rmtree(privsep, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -271,9 +118,6 @@ def inventory(sshd, tmp_path_factory):
                 "agent_comms": {
                     "hosts": {
                         HOST: {
-                            # The pct connection (paramiko) reads only ~/.ssh/known_hosts:
-                            # the test's sshd on loopback is not in it.
-                            "ansible_paramiko_host_key_checking": False,
                             # Only for agent_comms_connection=ssh: a new container, a new key.
                             "ansible_ssh_common_args": "-o StrictHostKeyChecking=accept-new "
                             f"-o UserKnownHostsFile={sshd['known_hosts']}.containers",
@@ -303,75 +147,6 @@ def inventory(sshd, tmp_path_factory):
     return path
 
 
-class Make:
-    """The Makefile's targets, as a user runs them, against the test inventory."""
-
-    def __init__(self, inventory, backups, control_path_dir, vault_password_file):
-        self.backups = backups
-        self.variables = [
-            f"INVENTORY={inventory}",
-            f"WHEELHOUSE={WHEELHOUSE}",
-            f"BACKUPS={backups}",
-            f"VAULT_PASSWORD_FILE={vault_password_file}",
-        ]
-        self.control_path_dir = control_path_dir
-        self.env = {
-            **os.environ,
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_FORCE_COLOR": "0",
-            # Ansible's persistent SSH connections to the node, in a directory of the test's.
-            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_path_dir),
-        }
-
-    def __call__(self, target, *variables, timeout=300, check=True):
-        result = run("make", target, *self.variables, *variables, env=self.env, timeout=timeout, check=False)
-        if check and result.returncode != 0:
-            detail = (
-                ansible_failures(result.stdout) or f"{last_lines(result.stdout, 40)}\n{last_lines(result.stderr, 20)}"
-            )
-            pytest.fail(f"make {target} {' '.join(variables)} exited {result.returncode}:\n{detail}", pytrace=False)
-        return result.stdout if check else result
-
-    def close_connections(self):
-        for socket_path in self.control_path_dir.glob("*"):
-            run("ssh", "-O", "exit", "-o", f"ControlPath={socket_path}", "node", check=False, timeout=30)
-
-
-def ansible_failures(output):
-    """The tasks that failed in ansible-playbook's output, each with its error: the part of
-    a long output that says what broke."""
-    blocks = re.split(r"\n(?=TASK \[|RUNNING HANDLER \[|PLAY RECAP)", output)
-    failed = [block.strip()[:4000] for block in blocks if re.search(r"^(fatal|failed): ", block, re.MULTILINE)]
-    return "\n\n".join(failed)
-
-
-def recap(output):
-    """{host: {'ok': n, 'changed': n, ...}} from ansible-playbook's PLAY RECAP."""
-    lines = output[output.rindex("PLAY RECAP") :].splitlines()[1:]
-    return {
-        line.split()[0]: {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", line)}
-        for line in lines
-        if re.search(r"\bok=\d+", line)
-    }
-
-
-@pytest.fixture(scope="module")
-def vault_password_file(tmp_path_factory):
-    """The ansible-vault password, in a file only root reads, as a user keeps it."""
-    path = tmp_path_factory.mktemp("vault") / "password"
-    path.write_text(uuid.uuid4().hex + "\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture(scope="module")
-def make(inventory, vault_password_file, tmp_path_factory):
-    backups, control_paths = tmp_path_factory.mktemp("backups"), tmp_path_factory.mktemp("cp")
-    make = Make(inventory, backups, control_paths, vault_password_file)
-    yield make
-    make.close_connections()
-
-
 # What CT-950 ran before: broker.py as root on port 8080, with its database.
 LEGACY_UNIT = "broker-py.service"
 LEGACY_MESSAGES = [
@@ -384,24 +159,23 @@ LEGACY_MESSAGES = [
 def install_legacy_broker(tmp_path):
     """Into the bare container: broker.py's database (root's, 0644) and a root service
     holding port 8080, as on CT-950 before the first deploy."""
-    pct = TOOLS[0]
     legacy_database(tmp_path / "messages.db", LEGACY_MESSAGES)
     unit = tmp_path / LEGACY_UNIT
     unit.write_text(
         "[Service]\nExecStart=/usr/bin/python3 -m http.server 8080\nWorkingDirectory=/tmp\n\n"
         "[Install]\nWantedBy=multi-user.target\n"
     )
-    run(pct, "exec", VMID, "--", "mkdir", "-p", "/opt/agent-comms")
-    run(pct, "push", VMID, tmp_path / "messages.db", "/opt/agent-comms/messages.db", "--perms", "0644")
-    run(pct, "push", VMID, unit, f"/etc/systemd/system/{LEGACY_UNIT}", "--perms", "0644")
-    run(pct, "exec", VMID, "--", "systemctl", "enable", "--now", LEGACY_UNIT)
+    pct("exec", VMID, "--", "mkdir", "-p", "/opt/agent-comms")
+    pct("push", VMID, tmp_path / "messages.db", "/opt/agent-comms/messages.db", "--perms", "0644")
+    pct("push", VMID, unit, f"/etc/systemd/system/{LEGACY_UNIT}", "--perms", "0644")
+    pct("exec", VMID, "--", "systemctl", "enable", "--now", LEGACY_UNIT)
 
     def listening():
-        return ":8080 " in run(pct, "exec", VMID, "--", "ss", "-ltn", check=False).stdout
+        return ":8080 " in pct("exec", VMID, "--", "ss", "-ltn", check=False).stdout
 
     def failure():
-        status = run(pct, "exec", VMID, "--", "systemctl", "status", "--no-pager", LEGACY_UNIT, check=False)
-        ports = run(pct, "exec", VMID, "--", "ss", "-ltn", check=False)
+        status = pct("exec", VMID, "--", "systemctl", "status", "--no-pager", LEGACY_UNIT, check=False)
+        ports = pct("exec", VMID, "--", "ss", "-ltn", check=False)
         return (
             f"broker.py's stand-in ({LEGACY_UNIT}) did not listen on port 8080 within 30 s:\n"
             f"{status.stdout}{status.stderr}\n{ports.stdout}{ports.stderr}"
@@ -411,15 +185,41 @@ def install_legacy_broker(tmp_path):
 
 
 @pytest.fixture(scope="module")
-@setup_takes_up_to(1200)
-def deployed(template, bridge, standin, make, tmp_path_factory):
-    """The container as the homelab has it (`make provision`, then broker.py's leftovers),
-    then the first `make deploy`."""
-    make("provision", timeout=600)
+def homelab_ct(template, bridge, standin, tmp_path_factory):
+    """CT-950 as the homelab has it before the first deploy: made by hand long ago from the
+    template build of that time (which the node's storage still holds, and the index no
+    longer lists), unprivileged but without nesting, under another host name, running
+    broker.py as root."""
+    cache = STANDIN_STATE / "volumes" / "local" / "template" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    os.link(template.with_name(OLD_BUILD), cache / OLD_BUILD)
+    pct(
+        "create", VMID, f"local:vztmpl/{OLD_BUILD}", "--hostname", "broker-py", "--unprivileged", "1",
+        "--rootfs", "local-lvm:4", "--memory", "512", "--nameserver", GATEWAY, "--onboot", "1",
+        "--net0", f"name=eth0,bridge={BRIDGE},ip={CT_IP}/{PREFIX},gw={GATEWAY}", timeout=300,
+    )  # fmt: skip
+    pct("start", VMID)
+    wait_until(
+        lambda: (
+            pct("exec", VMID, "--", "systemctl", "is-system-running", check=False).stdout.strip()
+            in ("running", "degraded")
+        ),
+        120,
+        lambda: "the hand-made container did not boot within 120 s",
+    )
     install_legacy_broker(tmp_path_factory.mktemp("legacy"))
-    output = make("deploy", timeout=900)
+
+
+@pytest.fixture(scope="module")
+@setup_takes_up_to(1200)
+def deployed(homelab_ct, make):
+    """The first `make deploy`: it stops, since nesting and the new host name would take
+    effect only at the container's next start; then the deploy the message asks for,
+    which reboots the container to apply them."""
+    refused = make.fails("deploy", timeout=600)
+    output = make("deploy", "ARGS=-e proxmox_lxc_apply_pending=restart", timeout=900)
     assert all(counts["failed"] == 0 and counts["unreachable"] == 0 for counts in recap(output).values()), output
-    return output
+    return {"refused": refused, "output": output}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -430,24 +230,6 @@ def deployed_first(deployed):
 
 
 # -- checks inside the container -----------------------------------------------------------
-
-
-class PctBackend(BaseBackend):
-    """testinfra in the container through `pct exec` on its node, as Ansible reaches it
-    (testinfra's own lxc:// backend drives LXD's `lxc exec`, not LXC's)."""
-
-    NAME = "pct"
-
-    def __init__(self, vmid, *args, **kwargs):
-        self.vmid = str(vmid)
-        super().__init__(self.vmid, *args, **kwargs)
-
-    def run(self, command, *args, **kwargs):
-        command = self.get_command(command, *args)
-        # --keep-env 0: the test's own environment (AGENT_COMMS_BROKER...) stays out.
-        out = self.run_local("/usr/sbin/pct exec %s --keep-env 0 -- /bin/sh -c %s", self.vmid, command)
-        out.command = self.encode(command)
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -475,8 +257,18 @@ def messages(channel):
 # -- the tests: in the order a person would go -------------------------------------------
 
 
-def test_deploy_creates_the_container_as_asked(deployed, ct):
-    config = run(TOOLS[0], "config", VMID).stdout
+def test_adopting_ct_950_stops_at_changes_that_wait_for_a_restart(deployed):
+    """Nesting and a new host name on the running container only take effect at its next
+    start: the first deploy says so and what to run, rather than reporting them done."""
+    refused = deployed["refused"]
+    assert f"CT {VMID} runs, and these changes take effect only at its next start" in refused, refused
+    assert "features nesting=1 (now not set)" in refused, refused
+    assert "hostname agent-comms-e2e (now broker-py)" in refused, refused
+    assert "-e proxmox_lxc_apply_pending=restart" in refused and f"pct reboot {VMID}" in refused, refused
+
+
+def test_deploy_brings_the_container_in_line_and_applies_what_waited(deployed, ct):
+    config = pct("config", VMID, "--current").stdout
     for line in [
         "cores: 2",
         "memory: 1024",
@@ -490,10 +282,17 @@ def test_deploy_creates_the_container_as_asked(deployed, ct):
         f"gw={GATEWAY}",
     ]:
         assert line in config, config
-    assert run(TOOLS[0], "status", VMID).stdout.strip() == "status: running"
+    assert [line for line in pct("pending", VMID).stdout.splitlines() if not line.startswith("cur ")] == []
+    assert pct("status", VMID).stdout.strip() == "status: running"
     assert ct.check_output("hostname") == "agent-comms-e2e"
     assert f"{CT_IP}/{PREFIX}" in ct.check_output("ip -o -4 addr show dev eth0")
     assert ct.check_output("systemctl is-system-running || true") in ("running", "degraded")
+    # Unprivileged for real: root inside is 100000 on the node, and nesting is in its LXC config.
+    lxc_config = (Path("/var/lib/lxc") / str(VMID) / "config").read_text()
+    assert "lxc.idmap = u 0 100000 65536" in lxc_config and "nesting.conf" in lxc_config, lxc_config
+    assert ct.check_output("cat /proc/self/uid_map").split() == ["0", "100000", "65536"]
+    # The template was not fetched again: the container existed.
+    assert "pveam download" not in deployed["output"]
 
 
 def test_deploy_replaces_broker_py_and_keeps_its_messages(ct):
@@ -755,7 +554,7 @@ def make_certificates(directory):
 
 def admin(*args, secret=None):
     """agent-comms-broker's admin command in the container, as the broker's user."""
-    command = [TOOLS[0], "exec", VMID, "--", *ADMIN, *args, "--db", "/opt/agent-comms/messages.db"]
+    command = [PCT, "exec", VMID, "--", *ADMIN, *args, "--db", "/opt/agent-comms/messages.db"]
     return run(*command, input=secret).stdout
 
 
@@ -925,7 +724,7 @@ def test_direct_ssh_is_one_variable_away(ct, make, inventory):
     like Proxmox's, runs sshd, with host keys `pct create` made), with the same key."""
     key = Path(json.loads(inventory.read_text())["all"]["vars"]["ansible_private_key_file"])
     ct.check_output("install -d -m 0700 /root/.ssh")
-    run(TOOLS[0], "push", VMID, key.with_suffix(".pub"), "/root/.ssh/authorized_keys", "--perms", "0600")
+    run(PCT, "push", VMID, key.with_suffix(".pub"), "/root/.ssh/authorized_keys", "--perms", "0600")
     output = make("status", "ARGS=-e agent_comms_connection=ssh -vvv")
     assert "ESTABLISH SSH CONNECTION FOR USER: root" in output and f"<{CT_IP}>" in output
     assert "active (running)" in output
@@ -936,14 +735,14 @@ def test_direct_ssh_is_one_variable_away(ct, make, inventory):
 def test_provision_brings_changed_settings_back_in_line(make):
     output = make("provision", "ARGS=-e proxmox_lxc_memory=1536")
     assert recap(output)[HOST]["changed"] == 1, output
-    assert "memory: 1536" in run(TOOLS[0], "config", VMID).stdout
+    assert "memory: 1536" in run(PCT, "config", VMID).stdout
     output = make("provision")
     assert recap(output)[HOST]["changed"] == 1, output
-    assert "memory: 1024" in run(TOOLS[0], "config", VMID).stdout
+    assert "memory: 1024" in run(PCT, "config", VMID).stdout
     assert recap(make("provision"))[HOST]["changed"] == 0
 
 
 def test_provision_absent_destroys_the_container(make):
     make("provision", "ARGS=-e proxmox_lxc_state=absent")
-    status = run(TOOLS[0], "status", VMID, check=False)
+    status = run(PCT, "status", VMID, check=False)
     assert status.returncode != 0 and "does not exist" in status.stderr

@@ -1,0 +1,341 @@
+"""Proxmox end to end, on a node set up unlike the first: `make deploy` onto a fresh
+ZFS-installed node whose appliance index lists a newer template build than any named in
+the role, reached as `ssh pve` (a Host of the user's ssh config, which the pct connection
+does not read) by a user who may run only pct, pveam, pvesm and pvesh with sudo, the rule
+the README gives. The container is a Debian 13 one (Python 3.13: the controller's wheels
+are for 3.11), gets its address by DHCP, and has what a homelab user sets: the Proxmox
+firewall opening only the broker's port, a search domain, tags, a description, protection,
+a time zone, a boot order, SSH keys, and the broker's database on a node directory
+mounted in (mp0), which outlives destroying and rebuilding the container.
+
+Before the deploy that works, the mistakes a user makes fail with a message that says
+what to do: the node's host key where paramiko does not look, a storage the node lacks,
+and a `pveam update` that failed quietly.
+
+Everything is on this machine (tests/e2e/proxmox_node.py): the stand-in node, its sshd on
+loopback, the bridge acbr0 with a DHCP server of the test's own, the containers on it."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+from host_commands import ROOT, run, stop_process, wait_for
+from proxmox_node import (
+    BIN,
+    BRIDGE,
+    GATEWAY,
+    STANDIN_STATE,
+    PctBackend,
+    build_template,
+    pct,
+    recap,
+    start_dhcp_server,
+    storage_layout,
+    words,
+)
+from pve_standin.storage import LAYOUTS, UPDATE_FAILS
+from steps import setup_takes_up_to
+from testinfra.host import Host
+
+VMID = 9951
+HOST = "broker-fresh"
+NODE_USER = "acnode"
+TEMPLATE = "debian-13-standard_13.1-2_amd64.tar.zst"
+DATA = Path("/var/lib/agent-comms-e2e-data")  # on the node, mounted in as mp0
+SUDOERS = Path("/etc/sudoers.d/agent-comms-e2e")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="creates LXC containers, a bridge and a user: needs root"),
+    pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs Debian (apt, debootstrap)"),
+]
+
+
+def documented_sudo_rule():
+    """The sudoers line the README tells a non-root node user to add."""
+    readme = (ROOT / "README.md").read_text()
+    rules = re.findall(r"^(\S+ ALL=\(root\) NOPASSWD: .*pct.*)$", readme, re.MULTILINE)
+    assert len(rules) == 1, f"the README should give one sudoers rule for the node's user: {rules}"
+    return rules[0]
+
+
+# -- the node ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+@setup_takes_up_to(900)
+def templates(host_tools):
+    """Debian 13 on the appliance server (Debian 12 is there too, from the first module or
+    built now): the role is asked for the release, debian-13-standard."""
+    build_template("debian-12-standard_12.13-1_amd64.tar.zst", "bookworm", "3.11")
+    return build_template(TEMPLATE, "trixie", "3.13")
+
+
+@pytest.fixture(scope="module")
+def zfs_node(standin, bridge):
+    """The storages of a ZFS install: local (templates) and local-zfs (containers), no
+    local-lvm; a directory on the node for the broker's data, owned by the root of an
+    unprivileged container."""
+    storage_layout(LAYOUTS["zfs"])
+    shutil.rmtree(DATA, ignore_errors=True)
+    DATA.mkdir()
+    os.chown(DATA, 100000, 100000)
+    yield
+    shutil.rmtree(DATA, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def node_user(host_tools, sshd):
+    """The node's SSH user: not root, allowed exactly the README's sudo rule."""
+    run("userdel", "-r", NODE_USER, check=False)
+    run("useradd", "--create-home", "--shell", "/bin/sh", NODE_USER)
+    run("usermod", "-p", "*", NODE_USER)  # no password, yet not locked: sshd lets a key in
+    rule = documented_sudo_rule().replace("ansible", NODE_USER, 1)
+    SUDOERS.write_text(rule + "\n")
+    SUDOERS.chmod(0o440)
+    run("visudo", "-cf", SUDOERS)
+    yield rule
+    SUDOERS.unlink(missing_ok=True)
+    run("userdel", "-r", NODE_USER, check=False)
+
+
+@pytest.fixture(scope="module")
+def dhcp(bridge, tmp_path_factory):
+    process = start_dhcp_server(tmp_path_factory.mktemp("dhcp"))
+    yield
+    stop_process(process, 10)
+
+
+@pytest.fixture(scope="module")
+def controller_home(sshd, tmp_path_factory):
+    """A home directory with an ssh config that names the node `pve` (host, port, user,
+    key and the known_hosts file OpenSSH uses for it), and an empty ~/.ssh/known_hosts:
+    OpenSSH reaches the node, the pct connection does not yet."""
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ssh").mkdir(mode=0o700)
+    (home / ".ssh" / "known_hosts").write_text("")
+    (home / "ssh_config").write_text(
+        f"Host pve\n    HostName 127.0.0.1\n    Port {sshd['port']}\n    User {NODE_USER}\n"
+        f"    IdentityFile {sshd['key']}\n    UserKnownHostsFile {sshd['known_hosts']}\n"
+    )
+    return home
+
+
+@pytest.fixture(scope="module")
+def inventory(sshd, controller_home, tmp_path_factory):
+    """The homelab inventory's shape: the node is `pve`, known only to the ssh config."""
+    path = tmp_path_factory.mktemp("inventory") / "fresh.yml"
+    container = {
+        "proxmox_lxc_node": "pve",
+        "proxmox_lxc_vmid": VMID,
+        "proxmox_lxc_hostname": "agent-comms-13",
+        "proxmox_lxc_template": "debian-13-standard",
+        "proxmox_lxc_storage": "local-zfs",
+        "proxmox_lxc_disk": 4,
+        "proxmox_lxc_memory": 1024,
+        "proxmox_lxc_ip": "dhcp",
+        "proxmox_lxc_bridge": BRIDGE,
+        "proxmox_lxc_nameserver": GATEWAY,
+        "proxmox_lxc_searchdomain": "home.arpa",
+        "proxmox_lxc_firewall": True,
+        "proxmox_lxc_firewall_source": "10.250.77.0/24",
+        "proxmox_lxc_startup": "order=2,up=10",
+        "proxmox_lxc_tags": ["agent-comms", "E2E"],
+        "proxmox_lxc_description": "agent-comms broker: end-to-end test\nMade by Ansible.",
+        "proxmox_lxc_protection": True,
+        "proxmox_lxc_timezone": "Europe/Berlin",
+        "proxmox_lxc_ssh_public_keys": sshd["key"].with_suffix(".pub").read_text(),
+        "proxmox_lxc_mounts": [{"volume": str(DATA), "path": "/var/lib/agent-comms"}],
+        "agent_comms_broker_db": "/var/lib/agent-comms/messages.db",
+    }
+    inventory = {
+        "all": {
+            "children": {
+                "proxmox": {
+                    "hosts": {
+                        "pve": {
+                            "ansible_ssh_common_args": f"-F {controller_home / 'ssh_config'}",
+                            "ansible_python_interpreter": "/usr/bin/python3",
+                        }
+                    }
+                },
+                "agent_comms": {"hosts": {HOST: container}},
+                "agent_chat_clients": {"hosts": {HOST: None}},
+            },
+        }
+    }
+    path.write_text(json.dumps(inventory, indent=2))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def node(templates, zfs_node, node_user, dhcp):
+    """Everything of the node in place."""
+
+
+# -- the mistakes first ---------------------------------------------------------------------
+
+
+def test_a_host_key_paramiko_cannot_find_fails_with_the_fix(node, make, sshd):
+    """OpenSSH finds the node's key through the ssh config; paramiko looks only in
+    ~/.ssh/known_hosts, under [127.0.0.1]:PORT. The message gives the command that copies
+    it over, and with that done the next run gets past it."""
+    message = make.fails("provision")
+    name = f"[127.0.0.1]:{sshd['port']}"
+    assert "paramiko" in message and f'under "{name}"' in message, message
+    assert f"user {NODE_USER}" in message, message
+    fix = re.search(r"`(ssh-keygen -F [^`]+>> ~/\.ssh/known_hosts)`", message)
+    assert fix, message
+    subprocess.run(["sh", "-c", fix.group(1)], env={**os.environ, "HOME": str(make.home)}, check=True)
+    assert name in (make.home / ".ssh" / "known_hosts").read_text()
+
+
+def test_a_storage_the_node_lacks_fails_with_those_it_has(node, make):
+    message = make.fails("provision", "ARGS=-e proxmox_lxc_storage=local-lvm")
+    assert "Storage local-lvm cannot hold the container's volumes on this node" in message, message
+    assert "local-zfs zfspool active" in message, message
+    assert not (Path("/var/lib/lxc") / str(VMID)).exists()
+
+
+def test_a_quiet_pveam_update_failure_is_named(node, make):
+    UPDATE_FAILS.touch()
+    try:
+        message = make.fails("provision")
+    finally:
+        UPDATE_FAILS.unlink()
+    assert 'No template on the node matches proxmox_lxc_template "debian-13-standard"' in message, message
+    assert "`pveam update` could not refresh: update failed - see /var/log/pveam.log for details" in message, message
+
+
+# -- the deploy -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+@setup_takes_up_to(1200)
+def deployed(node, make):
+    output = make("deploy", timeout=900)
+    assert all(counts["failed"] == 0 and counts["unreachable"] == 0 for counts in recap(output).values()), output
+    return output
+
+
+@pytest.fixture(scope="module")
+def ct(deployed):
+    return Host(PctBackend(VMID))
+
+
+@pytest.fixture(scope="module")
+def address(ct):
+    return ct.check_output("ip -4 -o addr show dev eth0").split()[3].split("/")[0]
+
+
+def chat(url, *args):
+    env = {**os.environ, "AGENT_COMMS_BROKER": url, "AGENT_COMMS_CONFIG": os.devnull}
+    return run(BIN / "agent-chat", "--broker", url, "--agent-id", "e2e-fresh", *args, env=env, timeout=60).stdout
+
+
+def test_the_newest_build_of_the_release_is_fetched_onto_zfs(deployed):
+    assert f"local:vztmpl/{TEMPLATE}" in run("/usr/sbin/pveam", "list", "local").stdout
+    assert re.search(r"^rootfs: local-zfs:subvol-9951-disk-0,size=4G$", pct("config", VMID).stdout, re.MULTILINE)
+
+
+def test_the_container_has_the_settings_asked_for(deployed, ct, address, sshd):
+    config = pct("config", VMID).stdout
+    for line in [
+        "hostname: agent-comms-13",
+        "searchdomain: home.arpa",
+        f"nameserver: {GATEWAY}",
+        "startup: order=2,up=10",
+        "tags: agent-comms;e2e",
+        "description: agent-comms broker%3A end-to-end test%0AMade by Ansible.%0A",
+        "protection: 1",
+        "timezone: Europe/Berlin",
+        "features: nesting=1",
+        "unprivileged: 1",
+        f"mp0: {DATA},mp=/var/lib/agent-comms,backup=1",
+    ]:
+        assert line in config.splitlines(), config
+    net = re.search(r"^net0: (.*)$", config, re.MULTILINE).group(1)
+    assert "firewall=1" in net and "ip=dhcp" in net and f"bridge={BRIDGE}" in net, net
+    assert [line for line in pct("pending", VMID).stdout.splitlines() if not line.startswith("cur ")] == []
+    # Inside: the DHCP address, the time zone, DNS, and the key for agent_comms_connection=ssh.
+    assert address.startswith("10.250.77.1")
+    assert ct.check_output("cat /etc/timezone") == "Europe/Berlin"
+    assert "search home.arpa" in ct.file("/etc/resolv.conf").content_string
+    key = sshd["key"].with_suffix(".pub").read_text().strip()
+    assert ct.file("/root/.ssh/authorized_keys").content_string.strip() == key
+
+
+def test_the_firewall_lets_in_only_the_brokers_port(deployed):
+    options = json.loads(run("/usr/bin/pvesh", "get", f"/nodes/localhost/lxc/{VMID}/firewall/options",
+                             "--output-format", "json").stdout)  # fmt: skip
+    assert options["enable"] == "1" and options["policy_in"] == "DROP", options
+    rules = json.loads(run("/usr/bin/pvesh", "get", f"/nodes/localhost/lxc/{VMID}/firewall/rules",
+                           "--output-format", "json").stdout)  # fmt: skip
+    assert [
+        (rule["type"], rule["action"], rule["proto"], rule["dport"], rule["source"], rule["enable"]) for rule in rules
+    ] == [("in", "ACCEPT", "tcp", "8080", "10.250.77.0/24", 1)], rules
+    text = (STANDIN_STATE / "firewall" / f"{VMID}.fw").read_text()
+    assert "IN ACCEPT -source 10.250.77.0/24 -p tcp -dport 8080 # agent-comms (ansible proxmox_lxc)" in text, text
+    # The datacenter firewall is off on this node: the deploy said the rules wait for it.
+    assert "the datacenter firewall is off" in words(deployed)
+
+
+def test_the_brokers_python_is_the_containers_own(deployed, ct):
+    assert ct.check_output("python3 -c 'import sys; print(sys.version_info[:2])'") == "(3, 13)"
+    assert (
+        ct.check_output("/opt/agent-comms/venv/bin/python -c 'import gevent, sys; print(sys.version_info[:2])'")
+        == "(3, 13)"
+    )
+    fetched = sorted(path.name for path in (ROOT / "build").glob("e2e-wheelhouse-cp313-x86_64/gevent-*.whl"))
+    assert fetched and "cp313" in fetched[0], fetched
+
+
+def test_agent_chat_reaches_the_broker_at_its_dhcp_address(deployed, address):
+    url = f"http://{address}:8080"
+    assert requests.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
+    message_id = chat(url, "send", "e2e-fresh", "kept on the node's disk").strip()
+    assert message_id.isdigit()
+    assert "kept on the node's disk" in chat(url, "read", "e2e-fresh")
+    # The URL every agent-chat host got is the one the container has.
+    assert f"broker = {url}" in Host(PctBackend(VMID)).file("/etc/agent-comms/chat.ini").content_string
+
+
+def test_the_database_lives_on_the_mounted_node_directory(deployed, ct):
+    assert ct.file("/var/lib/agent-comms/messages.db").exists
+    assert (DATA / "messages.db").exists()
+
+
+def test_the_node_user_did_it_all_with_the_sudo_rule_alone(deployed, node_user):
+    allowed = run("sudo", "-l", "-U", NODE_USER).stdout
+    assert "/usr/sbin/pct" in allowed and "(ALL)" not in allowed.replace("(root)", ""), allowed
+    assert "ALL : ALL" not in allowed
+
+
+@pytest.mark.timeout(600)  # a whole deploy
+def test_a_second_deploy_changes_nothing(deployed, make):
+    counts = recap(make("deploy", timeout=900))
+    assert {host: c["changed"] for host, c in counts.items()} == {host: 0 for host in counts}, counts
+
+
+# -- destroyed and rebuilt ---------------------------------------------------------------------
+
+
+def test_protection_stops_removal(deployed, make):
+    message = make.fails("provision", "ARGS=-e proxmox_lxc_state=absent")
+    assert f"CT {VMID} has protection on (proxmox_lxc_protection: true)" in message, message
+    assert pct("status", VMID).stdout.strip() == "status: running"
+
+
+@pytest.mark.timeout(900)  # a removal and a whole deploy
+def test_a_rebuilt_container_finds_the_data_on_the_node(deployed, make, address):
+    make("provision", "ARGS=-e proxmox_lxc_state=absent -e proxmox_lxc_protection=false")
+    assert pct("status", VMID, check=False).returncode != 0
+    assert (DATA / "messages.db").exists()  # a bind-mounted node directory is not the container's to destroy
+    make("deploy", timeout=900)
+    rebuilt = Host(PctBackend(VMID)).check_output("ip -4 -o addr show dev eth0").split()[3].split("/")[0]
+    assert wait_for(lambda: requests.get(f"http://{rebuilt}:8080/healthz", timeout=5).ok, 30)
+    assert "kept on the node's disk" in chat(f"http://{rebuilt}:8080", "read", "e2e-fresh")
