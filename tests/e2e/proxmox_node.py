@@ -236,8 +236,7 @@ def start_dhcp_server(directory):
 
 def start_sshd(directory):
     """An sshd of the test's own on a loopback port: its own host key, config and
-    authorized key (for every user it lets in), so the machine's own SSH setup and
-    root's ~/.ssh are left alone."""
+    authorized key, so the machine's own SSH setup and root's ~/.ssh are left alone."""
     for name in ("host_key", "client_key"):
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "agent-comms-e2e", "-f", directory / name)
     (directory / "authorized_keys").write_text((directory / "client_key.pub").read_text())
@@ -245,7 +244,9 @@ def start_sshd(directory):
     config = directory / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host_key'}\n"
-        f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPidFile {directory / 'sshd.pid'}\n"
+        # Root's key in the test's own file; another user's in its own home (sshd reads a
+        # user's authorized keys as that user, who cannot read the test's directory).
+        f"AuthorizedKeysFile {directory / 'authorized_keys'} .ssh/authorized_keys\nPidFile {directory / 'sshd.pid'}\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "UsePAM no\nStrictModes no\n"
     )

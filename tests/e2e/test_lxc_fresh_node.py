@@ -94,6 +94,10 @@ def node_user(host_tools, sshd):
     run("userdel", "-r", NODE_USER, check=False)
     run("useradd", "--create-home", "--shell", "/bin/sh", NODE_USER)
     run("usermod", "-p", "*", NODE_USER)  # no password, yet not locked: sshd lets a key in
+    ssh = Path(f"/home/{NODE_USER}/.ssh")
+    ssh.mkdir(mode=0o700)
+    (ssh / "authorized_keys").write_text(sshd["key"].with_suffix(".pub").read_text())
+    run("chown", "-R", f"{NODE_USER}:{NODE_USER}", ssh)
     rule = documented_sudo_rule().replace("ansible", NODE_USER, 1)
     SUDOERS.write_text(rule + "\n")
     SUDOERS.chmod(0o440)
@@ -139,6 +143,7 @@ def inventory(sshd, controller_home, tmp_path_factory):
         "proxmox_lxc_memory": 1024,
         "proxmox_lxc_ip": "dhcp",
         "proxmox_lxc_bridge": BRIDGE,
+        "proxmox_lxc_vlan": 20,  # recorded by the stand-in, not applied to acbr0
         "proxmox_lxc_nameserver": GATEWAY,
         "proxmox_lxc_searchdomain": "home.arpa",
         "proxmox_lxc_firewall": True,
@@ -259,12 +264,14 @@ def test_the_container_has_the_settings_asked_for(deployed, ct, address, sshd):
     ]:
         assert line in config.splitlines(), config
     net = re.search(r"^net0: (.*)$", config, re.MULTILINE).group(1)
-    assert "firewall=1" in net and "ip=dhcp" in net and f"bridge={BRIDGE}" in net, net
+    assert "firewall=1" in net and "ip=dhcp" in net and f"bridge={BRIDGE}" in net and "tag=20" in net, net
     assert [line for line in pct("pending", VMID).stdout.splitlines() if not line.startswith("cur ")] == []
-    # Inside: the DHCP address, the time zone, DNS, and the key for agent_comms_connection=ssh.
+    # Inside: the DHCP address, the time zone and the key for agent_comms_connection=ssh.
+    # (Not the DNS settings: with DHCP, the container's dhcpcd rewrites resolv.conf, on a
+    # real node as here.)
     assert address.startswith("10.250.77.1")
     assert ct.check_output("cat /etc/timezone") == "Europe/Berlin"
-    assert "search home.arpa" in ct.file("/etc/resolv.conf").content_string
+    assert ct.check_output("readlink /etc/localtime") == "/usr/share/zoneinfo/Europe/Berlin"
     key = sshd["key"].with_suffix(".pub").read_text().strip()
     assert ct.file("/root/.ssh/authorized_keys").content_string.strip() == key
 
@@ -313,6 +320,12 @@ def test_the_node_user_did_it_all_with_the_sudo_rule_alone(deployed, node_user):
     allowed = run("sudo", "-l", "-U", NODE_USER).stdout
     assert "/usr/sbin/pct" in allowed and "(ALL)" not in allowed.replace("(root)", ""), allowed
     assert "ALL : ALL" not in allowed
+
+
+def test_logs_and_status_go_through_the_alias_and_the_sudo_rule(deployed, make):
+    assert "agent-comms-broker[" in make("logs", "LINES=20")
+    status = make("status")
+    assert "status: running" in status and "active (running)" in status
 
 
 @pytest.mark.timeout(600)  # a whole deploy

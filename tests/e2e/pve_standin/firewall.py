@@ -41,7 +41,8 @@ def parse_rule(line):
         rule["macro"] = macro.group(1)
     flags = {flag: key for key, flag in RULE_FLAGS}
     while words:
-        rule[flags[words.pop(0)]] = words.pop(0)
+        flag, value = words.pop(0), words.pop(0)
+        rule[flags[flag]] = value
     if comment:
         rule["comment"] = comment
     return rule
