@@ -62,6 +62,11 @@ def test_pct_config_reads_every_option_and_decodes_the_description():
     assert pve.pve_properties(config["net0"])["tag"] == "20"
 
 
+def test_a_percent_sign_proxmox_left_as_it_is_stays():
+    # encode_text escapes control characters, ':' and non-ASCII bytes, never '%'
+    assert pve.pve_config("description: 100%25 sure%3A %41%0A\n")["description"] == "100%25 sure: %41"
+
+
 def test_pct_config_from_the_api_is_read_the_same():
     api = {"cores": 2, "hostname": "agent-comms", "onboot": 1, "digest": "0f3c", "description": "hello\n"}
     assert pve.pve_config(api) == {"cores": "2", "hostname": "agent-comms", "onboot": "1", "description": "hello"}
@@ -124,7 +129,7 @@ def wanted(**overrides):
         "cores": "2",
         "memory": "1024",
         "onboot": "1",
-        "features": "nesting=1",
+        "features": {"nesting": 1},
         "nameserver": "",
         "tags": "agent-comms;homelab",
         "description": "CT-950: the agent-comms broker\nOwner: Jürgen",
@@ -164,6 +169,12 @@ def test_values_that_mean_the_same_are_not_changes():
     assert pve.pve_tags(["Homelab", "agent-comms", "homelab"]) == "agent-comms;homelab"
 
 
+def test_features_asked_for_are_set_and_others_kept():
+    assert pve.pve_changes({"features": "keyctl=1"}, {"features": {"nesting": 1}}) == {"features": "keyctl=1,nesting=1"}
+    assert pve.pve_changes({"features": "keyctl=1,nesting=1"}, {"features": {"nesting": 1}}) == {}
+    assert pve.pve_changes({"features": "nesting=1"}, {"features": {"nesting": 0}}) == {"features": "nesting=0"}
+
+
 def test_an_empty_value_leaves_the_option_as_it_is():
     assert pve.pve_changes({"nameserver": "1.1.1.1"}, {"nameserver": "", "description": None}) == {}
 
@@ -173,9 +184,37 @@ def test_mount_points_are_added_and_keep_their_volume():
     assert points == {"mp0": {"volume": "local-zfs:4", "mp": "/var/lib/agent-comms", "backup": 1}}
     assert pve.pve_changes({}, points) == {"mp0": "local-zfs:4,mp=/var/lib/agent-comms,backup=1"}
     allocated = {"mp0": "local-zfs:subvol-950-disk-1,mp=/var/lib/agent-comms,backup=1,size=4G"}
-    assert pve.pve_changes(allocated, points) == {}
-    moved = pve.pve_mount_points([{"volume": "local-zfs:4", "path": "/srv/data", "backup": False}])
-    assert pve.pve_changes(allocated, moved) == {"mp0": "local-zfs:subvol-950-disk-1,mp=/srv/data,backup=0,size=4G"}
+    assert pve.pve_changes(allocated, pve.pve_mount_points([{"volume": "local-zfs:4", "path": "/var/lib/agent-comms"}],
+                                                           allocated)) == {}  # fmt: skip
+    unbacked = pve.pve_mount_points(
+        [{"volume": "local-zfs:4", "path": "/var/lib/agent-comms", "backup": False}], allocated
+    )
+    assert pve.pve_changes(allocated, unbacked) == {
+        "mp0": "local-zfs:subvol-950-disk-1,mp=/var/lib/agent-comms,backup=0,size=4G"
+    }
+
+
+def test_mount_points_are_matched_by_path_not_by_place_in_the_list():
+    current = {
+        "mp0": "local-zfs:subvol-950-disk-1,mp=/var/lib/agent-comms,backup=1,size=4G",
+        "mp1": "local-zfs:subvol-950-disk-2,mp=/srv/scratch,backup=1,size=1G",
+    }
+    # the first item taken out: the other keeps mp1, nothing is mounted elsewhere
+    points = pve.pve_mount_points([{"volume": "local-zfs:1", "path": "/srv/scratch"}], current)
+    assert list(points) == ["mp1"] and pve.pve_changes(current, points) == {}
+    # a new one takes the lowest free key
+    points = pve.pve_mount_points([{"volume": "local-zfs:2", "path": "/srv/new"}], current)
+    assert pve.pve_changes(current, points) == {"mp2": "local-zfs:2,mp=/srv/new,backup=1"}
+
+
+def test_a_node_directory_is_bind_mounted_without_backup():
+    points = pve.pve_mount_points([{"volume": "/tank/agent-comms", "path": "/var/lib/agent-comms", "ro": True}])
+    assert pve.pve_changes({}, points) == {"mp0": "/tank/agent-comms,mp=/var/lib/agent-comms,ro=1"}
+
+
+def test_what_a_protected_container_refuses():
+    assert pve.pve_touches_volumes({"mp1": "local-zfs:1,mp=/srv"}) and pve.pve_touches_volumes({"rootfs": "x"})
+    assert not pve.pve_touches_volumes({"memory": "1024", "net0": "name=eth0"})
 
 
 def test_options_become_pct_arguments():
@@ -301,10 +340,13 @@ def test_ssh_settings_as_openssh_resolves_them():
 def test_a_jump_host_becomes_a_proxy_command():
     config = pve.ssh_config(SSH_G)
     assert pve.ssh_proxy_command(config, ["-F", "/home/me/ssh config"]) == (
-        "ssh -F '/home/me/ssh config' -W [%h]:%p bastion.lan"
+        "ssh -F '/home/me/ssh config' -W [%h]:%p ssh://bastion.lan"
     )
     chain = config | {"proxyjump": "outer.example,inner.lan"}
-    assert pve.ssh_proxy_command(chain) == "ssh -J outer.example -W [%h]:%p inner.lan"
+    assert pve.ssh_proxy_command(chain) == "ssh -J outer.example -W [%h]:%p ssh://inner.lan"
+    # as `ssh -G` prints a jump host with a user and port, or an address
+    assert pve.ssh_proxy_command({"proxyjump": "admin@bastion:2222"}) == "ssh -W [%h]:%p ssh://admin@bastion:2222"
+    assert pve.ssh_proxy_command({"proxyjump": "[10.0.0.5]"}) == "ssh -W [%h]:%p 'ssh://[10.0.0.5]'"
     assert (
         pve.ssh_proxy_command(config | {"proxycommand": "nc -X 5 -x proxy:1080 %h %p"}) == "nc -X 5 -x proxy:1080 %h %p"
     )

@@ -7,9 +7,11 @@ An unprivileged container runs as Proxmox runs one: its ids shifted by 100000 (l
 root:100000:65536 in /etc/subuid and /etc/subgid), its template unpacked through
 lxc-usernsexec, its files owned by the shifted root."""
 
+import ctypes
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,22 @@ COMPRESSION = {".zst": "--zstd", ".gz": "-z", ".xz": "-J", ".bz2": "-j"}
 SSH_HOST_KEYS = {"rsa": "ssh_host_rsa_key", "ecdsa": "ssh_host_ecdsa_key", "ed25519": "ssh_host_ed25519_key"}
 PVE_SECTION = ("# --- BEGIN PVE ---", "# --- END PVE ---")
 ID_MAP = [f"u:0:{UNPRIVILEGED_BASE}:{UNPRIVILEGED_RANGE}", f"g:0:{UNPRIVILEGED_BASE}:{UNPRIVILEGED_RANGE}"]
+
+
+# The new mount API (Linux 5.2): the same numbers on every architecture.
+OPEN_TREE, MOVE_MOUNT = 428, 429
+SETNS = 308 if os.uname().machine == "x86_64" else 268
+AT_FDCWD, AT_RECURSIVE, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = -100, 0x8000, 1, 0x4
+O_CLOEXEC, CLONE_NEWNS = 0o2000000, 0x20000
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def syscall(number, *args):
+    result = LIBC.syscall(number, *args)
+    if result < 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return result
 
 
 def with_pve_section(text, section):
@@ -345,10 +363,29 @@ class Container:
         self.write_network(net)
 
     def hotplug_mount(self, value):
+        """A new mount point into the running container, as pve-container's
+        mountpoint_hotplug does on current kernels: the source cloned as a detached mount
+        tree (open_tree) in this namespace, then moved (move_mount) into the container's
+        mount namespace, which a plain `mount --bind` from outside cannot reach."""
         source, target = self.mount_source(value), "/" + split_list(value)["mp"].strip("/")
         self.file(target).mkdir(parents=True, exist_ok=True)
         os.chown(self.file(target), *self.root_ids)
-        run("nsenter", "-t", self.pid(), "--mount", "--", "mount", "--rbind", source, target)
+        namespace = os.open(f"/proc/{self.pid()}/ns/mnt", os.O_RDONLY)
+        child = os.fork()
+        if child == 0:  # setns changes the calling process: do it in a child of its own
+            code = 1
+            try:
+                tree = syscall(OPEN_TREE, AT_FDCWD, os.fsencode(source), OPEN_TREE_CLONE | O_CLOEXEC | AT_RECURSIVE)
+                syscall(SETNS, namespace, CLONE_NEWNS)
+                syscall(MOVE_MOUNT, tree, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH)
+                code = 0
+            except OSError as error:
+                print(f"unable to hotplug mount point {target}: {error}", file=sys.stderr)
+            finally:
+                os._exit(code)
+        os.close(namespace)
+        if os.waitpid(child, 0)[1] != 0:
+            raise PveError(f"unable to hotplug mount point {target}")
 
     def destroy(self):
         """Its volumes (not bind-mounted node directories) and its configs."""

@@ -83,6 +83,10 @@ def pct_set(vmid, *args):
     delete = [key for key in opts.pop("delete", "").split(",") if key]
     config = ct.config()
     running = ct.state() == "running"
+    for key in [*opts, *delete]:
+        if (key == "rootfs" or is_mount_point(key)) and config.current.get("protection") == "1":
+            # update_pct_config's check_protection, against the config before this change
+            raise PveError(f"can't update CT {vmid} drive '{key}' - protection mode enabled")
     values = normalise(opts, config.merged())
     check_storages(values)
     for volid in new_volumes(ct, values):

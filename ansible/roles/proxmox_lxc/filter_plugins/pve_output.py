@@ -7,7 +7,6 @@ and pve-storage's PVE/CLI/pvesm.pm (status)."""
 import fnmatch
 import re
 import shlex
-from urllib.parse import unquote
 
 TEMPLATE_SUFFIXES = (".tar.gz", ".tar.xz", ".tar.zst", ".tar.bz2", ".tgz")
 
@@ -15,10 +14,24 @@ TEMPLATE_SUFFIXES = (".tar.gz", ".tar.xz", ".tar.zst", ".tar.bz2", ".tgz")
 # -- pct --------------------------------------------------------------------------------
 
 
+def decode_text(text):
+    """The reverse of PVE::Tools::encode_text, which escapes as %XX only control
+    characters, ':' and bytes beyond ASCII (a '%' it leaves as it is, so '%41' in a
+    description stays '%41')."""
+
+    def byte(match):
+        value = int(match.group(1), 16)
+        return chr(value) if value < 0x20 or value == 0x3A or value > 0x7E else match.group(0)
+
+    raw = re.sub(r"%([0-9A-Fa-f]{2})", byte, text)
+    return raw.encode("latin-1", errors="surrogateescape").decode("utf-8", errors="replace")
+
+
 def pve_config(text):
-    """`pct config VMID` (or the API's config) as a dict: one `key: value` line per option, sorted, then raw
-    `lxc.*` lines; the description URL-escaped on one line (pct.pm prints it with
-    encode_text), read back here without the newline Proxmox keeps at its end."""
+    """`pct config VMID` (or the API's config) as a dict: one `key: value` line per
+    option, sorted, then raw `lxc.*` lines; the description escaped on one line (pct.pm
+    prints it with encode_text), read back here without the newline Proxmox keeps at its
+    end."""
     if isinstance(text, dict):  # GET /nodes/{node}/lxc/{vmid}/config: the same, as JSON
         values = {key: str(value) for key, value in text.items() if key != "digest"}
         return values | ({"description": values["description"].rstrip("\n")} if "description" in values else {})
@@ -27,15 +40,15 @@ def pve_config(text):
         key, separator, value = line.partition(": ")
         if not separator or not re.fullmatch(r"[a-z][a-z0-9_.\-]*", key):
             continue
-        config[key] = unquote(value).rstrip("\n") if key == "description" else value
+        config[key] = decode_text(value).rstrip("\n") if key == "description" else value
     return config
 
 
 def pve_pending(text):
     """`pct pending VMID` (or the API's pending rows) as {key: {'current': value or
-    None, 'pending': value or None, 'delete': bool}}. format_pending prints `cur k: v` for every option in effect, then
-    `new k: v` for a change that waits for the next start, or `del k: v` for a removal
-    that does."""
+    None, 'pending': value or None, 'delete': bool}}. format_pending prints `cur k: v`
+    for every option in effect, then `new k: v` for a change that waits for the next
+    start, or `del k: v` for a removal that does."""
     if isinstance(text, list):  # GET /nodes/{node}/lxc/{vmid}/pending: the same, as rows
         return {
             row["key"]: {
@@ -52,7 +65,7 @@ def pve_pending(text):
             continue
         kind, key, value = match.groups()
         if key == "description":
-            value = unquote(value).rstrip("\n")
+            value = decode_text(value).rstrip("\n")
         option = options.setdefault(key, {"current": None, "pending": None, "delete": False})
         if kind == "new":
             option["pending"] = value
@@ -140,17 +153,37 @@ def pve_changes(current, wanted):
     return changes
 
 
-def pve_mount_points(mounts):
+def pve_mount_points(mounts, current=None):
     """proxmox_lxc_mounts as the mount points pve_changes takes: {'mp0': {'volume': ...,
-    'mp': path, 'backup': '1'}, ...}; any other key of an item is passed on as a mount
-    option (ro, acl, quota...)."""
+    'mp': path, 'backup': 1}, ...}. A mount that the container has already (at the same
+    path) keeps its key; a new one takes the lowest free mpN, so taking an item out of the
+    list or reordering it never mounts a volume somewhere else (mount points not listed
+    are left alone). Any other key of an item is a mount option (ro, acl, quota...);
+    backup is left out for a node directory, which vzdump never backs up."""
+    current = current or {}
+    by_path = {}
+    for key, value in current.items():
+        if is_mount_point(key):
+            by_path[pve_properties(value).get("mp", "").rstrip("/")] = key
+    taken = {key for key in current if is_mount_point(key)}
     points = {}
-    for number, mount in enumerate(mounts or []):
-        options = {key: value for key, value in mount.items() if key not in ("volume", "path", "backup")}
-        options = {key: int(value) if isinstance(value, bool) else value for key, value in options.items()}
-        backup = int(bool(mount.get("backup", True)))
-        points[f"mp{number}"] = {"volume": mount["volume"], "mp": mount["path"], "backup": backup, **options}
+    for mount in mounts or []:
+        key = by_path.get(str(mount["path"]).rstrip("/"))
+        if key is None:
+            key = next(f"mp{number}" for number in range(256) if f"mp{number}" not in taken)
+            taken.add(key)
+        options = {name: value for name, value in mount.items() if name not in ("volume", "path", "backup")}
+        options = {name: int(value) if isinstance(value, bool) else value for name, value in options.items()}
+        if not str(mount["volume"]).startswith("/"):
+            options["backup"] = int(bool(mount.get("backup", True)))
+        points[key] = {"volume": mount["volume"], "mp": mount["path"], **options}
     return points
+
+
+def pve_touches_volumes(changes):
+    """Whether changes set a mount point or the root disk: what Proxmox refuses while
+    a container is protected (update_pct_config's check_protection)."""
+    return any(key == "rootfs" or is_mount_point(key) for key in changes)
 
 
 def pve_firewall_rules(ports, source, comment):
@@ -303,7 +336,9 @@ def ssh_proxy_command(config, ssh_args=()):
     if jump == "none":
         return ""
     *before, last = jump.split(",")
-    words = ["ssh", *ssh_args, *(["-J", ",".join(before)] if before else []), "-W", "[%h]:%p", last]
+    # As a destination, `user@host:port` and `[address]` mean what they mean to ProxyJump
+    # only as an ssh:// URI.
+    words = ["ssh", *ssh_args, *(["-J", ",".join(before)] if before else []), "-W", "[%h]:%p", f"ssh://{last}"]
     return shlex.join(words).replace("'[%h]:%p'", "[%h]:%p")
 
 
@@ -324,6 +359,7 @@ class FilterModule:
             "pve_changes": pve_changes,
             "pve_options": pve_options,
             "pve_mount_points": pve_mount_points,
+            "pve_touches_volumes": pve_touches_volumes,
             "pve_firewall_rules": pve_firewall_rules,
             "pve_rule_key": pve_rule_key,
             "pveam_available": pveam_available,
