@@ -308,7 +308,9 @@ def test_the_brokers_python_is_the_containers_own(deployed, ct):
         ct.check_output("/opt/agent-comms/venv/bin/python -c 'import gevent, sys; print(sys.version_info[:2])'")
         == "(3, 13)"
     )
-    fetched = sorted(path.name for path in (ROOT / "build").glob("e2e-wheelhouse-cp313-x86_64/gevent-*.whl"))
+    fetched = sorted(
+        path.name for path in (ROOT / "build").glob("e2e-wheelhouse-cp313-x86_64-agent-comms-broker/gevent-*.whl")
+    )
     assert fetched and "cp313" in fetched[0], fetched
 
 

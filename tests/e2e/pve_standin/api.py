@@ -9,18 +9,20 @@ server (serve()) is what the tests point the role's API method at.
 Tasks run to their end before the call answers; their UPID then reports `stopped` with
 `OK` or the error, as /nodes/{node}/tasks/{upid}/status does once a task has ended."""
 
-import contextlib
 import hashlib
-import io
+import itertools
 import json
+import os
 import re
 import ssl
+import subprocess
 import tempfile
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from . import firewall, pct, pveam, storage
+from . import firewall, pct, storage
 from .config import is_interface, is_mount_point
 from .container import Container
 from .node import NODE, STATE, ParameterError, PveError, split_list
@@ -28,6 +30,9 @@ from .node import NODE, STATE, ParameterError, PveError, split_list
 VERSION = {"version": "8.4.1", "release": "8.4", "repoid": "2a5fa54a8503f96d"}
 ACCESS = STATE / "api-access.json"  # {"tokens": {"USER@REALM!NAME": {"secret": ..., "acl": {path: [privileges]}}}}
 TASKS = STATE / "tasks"
+TASK_NUMBERS = itertools.count(1)
+# The node's tools a task runs, as the API's workers run pve-container's code.
+TOOLS = {"pct": "/usr/sbin/pct", "pveam": "/usr/sbin/pveam"}
 INTEGER_OPTIONS = {"cores", "memory", "swap", "onboot", "protection", "unprivileged", "cpuunits", "console", "tty"}
 
 
@@ -118,21 +123,28 @@ def check_options(caller, vmid, values, delete=(), unprivileged=True):
 # -- tasks ------------------------------------------------------------------------------
 
 
-def task(kind, vmid, caller, work):
-    """Runs work() as a Proxmox task: its UPID, with the outcome kept for /tasks/."""
-    started = int(time.time())
+def task(kind, vmid, caller, command, cleanup=None):
+    """Starts a node command as a Proxmox task and answers its UPID at once, as the API
+    does: the task runs on (its output and outcome kept for /tasks/), and its status is
+    `running` until it ends, then `stopped` with `OK` or its error's first line."""
+    started = time.time()
     user = caller.name or "root@pam"
-    upid = f"UPID:{NODE}:{started % 0xFFFFFFFF:08X}:00000000:{started:08X}:{kind}:{vmid}:{user}:"
-    output, status = io.StringIO(), "OK"
-    try:
-        with contextlib.redirect_stdout(output):
-            work()
-    except PveError as error:
-        status = str(error).splitlines()[0]
-        output.write(f"{error}\n")
+    upid = f"UPID:{NODE}:{os.getpid():08X}:{next(TASK_NUMBERS):08X}:{int(started):08X}:{kind}:{vmid}:{user}:"
     TASKS.mkdir(parents=True, exist_ok=True)
-    record = {"status": status, "log": output.getvalue()}
-    (TASKS / hashlib.sha1(upid.encode()).hexdigest()).write_text(json.dumps(record))
+    record = TASKS / hashlib.sha1(upid.encode()).hexdigest()
+    record.write_text(json.dumps({"status": None, "log": ""}))
+
+    def work():
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        finally:
+            if cleanup:
+                cleanup()
+        lines = (result.stderr or "").strip().splitlines()
+        status = "OK" if result.returncode == 0 else (lines[0] if lines else f"exit code {result.returncode}")
+        record.write_text(json.dumps({"status": status, "log": result.stdout + result.stderr}))
+
+    threading.Thread(target=work).start()
     return upid
 
 
@@ -221,8 +233,9 @@ def post_aplinfo(caller, params):
     caller.check(f"/storage/{params['storage']}", "Datastore.AllocateTemplate")
     if params["template"] not in [template for _, template in storage.index()]:
         raise ApiError(400, "Parameter verification failed.", {"template": "no such template"})
-    download = lambda: pveam.pveam_download(params["storage"], params["template"])  # noqa: E731
-    return task("download", params["template"], caller, download)
+    return task(
+        "download", params["template"], caller, [TOOLS["pveam"], "download", params["storage"], params["template"]]
+    )
 
 
 def post_lxc(caller, params):
@@ -235,13 +248,14 @@ def post_lxc(caller, params):
     caller.check(f"/storage/{template.split(':')[0]}", "Datastore.AllocateSpace", "Datastore.Audit", any_of=True)
     options = {key: value for key, value in params.items() if key not in ("vmid", "ostemplate", "ssh-public-keys")}
     check_options(caller, vmid, options, unprivileged=unprivileged)
-    with tempfile.NamedTemporaryFile("w", suffix=".pub") as keys:
-        extra = []
-        if params.get("ssh-public-keys"):
-            keys.write(params["ssh-public-keys"])
-            keys.flush()
-            extra = ["--ssh-public-keys", keys.name]
-        return task("vzcreate", vmid, caller, lambda: pct.pct_create(vmid, template, *arguments(options), *extra))
+    command = [TOOLS["pct"], "create", vmid, template, *arguments(options)]
+    keys = None
+    if params.get("ssh-public-keys"):
+        keys = tempfile.NamedTemporaryFile("w", suffix=".pub", delete=False)
+        keys.write(params["ssh-public-keys"])
+        keys.close()
+        command += ["--ssh-public-keys", keys.name]
+    return task("vzcreate", vmid, caller, command, cleanup=keys and (lambda: os.unlink(keys.name)))
 
 
 def get_config(caller, params, vmid):
@@ -283,14 +297,13 @@ def post_status(caller, params, vmid, action):
     timeout = [f"--timeout={params['timeout']}"] if params.get("timeout") else []
     if action == "shutdown" and params.get("forceStop") == "1":
         action = "stop"
-    commands = {"start": pct.pct_start, "stop": pct.pct_stop, "shutdown": pct.pct_shutdown, "reboot": pct.pct_reboot}
-    return task(f"vz{action}", vmid, caller, lambda: commands[action](vmid, *timeout))
+    return task(f"vz{action}", vmid, caller, [TOOLS["pct"], action, vmid, *timeout])
 
 
 def delete_lxc(caller, params, vmid):
     container(vmid, caller, "VM.Allocate")
     flags = [f"--{key}={params[key]}" for key in ("purge", "force") if key in params]
-    return task("vzdestroy", vmid, caller, lambda: pct.pct_destroy(vmid, *flags))
+    return task("vzdestroy", vmid, caller, [TOOLS["pct"], "destroy", vmid, *flags])
 
 
 def get_interfaces(caller, params, vmid):
@@ -299,6 +312,8 @@ def get_interfaces(caller, params, vmid):
 
 def get_task_status(caller, params, upid):
     record = task_record(upid)
+    if record["status"] is None:
+        return {"upid": upid, "status": "running", "node": NODE}
     return {"upid": upid, "status": "stopped", "exitstatus": record["status"], "node": NODE}
 
 
