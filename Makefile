@@ -88,7 +88,9 @@ bench: venv ## Run the benchmarks and print their figures
 	$(BIN)/python bench/run.py
 
 .PHONY: lint
-lint: venv ## ruff over everything, yamllint and ansible-lint (production profile) over ansible/
+# ansible-lint checks the playbooks against the collections they use (community.proxmox),
+# which `make ansible` installs.
+lint: venv $(BIN)/.ansible ## ruff over everything, yamllint and ansible-lint (production profile) over ansible/
 	$(BIN)/ruff check service client tests bench ansible
 	$(BIN)/yamllint --strict -c ansible/.yamllint ansible
 	cd ansible && PATH="$(abspath $(BIN)):$$PATH" ansible-lint
