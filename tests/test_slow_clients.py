@@ -316,9 +316,10 @@ def test_heads_that_never_end_are_closed_when_the_worker_grows(own_broker):
         time.sleep(1)
         assert requests.get(f"{broker.url}/healthz", timeout=10).status_code == 200
         highest = max(highest, max(worker_memory(broker)))
-        # The bound, plus what 400 connections can bring in between two checks (128 KiB
-        # each from the kernel) and Python's own: 294 MiB without the bound.
-        assert highest < (96 + 64) * 2**20, f"the worker reached {highest / 2**20:.0f} MiB"
+        # The bound, plus what 400 connections bring in between two checks of the memory
+        # (50 ms apart; 96 to 105 MiB measured here, idle or with both cores busy) and
+        # Python's own: 294 MiB without the bound.
+        assert highest < (96 + 32) * 2**20, f"the worker reached {highest / 2**20:.0f} MiB"
         for conn in conns:
             try:
                 if conn.recv(1) == b"":
