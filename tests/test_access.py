@@ -364,6 +364,14 @@ def test_anonymous_status_in_required_mode_records_no_agent(broker_in):
     assert "fake-admin" not in agents
 
 
+def test_status_says_who_the_broker_takes_the_caller_for(broker_in):
+    broker = broker_in("write-requires-token")
+    token = add_token(broker, "status-bot")
+    assert requests.get(f"{broker.url}/status", headers=bearer(token)).json()["agent"] == "status-bot"
+    assert requests.get(f"{broker.url}/status", headers={"X-Agent-ID": "someone"}).json()["agent"] == "someone"
+    assert requests.get(f"{broker.url}/status").json()["agent"] is None
+
+
 def test_the_all_channels_stream_needs_some_read_grant(broker_in):
     broker = broker_in("required")
     token = add_token(broker, "writer-only", "--read", "")

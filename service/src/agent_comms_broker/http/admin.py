@@ -36,8 +36,8 @@ def healthz(broker):
 def status(broker):
     settings = broker.settings
     anonymous_in_required = caller() is None and settings.auth == "required"
-    if not anonymous_in_required:
-        broker.touch_reader()  # anonymous callers in `required` mode write nothing
+    # Anonymous callers in `required` mode write nothing (and are nobody).
+    agent = None if anonymous_in_required else broker.touch_reader()
     now = time.time()
     reply = {
         "status": "running",
@@ -46,6 +46,8 @@ def status(broker):
         "uptime": round(now - broker.started, 3),
         "auth": settings.auth,
         "worker": os.getpid(),
+        # Who the broker takes the caller for: its token's agent, else its X-Agent-ID.
+        "agent": agent,
     }
     if anonymous_in_required:
         return reply  # anonymous callers learn only that the broker runs
