@@ -31,7 +31,7 @@ $(BIN)/.installed-run: service/pyproject.toml client/pyproject.toml
 
 # Beside it, what tests, lints, benchmarks and deploys need.
 $(BIN)/.installed: $(BIN)/.installed-run tests/requirements.txt
-	$(BIN)/pip install --quiet -r tests/requirements.txt
+	$(BIN)/pip install --quiet -r tests/requirements.txt -e './client[mcp]'
 	touch $@
 
 .PHONY: venv

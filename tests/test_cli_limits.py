@@ -76,8 +76,6 @@ def trickle(conn, stop):
         conn.sendall(b" ")
 
 
-
-
 def chat(url, *args, timeout=60):
     env = {"AGENT_COMMS_BROKER": url, "AGENT_COMMS_CONFIG": "/dev/null", "PATH": "/usr/bin:/bin"}
     started = time.monotonic()

@@ -17,6 +17,7 @@ Usage:
   agent-chat [options] queue CHANNEL
   agent-chat [options] inbox [--unread] [--watch]
   agent-chat [options] work CHANNEL [--lease D] [--count N] -- COMMAND [ARG...]
+  agent-chat [options] mcp [--http HOST:PORT [--tls-cert FILE --tls-key FILE]]
   agent-chat (-h | --help | --version)
 
 Commands:
@@ -50,6 +51,12 @@ Commands:
              task is done, COMMAND's output its reply; else it is released. Prints a
              line per task. Without --count it waits for tasks without end; SIGTERM
              stops COMMAND, releases its task and ends work with status 0.
+  mcp        Serve the broker as MCP tools (send, read, wait, wait_reply, take,
+             done, release, inbox, channels, agents, status) to an agent: over
+             stdio, for a local agent's MCP config; with --http, over Streamable
+             HTTP at http://HOST:PORT/mcp, where each request's own Authorization
+             (and X-Agent-ID) header is passed to the broker. Needs the mcp extra:
+             pip install 'agent-comms-chat[mcp]' (Python 3.10 or newer).
 
 Options:
   --broker URL          Broker to use, http://HOST:PORT or https://HOST:PORT. Else
@@ -93,6 +100,10 @@ Options:
   --wait SECONDS        take: wait this long for a task to come [default: 0].
   --dead                release: the task is given up on: never handed out again.
   --watch               inbox: follow it live.
+  --http HOST:PORT      mcp: serve Streamable HTTP on this address (0.0.0.0:8081 for
+                        every address) instead of stdio.
+  --tls-cert FILE       mcp --http: serve HTTPS with this certificate (PEM, its chain)...
+  --tls-key FILE        ...and this private key.
   -h --help             Show this text.
   --version             Show the version.
 
@@ -233,6 +244,8 @@ def run(args):
         channel = _inbox(settings)
     if args["work"]:
         command = _command(args)
+    if args["mcp"]:
+        return serve_mcp(args, settings)
 
     from .client import BrokerClient, BrokerError
     from .output import Printer
@@ -273,6 +286,45 @@ def run(args):
         say(str(error))
         return EXIT_REFUSED if error.status in (401, 403) else EXIT_BROKER
     return 0
+
+
+def serve_mcp(args, settings):
+    """agent-chat mcp: the MCP server, over stdio or (--http) Streamable HTTP."""
+    address = _address(args["--http"]) if args["--http"] else None
+    if (args["--tls-cert"] or args["--tls-key"]) and address is None:
+        raise UsageError("--tls-cert and --tls-key are for mcp --http (stdio has no TLS)")
+    if bool(args["--tls-cert"]) != bool(args["--tls-key"]):
+        raise UsageError("HTTPS needs both --tls-cert and --tls-key")
+    for option in ("--tls-cert", "--tls-key"):
+        if args[option] is not None and not os.path.isfile(args[option]):
+            raise UsageError(f"{option}: no such file {args[option]!r}")
+    try:
+        from . import mcp
+    except ImportError as error:
+        raise UsageError(
+            f"agent-chat mcp needs the MCP SDK ({error}): pip install 'agent-comms-chat[mcp]' (Python 3.10 or newer)"
+        ) from None
+    if address is None:
+        mcp.serve_stdio(mcp.Bridge(settings["broker"], settings["agent_id"], settings["token"], settings["ca"]))
+        return 0
+    if settings["token"]:
+        say("mcp --http uses no token of its own: each caller's Authorization header goes to the broker")
+    mcp.serve_http(
+        mcp.Bridge(settings["broker"], ca=settings["ca"], pass_through=True),
+        *address,
+        certfile=args["--tls-cert"],
+        keyfile=args["--tls-key"],
+    )
+    return 0
+
+
+def _address(raw):
+    """(host, port) of --http HOST:PORT; [::1]:8081 for IPv6."""
+    host, _, port = raw.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--http must be HOST:PORT, such as 127.0.0.1:8081 or 0.0.0.0:8081, not {raw!r}")
+    return host, int(port)
 
 
 def _exclusive(args, option, *others):
