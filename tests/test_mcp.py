@@ -3,6 +3,7 @@ HTTP) talk to the real command, which talks to a real broker over HTTP."""
 
 import json
 import re
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -343,7 +344,9 @@ def test_https_with_the_brokers_certificate(broker, tmp_path, channel):
     try:
 
         async def scenario():
-            async with http_session(server.url, agent="mcp-tls", verify=str(ca_file)) as session:
+            async with http_session(
+                server.url, agent="mcp-tls", verify=ssl.create_default_context(cafile=str(ca_file))
+            ) as session:
                 assert ok(await session.call_tool("send", {"channel": channel, "message": "over TLS"}))["id"] > 0
 
         run(scenario)

@@ -383,3 +383,9 @@ def test_pip_download_asks_for_the_hosts_python_and_the_controllers_versions():
     assert wheels.wheel_requirements(CONTROLLER_WHEELS) == [
         "agent-comms-broker==0.2.0", "bottle==0.13.5", "gevent==26.9.0", "zope-interface==8.7",
     ]  # fmt: skip
+    versions = ["agent-comms-broker==0.2.0", "agent-comms-chat==0.2.0", "mcp==2.3.0"]
+    projects = ["agent-comms-broker", "agent-comms-chat[mcp]", "not-in-the-wheelhouse"]
+    assert wheels.project_requirements(versions, projects) == [
+        "agent-comms-broker==0.2.0",
+        "agent-comms-chat[mcp]==0.2.0",
+    ]

@@ -16,12 +16,14 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 from debian_rootfs import CACHE, debootstrap
 from host_commands import last_lines, require_files, run, stop_process, wait_for
 from steps import setup_takes_up_to
 
 from broker_process import free_port
+from mcp_process import http_session
 
 BIN = Path(sys.executable).parent
 BASE_IMAGE = "agent-comms-test-base:bookworm"
@@ -149,10 +151,13 @@ class Stack:
         self.compose = compose
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.mcp_port = free_port()
+        self.mcp_url = f"http://127.0.0.1:{self.mcp_port}/mcp"
         self.env = {
             **os.environ,
             "COMPOSE_PROJECT_NAME": PROJECT,
             "AGENT_COMMS_PUBLISH": f"127.0.0.1:{self.port}",
+            "AGENT_COMMS_MCP_PUBLISH": f"127.0.0.1:{self.mcp_port}",
             "BASE_IMAGE": base_image,
             "USE_WHEELHOUSE": "1",
             # agent-chat falls back on the deployed broker: never let it.
@@ -171,18 +176,19 @@ class Stack:
         self.wait_healthy()
 
     def wait_healthy(self, timeout=120):
-        """Until Docker's health check passes. Not `up --wait`: Compose 2.40 returned 0 from
-        it while the container was restarting in a loop."""
-        container = self.container()
+        """Until Docker's health checks pass, the broker's and the MCP server's. Not `up
+        --wait`: Compose 2.40 returned 0 from it while the container was restarting in a loop."""
+        for service in ("broker", "mcp"):
+            container = self.container(service)
 
-        def healthy():
-            health, restarts = run("docker", "inspect", "--format", HEALTH_FORMAT, container).stdout.split()
-            if int(restarts):
-                pytest.fail(f"the broker container restarted:\n{self.logs()}")
-            return health == "healthy"
+            def healthy(service=service, container=container):
+                health, restarts = run("docker", "inspect", "--format", HEALTH_FORMAT, container).stdout.split()
+                if int(restarts):
+                    pytest.fail(f"the {service} container restarted:\n{self.logs()}")
+                return health == "healthy"
 
-        if not wait_for(healthy, timeout):
-            pytest.fail(f"the broker container was not healthy within {timeout} s:\n{self.logs()}")
+            if not wait_for(healthy, timeout):
+                pytest.fail(f"the {service} container was not healthy within {timeout} s:\n{self.logs()}")
 
     def logs(self):
         return self.run("logs", "--tail", "50", check=False).stdout
@@ -194,8 +200,8 @@ class Stack:
         """Containers, network, volume and the built image; the base image stays cached."""
         self.run("down", "--volumes", "--rmi", "local", "--remove-orphans", "--timeout", "20")
 
-    def container(self):
-        return self.run("ps", "-q", "broker").stdout.strip()
+    def container(self, service="broker"):
+        return self.run("ps", "-q", service).stdout.strip()
 
     def exec(self, *command):
         return self.run("exec", "-T", "broker", *command).stdout
@@ -268,6 +274,25 @@ def test_messages_survive_down_and_up(stack):
     assert text in stack.messages("durable")
 
 
+def test_the_mcp_service_answers_with_the_brokers_tools(stack):
+    """The compose file's `mcp` service: the SDK's own Streamable HTTP client initializes,
+    posts through it and reads the post back from the broker with agent-chat."""
+    stack.up()
+    text = unique("posted through the mcp service")
+
+    async def scenario():
+        async with http_session(stack.mcp_url, agent="e2e-docker-mcp") as session:
+            assert session.server_info.name == "agent-comms"
+            sent = await session.call_tool("send", {"channel": "mcp", "message": text})
+            assert not sent.is_error, sent.content
+            return sent.structured_content
+
+    sent = anyio.run(scenario)
+    assert sent["sender"] == "e2e-docker-mcp"
+    assert text in stack.messages("mcp")
+    assert stack.run("exec", "-T", "mcp", "id", "-un").stdout.strip() == "broker"
+
+
 def test_make_up_and_down_keep_the_volume(stack):
     help_text = run("make", "help").stdout
     assert "make up" in help_text and "make down" in help_text
@@ -278,5 +303,5 @@ def test_make_up_and_down_keep_the_volume(stack):
     assert stack.container() == ""
     assert volume_exists()
     # make up waits until the container is healthy, so the broker answers at once.
-    assert "broker is healthy" in stack.make("up").stdout
+    assert "broker is healthy\nmcp is healthy" in stack.make("up").stdout
     assert text in stack.messages("durable")

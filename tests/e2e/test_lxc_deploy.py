@@ -33,12 +33,14 @@ import json
 import os
 import shlex
 import sqlite3
+import ssl
 import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 import requests
 from host_commands import ROOT, run, wait_until
@@ -59,6 +61,7 @@ from steps import setup_takes_up_to
 from testinfra.host import Host
 
 from legacy_broker import legacy_database
+from mcp_process import http_session
 
 CT_IP = "10.250.77.50"
 VMID = 9950
@@ -66,6 +69,9 @@ HOST = "broker-e2e"
 URL = f"http://{CT_IP}:8080"
 SECURE_URL = f"https://{CT_IP}:8080"
 SERVICE = "agent-comms-broker"
+MCP_SERVICE = "agent-comms-mcp"
+MCP_URL = f"http://{CT_IP}:8081/mcp"
+SECURE_MCP_URL = f"https://{CT_IP}:8081/mcp"
 ADMIN = ["runuser", "-u", "agent-comms", "--", "/opt/agent-comms/venv/bin/agent-comms-broker"]
 # The build of Debian 12's template the homelab's CT-950 was made from long ago, and the
 # newest one, the only one the appliance index still lists.
@@ -237,8 +243,8 @@ def ct(deployed):
     return Host(PctBackend(VMID))
 
 
-def unit(ct, *properties):
-    output = ct.check_output("systemctl show %s --property=%s", SERVICE, ",".join(properties))
+def unit(ct, *properties, unit_name=SERVICE):
+    output = ct.check_output("systemctl show %s --property=%s", unit_name, ",".join(properties))
     return dict(line.split("=", 1) for line in output.splitlines())
 
 
@@ -380,6 +386,38 @@ def test_agent_chat_sends_and_reads_across_the_bridge():
     assert requests.get(f"{URL}/healthz", timeout=5).json() == {"status": "ok"}
 
 
+def mcp_send(url, channel, text, **session):
+    """A send through the MCP server at `url` with the SDK's own Streamable HTTP client:
+    the tool's result (a CallToolResult)."""
+
+    async def scenario():
+        async with http_session(url, **session) as mcp:
+            assert mcp.server_info.name == "agent-comms" and "take" in mcp.instructions
+            return await mcp.call_tool("send", {"channel": channel, "message": text})
+
+    return anyio.run(scenario)
+
+
+def test_mcp_server_runs_hardened_beside_the_broker(ct):
+    service = ct.service(MCP_SERVICE)
+    assert service.is_enabled and service.is_running
+    assert ct.socket("tcp://0.0.0.0:8081").is_listening
+    properties = unit(
+        ct, "DynamicUser", "NoNewPrivileges", "ProtectSystem", "MemoryDenyWriteExecute", unit_name=MCP_SERVICE
+    )
+    assert properties == {
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "MemoryDenyWriteExecute": "yes",
+    }
+    text = unique("through the MCP server in the container")
+    sent = mcp_send(MCP_URL, "e2e-mcp", text, agent="e2e-mcp-agent")
+    assert not sent.is_error, sent.content
+    assert sent.structured_content["sender"] == "e2e-mcp-agent"
+    assert text in messages("e2e-mcp")
+
+
 def test_agent_chat_in_the_container_uses_the_written_config(ct):
     assert ct.file("/etc/agent-comms/chat.ini").contains(f"broker = {URL}")
     text = unique("from inside the container")
@@ -431,8 +469,10 @@ def test_restart_reloads_gracefully_and_keeps_every_message(ct, make):
 def test_logs_show_the_requests(make):
     channel = f"e2e-logs-{uuid.uuid4().hex[:6]}"
     chat("send", channel, "a request for the journal")
+    mcp_send(MCP_URL, channel, "a tool call for the journal", agent="e2e-mcp-agent")
     output = make("logs", "LINES=200")
     assert f"POST /messages/{channel}" in output, output
+    assert '"POST /mcp HTTP/1.1" 200' in output, output  # the MCP server's journal beside it
 
 
 @pytest.mark.timeout(300)  # waits up to 150 s for the journal
@@ -474,6 +514,7 @@ def test_status_shows_service_and_broker(make):
     assert "status: running" in output  # the container, from pct
     assert "active (running)" in output  # the service
     assert '"messages":' in output  # the broker's /status
+    assert f"service {MCP_SERVICE}: active (running)" in output and f"mcp: {MCP_URL} answers" in output, output
 
 
 @pytest.mark.timeout(300)  # three playbooks
@@ -697,6 +738,20 @@ def test_https_only_and_verified(secured):
     assert requests.get(f"{SECURE_URL}/healthz", timeout=5, verify=secured["ca"]).json() == {"status": "ok"}
     without = secure_chat("status", ca=False, token=WRITER, secured=secured)
     assert without.returncode == 2 and "--ca" in without.stderr, without.stderr
+
+
+def test_the_mcp_server_serves_https_and_passes_each_callers_token(secured):
+    text = unique("over HTTPS through the MCP server")
+    token = secured["secrets"][WRITER]
+    sent = mcp_send(
+        SECURE_MCP_URL, "e2e-mcp", text, token=token, verify=ssl.create_default_context(cafile=secured["ca"])
+    )
+    assert not sent.is_error, sent.content
+    assert sent.structured_content["sender"] == WRITER
+    refused = mcp_send(SECURE_MCP_URL, "e2e-mcp", text, verify=ssl.create_default_context(cafile=secured["ca"]))
+    assert refused.is_error and "401" in refused.content[0].text, refused.content
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.post(SECURE_MCP_URL, json={}, timeout=5)  # the throwaway CA is nobody's
 
 
 def test_agent_chat_in_the_container_uses_its_users_token(ct, secured):

@@ -56,10 +56,23 @@ def wheel_requirements(names):
     return sorted(set(found))
 
 
+def project_requirements(versions, projects):
+    """The requirement to fetch for each project ("agent-comms-chat[mcp]"): its version
+    in the controller's wheelhouse (`versions`, from wheel_requirements), its extras kept."""
+    pinned = dict(version.split("==", 1) for version in versions)
+    found = []
+    for project in projects:
+        name, bracket, extras = project.partition("[")
+        if name in pinned:
+            found.append(f"{name}{bracket}{extras}=={pinned[name]}")
+    return found
+
+
 class FilterModule:
     def filters(self):
         return {
             "wheels_not_fitting": wheels_not_fitting,
             "pip_download_options": pip_download_options,
             "wheel_requirements": wheel_requirements,
+            "project_requirements": project_requirements,
         }
