@@ -6,7 +6,8 @@ Usage: run.py [--only NAMES] [--seconds S] [--wrk-threads N] [--watchers N] [--m
               [--rate R] [--big-store N] [--keep]
 
 Scenarios, in order: publish, publish-secured (a token and the rate limiter on every post),
-read, fanout (also each worker's memory), big-store, cli-send, queue (take+done pairs).
+read, fanout (also each worker's memory), big-store, cli-send, queue (take+done pairs),
+mcp-send (an MCP send tool call over stdio and Streamable HTTP).
 Exit status: 0 when every figure meets its target, 1 when one misses, 2 when a scenario
 could not run.
 """
@@ -25,6 +26,7 @@ import big_store
 import cli_send
 import fanout
 import latest_read
+import mcp_send
 import publish
 import queue_pairs
 from figures import Report
@@ -44,6 +46,7 @@ def scenarios(args):
         "big-store": lambda report, workdir: big_store.run(report, workdir, args.big_store),
         "cli-send": lambda report, workdir: cli_send.run(report, workdir),
         "queue": lambda report, workdir: queue_pairs.run(report, workdir, args.seconds),
+        "mcp-send": lambda report, workdir: mcp_send.run(report, workdir),
     }
 
 
