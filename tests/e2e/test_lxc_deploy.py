@@ -472,7 +472,7 @@ def test_logs_show_the_requests(make):
     mcp_send(MCP_URL, channel, "a tool call for the journal", agent="e2e-mcp-agent")
     output = make("logs", "LINES=200")
     assert f"POST /messages/{channel}" in output, output
-    assert '"POST /mcp HTTP/1.1" 200' in output, output  # the MCP server's journal beside it
+    assert "agent-comms-mcp[" in output and '"POST /mcp HTTP/1.1" 200' in output, output  # its journal beside it
 
 
 @pytest.mark.timeout(300)  # waits up to 150 s for the journal
@@ -492,9 +492,10 @@ def test_logs_follow_shows_new_requests_live(make):
     reader = threading.Thread(target=lambda: lines.extend(follow.stdout), daemon=True)
     reader.start()
     try:
-        # The playbook first writes the command; then the journal streams.
+        # The playbook first writes the command; then the journal streams (its last line
+        # the broker's or the MCP server's).
         wait_until(
-            lambda: any("agent-comms-broker[" in line for line in lines),
+            lambda: any("agent-comms-broker[" in line or "agent-comms-mcp[" in line for line in lines),
             120,
             lambda: "make logs FOLLOW=1 showed no line of the broker's journal within 120 s:\n" + "".join(lines[-40:]),
         )

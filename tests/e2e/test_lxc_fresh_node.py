@@ -287,17 +287,19 @@ def test_the_container_has_the_settings_asked_for(deployed, ct, address, sshd):
     assert ct.file("/root/.ssh/authorized_keys").content_string.strip() == key
 
 
-def test_the_firewall_lets_in_only_the_brokers_port(deployed):
+def test_the_firewall_lets_in_only_the_brokers_and_the_mcp_servers_ports(deployed):
     options = json.loads(run("/usr/bin/pvesh", "get", f"/nodes/localhost/lxc/{VMID}/firewall/options",
                              "--output-format", "json").stdout)  # fmt: skip
     assert options["enable"] == "1" and options["policy_in"] == "DROP", options
     rules = json.loads(run("/usr/bin/pvesh", "get", f"/nodes/localhost/lxc/{VMID}/firewall/rules",
                            "--output-format", "json").stdout)  # fmt: skip
-    assert [
+    assert sorted(
         (rule["type"], rule["action"], rule["proto"], rule["dport"], rule["source"], rule["enable"]) for rule in rules
-    ] == [("in", "ACCEPT", "tcp", "8080", "10.250.77.0/24", 1)], rules
+    ) == [("in", "ACCEPT", "tcp", port, "10.250.77.0/24", 1) for port in ("8080", "8081")], rules
     text = (STANDIN_STATE / "firewall" / f"{VMID}.fw").read_text()
-    assert "IN ACCEPT -source 10.250.77.0/24 -p tcp -dport 8080 # agent-comms (ansible proxmox_lxc)" in text, text
+    for port in (8080, 8081):
+        rule = f"IN ACCEPT -source 10.250.77.0/24 -p tcp -dport {port} # agent-comms (ansible proxmox_lxc)"
+        assert rule in text, text
     # The datacenter firewall is off on this node: the deploy said the rules wait for it.
     assert "the datacenter firewall is off" in words(deployed)
 
