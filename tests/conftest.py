@@ -1,5 +1,6 @@
 import itertools
 import os
+import signal
 
 import pytest
 import requests
@@ -31,8 +32,10 @@ def own_broker(tmp_path):
         return process
 
     yield make
+    # A quick stop (gunicorn's SIGQUIT): the test is over, and a graceful one waits for
+    # every open connection, up to the graceful timeout, after nearly every test.
     for process in started:
-        process.stop()
+        process.stop(signal.SIGQUIT)
 
 
 @pytest.fixture

@@ -54,7 +54,10 @@ USAGE_READ = "usage: agent-chat [options] read CHANNEL [--limit N] [--since TIME
         (["watch"], ["watch needs CHANNEL"]),
         (["frobnicate"], ["unknown command 'frobnicate': the commands are send, read, watch, channels"]),
         ([], ["no command given: the commands are send, read"]),
-        (["--t", "x", "status"], ["--t is ambiguous: it could be --tag, --thread, --timeout, --token"]),
+        (
+            ["--t", "x", "status"],
+            ["--t is ambiguous: it could be --tag, --thread, --timeout, --tls-cert, --tls-key, --token"],
+        ),
         (["--json=yes", "status"], ["--json takes no value"]),
         (["status", "extra"], ["status takes no arguments: 'extra' is one too many"]),
         (["--agent-id", "", "take", "tasks"], ["--agent-id is empty"]),

@@ -309,12 +309,15 @@ def serve_mcp(args, settings):
         return 0
     if settings["token"]:
         say("mcp --http uses no token of its own: each caller's Authorization header goes to the broker")
-    mcp.serve_http(
-        mcp.Bridge(settings["broker"], ca=settings["ca"], pass_through=True),
-        *address,
-        certfile=args["--tls-cert"],
-        keyfile=args["--tls-key"],
-    )
+    try:
+        mcp.serve_http(
+            mcp.Bridge(settings["broker"], ca=settings["ca"], pass_through=True),
+            *address,
+            certfile=args["--tls-cert"],
+            keyfile=args["--tls-key"],
+        )
+    except mcp.StartError as error:
+        raise UsageError(str(error)) from None
     return 0
 
 

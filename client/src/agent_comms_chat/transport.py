@@ -153,6 +153,13 @@ class Transport:
             self.headers["Authorization"] = f"Bearer {token}".encode()
         self._session = None
 
+    def close(self):
+        """Close the connections the session keeps open (reads); the client may be used
+        again afterwards and opens new ones."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
     @property
     def session(self):
         """A requests session whose reads retry with backoff. requests costs most of
