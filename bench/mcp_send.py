@@ -8,6 +8,7 @@ import statistics
 import time
 
 import anyio
+
 from brokers import Client, running_broker
 from mcp_process import McpHttpProcess, http_session, stdio_session
 
@@ -75,5 +76,5 @@ def run(report, workdir, calls=CALLS):
             "ms",
             15,
             at_least=False,
-            note=f"p99 {_percentile(values, 0.99):.1f} ms; the same post straight to the broker: p50 {floor_p50:.1f} ms",
+            note=f"p99 {_percentile(values, 0.99):.1f} ms; the post straight to the broker: p50 {floor_p50:.1f} ms",
         )

@@ -436,6 +436,7 @@ def test_restart_reloads_gracefully_and_keeps_every_message(ct, make):
     for text in before:
         chat("send", "e2e-restart", text)
     master = unit(ct, "MainPID")["MainPID"]
+    mcp_server = unit(ct, "MainPID", unit_name=MCP_SERVICE)["MainPID"]
 
     # Posts keep coming during the reload: none may be refused or lost.
     during, failures, stop = [], [], threading.Event()
@@ -462,6 +463,8 @@ def test_restart_reloads_gracefully_and_keeps_every_message(ct, make):
     assert failures == []
     assert len(during) > 10
     assert unit(ct, "MainPID")["MainPID"] == master, "a reload keeps gunicorn's master"
+    assert unit(ct, "MainPID", unit_name=MCP_SERVICE)["MainPID"] != mcp_server, "the MCP server was restarted"
+    assert not mcp_send(MCP_URL, "e2e-restart", unique("after restart"), agent="e2e-mcp-agent").is_error
     kept = messages("e2e-restart")
     assert set(before + during) <= set(kept)
 
