@@ -130,6 +130,8 @@ def inventory(api, container_key, tmp_path_factory):
         "proxmox_lxc_nameserver": GATEWAY,
         "proxmox_lxc_firewall": True,
         "proxmox_lxc_tags": ["agent-comms"],
+        # The MCP server is test_lxc_deploy.py's and test_docker.py's to test: CI's time.
+        "agent_comms_mcp_enabled": False,
         "proxmox_lxc_ssh_public_keys": container_key.with_suffix(".pub").read_text(),
         "agent_comms_connection": "ssh",
         "ansible_private_key_file": str(container_key),

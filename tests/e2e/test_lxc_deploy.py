@@ -752,8 +752,9 @@ def test_the_mcp_server_serves_https_and_passes_each_callers_token(secured):
     )
     assert not sent.is_error, sent.content
     assert sent.structured_content["sender"] == WRITER
-    refused = mcp_send(SECURE_MCP_URL, "e2e-mcp", text, verify=ssl.create_default_context(cafile=secured["ca"]))
-    assert refused.is_error and "401" in refused.content[0].text, refused.content
+    context = ssl.create_default_context(cafile=secured["ca"])
+    refused = mcp_send(SECURE_MCP_URL, "e2e-mcp", text, agent="e2e-stranger", verify=context)
+    assert refused.is_error and "wants a token" in refused.content[0].text, refused.content
     with pytest.raises(requests.exceptions.SSLError):
         requests.post(SECURE_MCP_URL, json={}, timeout=5)  # the throwaway CA is nobody's
 

@@ -167,6 +167,9 @@ def inventory(sshd, controller_home, tmp_path_factory):
         "proxmox_lxc_ssh_public_keys": sshd["key"].with_suffix(".pub").read_text(),
         "proxmox_lxc_mounts": [{"volume": str(DATA), "path": "/var/lib/agent-comms"}],
         "agent_comms_broker_db": "/var/lib/agent-comms/messages.db",
+        # The MCP server is test_lxc_deploy.py's and test_docker.py's to test (CI's time):
+        # off, the firewall opens the broker's port alone.
+        "agent_comms_mcp_enabled": False,
     }
     inventory = {
         "all": {
@@ -287,19 +290,17 @@ def test_the_container_has_the_settings_asked_for(deployed, ct, address, sshd):
     assert ct.file("/root/.ssh/authorized_keys").content_string.strip() == key
 
 
-def test_the_firewall_lets_in_only_the_brokers_and_the_mcp_servers_ports(deployed):
+def test_the_firewall_lets_in_only_the_brokers_port(deployed):
     options = json.loads(run("/usr/bin/pvesh", "get", f"/nodes/localhost/lxc/{VMID}/firewall/options",
                              "--output-format", "json").stdout)  # fmt: skip
     assert options["enable"] == "1" and options["policy_in"] == "DROP", options
     rules = json.loads(run("/usr/bin/pvesh", "get", f"/nodes/localhost/lxc/{VMID}/firewall/rules",
                            "--output-format", "json").stdout)  # fmt: skip
-    assert sorted(
+    assert [
         (rule["type"], rule["action"], rule["proto"], rule["dport"], rule["source"], rule["enable"]) for rule in rules
-    ) == [("in", "ACCEPT", "tcp", port, "10.250.77.0/24", 1) for port in ("8080", "8081")], rules
+    ] == [("in", "ACCEPT", "tcp", "8080", "10.250.77.0/24", 1)], rules
     text = (STANDIN_STATE / "firewall" / f"{VMID}.fw").read_text()
-    for port in (8080, 8081):
-        rule = f"IN ACCEPT -source 10.250.77.0/24 -p tcp -dport {port} # agent-comms (ansible proxmox_lxc)"
-        assert rule in text, text
+    assert "IN ACCEPT -source 10.250.77.0/24 -p tcp -dport 8080 # agent-comms (ansible proxmox_lxc)" in text, text
     # The datacenter firewall is off on this node: the deploy said the rules wait for it.
     assert "the datacenter firewall is off" in words(deployed)
 
@@ -314,6 +315,10 @@ def test_the_brokers_python_is_the_containers_own(deployed, ct):
         path.name for path in (ROOT / "build").glob("e2e-wheelhouse-cp313-x86_64-agent-comms-broker/gevent-*.whl")
     )
     assert fetched and "cp313" in fetched[0], fetched
+    # With agent_comms_mcp_enabled false: no MCP SDK fetched, no unit, nothing on 8081.
+    assert not list((ROOT / "build").glob("e2e-wheelhouse-cp313-x86_64-agent-comms-broker/mcp-*.whl"))
+    assert not ct.file("/etc/systemd/system/agent-comms-mcp.service").exists
+    assert not ct.socket("tcp://0.0.0.0:8081").is_listening
 
 
 def test_agent_chat_reaches_the_broker_at_its_dhcp_address(deployed, address):
