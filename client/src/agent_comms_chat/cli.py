@@ -405,17 +405,13 @@ def send(broker, out, channel, message, args, timeout):
 
 
 def take(broker, out, channel, lease, wait):
-    """Claims a task and prints it; waits for one up to `wait` seconds, asking again when the
-    broker cuts a long wait short (at its AGENT_COMMS_MAX_WAIT)."""
-    deadline = time.monotonic() + wait
-    while True:
-        taken = broker.take(channel, lease=lease, wait=round(max(0.0, deadline - time.monotonic()), 3))
-        if taken is not None:
-            out.task(taken)
-            return 0
-        if time.monotonic() >= deadline - 0.01:
-            say(f"no task came in {channel} within {wait:g} s")
-            return EXIT_TIMEOUT
+    """Claims a task and prints it; waits for one up to `wait` seconds."""
+    taken = broker.take_waiting(channel, lease=lease, wait=wait)
+    if taken is None:
+        say(f"no task came in {channel} within {wait:g} s")
+        return EXIT_TIMEOUT
+    out.task(taken)
+    return 0
 
 
 def read_unread(broker, out, channel, limit, thread):

@@ -121,6 +121,15 @@ class BrokerClient(Transport):
             self.expect(answer, path, "id", int)
         return answer
 
+    def take_waiting(self, channel, lease=None, wait=0):
+        """take, asked again when the broker cuts a long wait short (at its
+        AGENT_COMMS_MAX_WAIT), until `wait` seconds have passed: the task, or None."""
+        deadline = time.monotonic() + wait
+        while True:
+            taken = self.take(channel, lease=lease, wait=round(max(0.0, deadline - time.monotonic()), 3))
+            if taken is not None or time.monotonic() >= deadline - 0.01:
+                return taken
+
     def claim(self, channel, task_id, lease=None):
         """Claim that task, or extend this agent's lease of it (a heartbeat): as take."""
         path = route("messages", channel, task_id, "claim")

@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote
 
 import anyio
 import anyio.to_thread
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, Resource, TextContent, ToolAnnotations
@@ -60,7 +60,7 @@ CALLERS_KEPT = 4096
 # Rows a resource shows of its channel.
 RESOURCE_MESSAGES = 20
 # The request headers of the MCP message being handled (None over stdio), set by the
-# middleware below for the handlers that get no Context (resources/list).
+# middleware in build() for every handler (resources/list gets no Context of the SDK's).
 _headers = contextvars.ContextVar("agent_comms_mcp_headers", default=None)
 # The broker clients made for the MCP message being handled (over HTTP), closed after it.
 _opened = contextvars.ContextVar("agent_comms_mcp_opened", default=None)
@@ -172,6 +172,21 @@ def render_page(page, empty="no messages"):
     return "\n".join(lines)
 
 
+async def _read_marking(who, channel, unread, **options):
+    """A page of the channel; with `unread`, what follows the caller's read position,
+    which then moves to the page's last message."""
+    page = await who.read(channel, unread=unread, **options)
+    if unread and page["messages"]:
+        await who.put_cursor(channel, page["messages"][-1]["id"])
+    return page
+
+
+def _listing(model, listing, key, line, empty):
+    """A listing tool's result: its rows (with count and more), a line of text for each."""
+    data = {name: listing[name] for name in (key, "count", "more")}
+    return _result(model, data, "\n".join(map(line, listing[key])) or empty)
+
+
 def _result(model, data, text):
     """A tool's result: `data` as its structured content, checked by `model`, and a short text."""
     model.model_validate(data)
@@ -187,8 +202,6 @@ class Bridge:
 
     def __init__(self, broker, agent_id=None, token=None, ca=None, pass_through=False):
         self.broker = broker
-        self.agent_id = agent_id
-        self.token = token
         self.ca = ca
         self.pass_through = pass_through
         # Over stdio one client serves every call (one agent); over HTTP each call gets a
@@ -292,11 +305,6 @@ def _refusal(error, client):
     return str(error)
 
 
-def _headers_of(ctx):
-    headers = ctx.headers if ctx is not None else None
-    return headers if headers is not None else _headers.get()
-
-
 # -- the server ----------------------------------------------------------------------------
 
 Channel = Annotated[
@@ -368,8 +376,8 @@ def build(bridge):
 
     server.middleware.append(keep_headers)
 
-    def client(ctx):
-        return bridge.client(_headers_of(ctx))
+    def client():
+        return bridge.client(_headers.get())
 
     reads = ToolAnnotations(read_only_hint=True, open_world_hint=False)
     # read and inbox with `unread` move the caller's read position (forward only).
@@ -379,7 +387,6 @@ def build(bridge):
     async def send(
         channel: Channel,
         message: Annotated[str, Field(min_length=1, description="The text to post (up to 64 KiB).")],
-        ctx: Context,
         reply_to: Annotated[Optional[int], Field(ge=1, description="The id of the message this answers.")] = None,
         priority: Annotated[
             Optional[int], Field(ge=1, le=5, description="1 (lowest) to 5 (highest); 3 if left out.")
@@ -390,7 +397,7 @@ def build(bridge):
         """Post a message to a channel (or to "@NAME", an agent's inbox). Returns the stored
         message with its id: give it to wait_reply to wait for an answer, or to others as
         reply_to. Posting to a channel someone works as a queue adds a task to it."""
-        who = client(ctx)
+        who = client()
         if who.anonymous and who.agent_id is None:
             raise ToolError("send needs to know who you are: a bearer token, or an X-Agent-ID header (--agent-id)")
         stored = await who.send(channel, message, reply_to=reply_to, priority=priority, tags=tags, meta=meta)
@@ -399,7 +406,6 @@ def build(bridge):
     @server.tool(annotations=marks)
     async def read(
         channel: Channel,
-        ctx: Context,
         limit: Annotated[int, Field(ge=1, le=1000, description="How many messages at most.")] = 10,
         after: Annotated[Optional[int], Field(ge=0, description="Only messages after this id, oldest first.")] = None,
         unread: Annotated[bool, Field(description="Only what follows your read position, then mark it read.")] = False,
@@ -410,16 +416,13 @@ def build(bridge):
         them. The result's cursor is the `after` of the next read."""
         if unread and after is not None:
             raise ToolError("unread and after exclude each other: give one of them")
-        who = client(ctx)
-        page = await who.read(channel, limit=limit, after=after, thread=thread, unread=unread)
-        if unread and page["messages"]:
-            await who.put_cursor(channel, page["messages"][-1]["id"])
+        who = client()
+        page = await _read_marking(who, channel, unread, limit=limit, after=after, thread=thread)
         return _result(Page, page, render_page(page))
 
     @server.tool(annotations=reads)
     async def wait(
         channel: Channel,
-        ctx: Context,
         after: Annotated[
             Optional[int], Field(ge=0, description="Wait for messages after this id; left out: after the newest.")
         ] = None,
@@ -428,7 +431,7 @@ def build(bridge):
         """Block until a new message arrives in the channel, then return it at once (long-
         polls, no polling): the messages after `after` (by default, after the channel's
         newest now). timed_out is true when none came within `timeout`."""
-        who = client(ctx)
+        who = client()
         if after is None:
             after = await who.latest_cursor(channel)
         started = time.monotonic()
@@ -445,13 +448,11 @@ def build(bridge):
         return _result(Waited, page, text)
 
     @server.tool(annotations=reads)
-    async def wait_reply(
-        channel: Channel, id: MessageId, ctx: Context, timeout: Timeout = 60
-    ) -> Annotated[CallToolResult, Reply]:
+    async def wait_reply(channel: Channel, id: MessageId, timeout: Timeout = 60) -> Annotated[CallToolResult, Reply]:
         """Wait for the first reply to message `id` of the channel (one you sent, or any),
         and return it as soon as it comes, also if it came before this call. reply is null
         when none came within `timeout`."""
-        who = client(ctx)
+        who = client()
         stored = await who.message(channel, id)
         reply = await who.first_reply(channel, stored, time.monotonic() + timeout)
         data = {"reply": reply, "timed_out": reply is None}
@@ -461,7 +462,6 @@ def build(bridge):
     @server.tool(annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False, open_world_hint=False))
     async def take(
         channel: Channel,
-        ctx: Context,
         lease: Annotated[
             float, Field(gt=0, le=86400, description="Seconds the task is yours before it may go to another.")
         ] = 300,
@@ -470,13 +470,7 @@ def build(bridge):
         """Claim the channel's oldest pending task: only you hold it, until its lease ends.
         Then do it and call done (with your answer) or release. task is null when none
         was pending within `wait`."""
-        who = client(ctx)
-        deadline = time.monotonic() + wait
-        while True:
-            remaining = round(max(0.0, deadline - time.monotonic()), 3)
-            task = await who.take(channel, lease=lease, wait=remaining)
-            if task is not None or time.monotonic() >= deadline - 0.01:
-                break
+        task = await client().take_waiting(channel, lease=lease, wait=wait)
         if task is None:
             return _result(Taken, {"task": None, "timed_out": True}, f"no task in {channel} within {wait:g} s")
         expires = task.get("claim", {}).get("expires")
@@ -487,14 +481,13 @@ def build(bridge):
     async def done(
         channel: Channel,
         id: MessageId,
-        ctx: Context,
         message: Annotated[
             Optional[str], Field(min_length=1, description="Your answer, posted as the task's reply.")
         ] = None,
     ) -> Annotated[CallToolResult, TaskState]:
         """Mark task `id`, which you took, done; `message` is posted as its reply in the
         same step (whoever waits with wait_reply gets it)."""
-        answer = await client(ctx).done(channel, id, message)
+        answer = await client().done(channel, id, message)
         data = {"task": answer["task"], "reply": answer.get("reply")}
         reply = f", reply #{data['reply']['id']}" if data["reply"] else ""
         return _result(TaskState, data, f"task #{id} done{reply}")
@@ -504,18 +497,16 @@ def build(bridge):
     async def release(
         channel: Channel,
         id: MessageId,
-        ctx: Context,
         dead: Annotated[bool, Field(description="Give up on the task for good: never handed out again.")] = False,
     ) -> Annotated[CallToolResult, TaskState]:
         """Give task `id`, which you took, back: pending again for another agent (its
         attempt counted), or with dead, given up on for good."""
-        answer = await client(ctx).release(channel, id, dead=dead)
+        answer = await client().release(channel, id, dead=dead)
         data = {"task": answer["task"]}
         return _result(TaskState, data, f"task #{id} {answer['task'].get('state', 'released')}")
 
     @server.tool(annotations=marks)
     async def inbox(
-        ctx: Context,
         unread: Annotated[
             bool, Field(description="Only what is new since you last read it, then mark it read.")
         ] = False,
@@ -523,55 +514,49 @@ def build(bridge):
     ) -> Annotated[CallToolResult, Page]:
         """Read your inbox, the channel "@<your agent>": direct messages to you, oldest
         first; with unread, only the new ones, which are then marked read."""
-        who = client(ctx)
+        who = client()
         agent = who.agent_id
         if agent is None:
             agent = (await who.status()).get("agent")
         if not agent:
             raise ToolError("inbox needs to know who you are: a bearer token, or an agent id (X-Agent-ID, --agent-id)")
         channel = "@" + agent
-        page = await who.read(channel, limit=limit, unread=unread)
-        if unread and page["messages"]:
-            await who.put_cursor(channel, page["messages"][-1]["id"])
+        page = await _read_marking(who, channel, unread, limit=limit)
         return _result(Page, page, render_page(page, empty=f"{'nothing new' if unread else 'nothing'} in {channel}"))
 
     @server.tool(annotations=reads)
-    async def channels(ctx: Context) -> Annotated[CallToolResult, Channels]:
+    async def channels() -> Annotated[CallToolResult, Channels]:
         """List the channels you may read, with message counts (and unread counts) and last
         activity."""
-        listing = await client(ctx).channels()
-        lines = [
-            f"{visible(row.get('name'))}: {row.get('message_count')} messages"
-            + (f", {row['unread']} unread" if row.get("unread") else "")
-            + f", last {_when(row.get('last_activity'))}"
-            for row in listing["channels"]
-        ]
-        data = {key: listing[key] for key in ("channels", "count", "more")}
-        return _result(Channels, data, "\n".join(lines) or "no channels yet")
+
+        def line(row):
+            unread = f", {row['unread']} unread" if row.get("unread") else ""
+            last = _when(row.get("last_activity"))
+            return f"{visible(row.get('name'))}: {row.get('message_count')} messages{unread}, last {last}"
+
+        return _listing(Channels, await client().channels(), "channels", line, "no channels yet")
 
     @server.tool(annotations=reads)
-    async def agents(ctx: Context) -> Annotated[CallToolResult, Agents]:
+    async def agents() -> Annotated[CallToolResult, Agents]:
         """List the agents, the most recently seen first, online or offline."""
-        listing = await client(ctx).agents()
-        lines = [
-            f"{visible(row.get('id'))}: {row.get('status', '?')}, last seen {_when(row.get('last_seen'))}"
-            for row in listing["agents"]
-        ]
-        data = {key: listing[key] for key in ("agents", "count", "more")}
-        return _result(Agents, data, "\n".join(lines) or "no agents yet")
+
+        def line(row):
+            return f"{visible(row.get('id'))}: {row.get('status', '?')}, last seen {_when(row.get('last_seen'))}"
+
+        return _listing(Agents, await client().agents(), "agents", line, "no agents yet")
 
     @server.tool(annotations=reads)
-    async def status(ctx: Context) -> Annotated[CallToolResult, Status]:
+    async def status() -> Annotated[CallToolResult, Status]:
         """The broker's status: version, uptime, who it takes you for, and counts."""
-        reply = await client(ctx).status()
+        reply = await client().status()
         shown = ("status", "version", "agent", "messages", "channels", "agents", "active_agents")
         text = ", ".join(f"{key} {visible(reply[key])}" for key in shown if reply.get(key) is not None)
         return _result(Status, reply, text)
 
     @server.resource(URI_PREFIX + "{name}", mime_type="text/plain", title="channel")
-    async def channel_resource(name: str, ctx: Context) -> str:
+    async def channel_resource(name: str) -> str:
         """A channel's latest messages, one line each."""
-        who = client(ctx)
+        who = client()
         channel = unquote(name)
         try:
             page = await who.read(channel, limit=RESOURCE_MESSAGES)
