@@ -187,3 +187,21 @@ def test_retention_gap_is_flagged(own_broker):
     assert next(events) == {"event": "gap", "data": '{"cursor": 0}'}
     assert [m["id"] for m in stream.messages(3)] == [m["id"] for m in sent[-3:]]
     stream.close()
+
+
+def test_streams_park_and_each_gets_every_message_in_order(own_broker):
+    """A caught-up stream is parked: its request is over (the access log has its line while
+    the stream is still open) and the worker's hub writes each new message to it. Each of
+    40 gets every message once, in order, small ones and ones too large for one write."""
+    broker = own_broker().start()
+    streams = [EventStream(f"{broker.url}/stream/parked", timeout=30) for _ in range(40)]
+    deadline = time.monotonic() + 10
+    while broker.log().count("GET /stream/parked") < 40:
+        assert time.monotonic() < deadline, "the streams were not parked"
+        time.sleep(0.1)
+    texts = [f"m{n}" for n in range(20)] + [f"{n}" * 60000 for n in range(5)] + ["last"]
+    for text in texts:
+        post(broker.url, "parked", "a", text)
+    for stream in streams:
+        assert [m["message"] for m in stream.messages(len(texts))] == texts
+        stream.close()

@@ -209,6 +209,36 @@ def test_a_stream_reader_that_stops_reading_is_dropped(big_messages):
             conn.close()
 
 
+def test_a_parked_stream_whose_reader_stops_is_dropped_and_frees_its_slot(own_broker):
+    """A caught-up stream is parked: the worker's hub writes to it, with no greenlet of its
+    own. When its client stops reading and new messages no longer fit in the sockets'
+    buffers, a greenlet takes it over and drops it after the send timeout (1 s); its one
+    slot (AGENT_COMMS_MAX_STREAMS=1) is then free for the next stream."""
+    broker = own_broker(env={"AGENT_COMMS_SEND_TIMEOUT": "1", "AGENT_COMMS_MAX_STREAMS": "1"}).start()
+    conn = hold_unread(broker.url, b"GET /stream/flood HTTP/1.1\r\nHost: t\r\n\r\n", 1)[0]
+    try:
+        deadline = time.monotonic() + 10
+        while "GET /stream/flood" not in broker.log():  # parked: its request is over and logged
+            assert time.monotonic() < deadline, "the stream was not parked"
+            time.sleep(0.1)
+        for n in range(40):  # 2.4 MB: far more than the sockets' buffers take
+            reply = requests.post(f"{broker.url}/messages/flood", json={"sender": "f", "message": str(n % 10) * 60000})
+            assert reply.status_code == 201
+        deadline = time.monotonic() + 15
+        while "it took nothing of its reply for 1 s" not in broker.log():
+            assert time.monotonic() < deadline, broker.log()[-2000:]
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while (reply := requests.get(f"{broker.url}/stream/flood", stream=True, timeout=10)).status_code == 429:
+            reply.close()
+            assert time.monotonic() < deadline, "the dropped stream kept its slot"
+            time.sleep(0.2)
+        assert reply.status_code == 200
+        reply.close()
+    finally:
+        conn.close()
+
+
 def test_a_page_stops_at_its_byte_budget_and_says_more(big_messages):
     broker = big_messages
     page = requests.get(f"{broker.url}/messages/big?after=0&limit=1000", timeout=30).json()

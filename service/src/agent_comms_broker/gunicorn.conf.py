@@ -2,8 +2,11 @@
 (make run), Docker and systemd all start gunicorn with this file. Values come from the
 AGENT_COMMS_* environment (see config.py); gunicorn's own flags still override them."""
 
+import gc
+import logging
 import math
 
+from agent_comms_broker import accesslog as accesslog_format
 from agent_comms_broker import limits, preflight
 from agent_comms_broker.config import ConfigError, Settings
 
@@ -13,6 +16,10 @@ except ConfigError as error:
     raise SystemExit(f"agent-comms-broker: {error}") from None
 
 wsgi_app = "agent_comms_broker.wsgi:app"
+# The master imports the app before it forks, so the workers share its pages (see
+# pre_fork). A reload (SIGHUP) starts new workers from the same code: a new version needs
+# a restart, which is what the Ansible role and the unit do on an upgrade.
+preload_app = True
 # Made here, in the master, so every forked worker shares the rate and stream counters.
 limits.shared()
 bind = [_settings.bind]
@@ -48,9 +55,9 @@ control_socket_disable = True
 loglevel = _settings.log_level
 errorlog = "-"
 accesslog = _settings.access_log or None
-# agent= is what the client claims (X-Agent-ID, quoted and escaped: it cannot forge a field);
-# token= the token it proved, and its agent.
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms agent=%({agent_comms.agent}e)s token=%({agent_comms.token}e)s'
+# The access log's lines are written in batches, a few times a second (accesslog.py).
+logger_class = "agent_comms_broker.accesslog.AccessLogger"
+access_log_format = accesslog_format.FORMAT
 
 
 def on_starting(server):
@@ -64,7 +71,29 @@ def child_exit(server, worker):
 
 
 def post_worker_init(worker):
-    """Streams and long-polls end as soon as this worker is told to stop."""
+    """Streams and long-polls end as soon as this worker is told to stop; the broker's own
+    log lines go where gunicorn's go, at the same level."""
     from agent_comms_broker.wsgi import runtime
 
+    ours = logging.getLogger("agent_comms_broker")
+    ours.handlers = list(worker.log.error_log.handlers)
+    ours.setLevel(worker.log.error_log.level)
+    ours.propagate = False
+
     runtime.alive = lambda: worker.alive
+    runtime.connections = lambda: len(worker.connections)
+    runtime.max_connections = worker.worker_connections
+
+
+def pre_fork(server, worker):
+    """What the master holds now (the app, imported once) stays shared with the workers:
+    frozen, its objects are never touched by a worker's garbage collector, which would
+    otherwise copy every page holding one into each worker."""
+    gc.freeze()
+
+
+def worker_exit(server, worker):
+    """The access log's last lines, before the worker is gone."""
+    flush = getattr(worker.log, "flush", None)
+    if flush is not None:
+        flush()

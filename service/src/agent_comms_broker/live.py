@@ -27,6 +27,9 @@ WATCHER_QUEUE_PAGES = 4
 HUB_READ_BATCH = 1000
 # Posts (or coordination writes) merged into one transaction at most.
 GROUP_COMMIT_LIMIT = 1000
+# Parked streams are looked after (keep-alives, token re-checks when due) this often, in
+# seconds: a revoked token ends a parked stream as soon as a waiting one would end.
+PARKED_TICK = 0.25
 # What a group commit merges: posts, or coordination writes; a group holds one kind.
 POSTS, WORK = "posts", "work"
 
@@ -36,21 +39,32 @@ def sse_frame(message):
     return b"id: %d\ndata: %s\n\n" % (message.id, orjson.dumps(message.as_dict()))
 
 
-class Watcher:
-    """One SSE stream or long-poll: the messages delivered to it and a wake-up event."""
+class Parked(BaseException):
+    """Raised through gunicorn by an event stream that is caught up: its connection is
+    handed to the hub (a ParkedStream, http/streams.py), and the greenlet that served it
+    ends. Not an Exception: gunicorn would take it for an error and cut the connection."""
 
-    __slots__ = ("channel", "closed", "event", "max_bytes", "overflowed", "pending", "pending_bytes")
+
+class Watcher:
+    """One SSE stream or long-poll: the messages delivered to it and a wake-up event; or,
+    for a parked stream (`direct`), the stream that writes each message at once."""
+
+    __slots__ = ("channel", "closed", "direct", "event", "max_bytes", "overflowed", "pending", "pending_bytes")
 
     def __init__(self, channel, max_bytes):
         self.channel = channel
         self.max_bytes = max_bytes
-        self.pending = collections.deque()
+        self.pending = []
         self.pending_bytes = 0
         self.event = Event()
         self.overflowed = False
         self.closed = False
+        self.direct = None
 
     def deliver(self, message, frame):
+        if self.direct is not None:
+            self.direct.push(message, frame)
+            return
         if not self.overflowed:
             if len(self.pending) >= WATCHER_QUEUE_LIMIT or self.pending_bytes + len(frame) > self.max_bytes:
                 self.overflowed = True
@@ -63,8 +77,8 @@ class Watcher:
 
     def take(self):
         """What has arrived since the last take, and whether some of it was dropped."""
-        items = list(self.pending)
-        self.pending.clear()
+        items = self.pending
+        self.pending = []
         self.pending_bytes = 0
         overflowed, self.overflowed = self.overflowed, False
         self.event.clear()
@@ -73,6 +87,8 @@ class Watcher:
     def close(self):
         self.closed = True
         self.event.set()
+        if self.direct is not None:
+            self.direct.finish()
 
 
 class Hub:
@@ -85,7 +101,11 @@ class Hub:
         self.by_channel = collections.defaultdict(set)
         self.everything = set()
         self.last_id = store.max_id()
+        self._committed_id = self.last_id
         self.data_version = store.data_version()
+        # Parked event streams (no greenlet of their own), looked after every second.
+        self.parked = set()
+        self._looked_after = time.monotonic()
         self._kick = Event()
         self._greenlet = gevent.spawn(self._run)
 
@@ -110,8 +130,11 @@ class Hub:
             if not watchers:
                 del self.by_channel[watcher.channel]
 
-    def committed(self):
-        """This worker committed: deliver without waiting for the next poll."""
+    def committed(self, last_id=None):
+        """This worker committed (messages up to `last_id`, if it stored any): deliver
+        without waiting for the next poll."""
+        if last_id is not None and last_id > self._committed_id:
+            self._committed_id = last_id
         self._kick.set()
 
     def _run(self):
@@ -120,8 +143,14 @@ class Hub:
             kicked = self._kick.is_set()
             self._kick.clear()
             try:
+                if self.parked and time.monotonic() - self._looked_after >= PARKED_TICK:
+                    self._look_after_parked()
+                if kicked:
+                    # No need to ask whether the database changed: this worker changed it.
+                    self._deliver_new(kicked)
+                    continue
                 version = self.store.data_version()
-                if kicked or version != self.data_version:
+                if version != self.data_version:
                     self.data_version = version
                     self._deliver_new()
             except Exception:  # keep delivering after a transient database error
@@ -129,9 +158,15 @@ class Hub:
                 gevent.sleep(1)
         self._close_all()
 
-    def _deliver_new(self):
+    def _deliver_new(self, kicked=False):
         if not self.everything and not self.by_channel:
-            self.last_id = self.store.max_id()
+            # Nobody to deliver to: only where a later watcher starts moves. After this
+            # worker's own commit the id it wrote is known; otherwise ask (another worker
+            # committed, and the ids it gave are not).
+            if kicked:
+                self.last_id = max(self.last_id, self._committed_id)
+            else:
+                self.last_id = self.store.max_id()
             return
         while True:
             page = self.store.all_after_id(self.last_id, HUB_READ_BATCH, self.page_bytes)
@@ -141,13 +176,20 @@ class Hub:
                 if not targets and not self.everything:
                     continue
                 frame = sse_frame(message)
-                for watcher in targets or ():
+                # Copies: a parked stream whose client went leaves the set as it is handed a frame.
+                for watcher in tuple(targets) if targets else ():
                     watcher.deliver(message, frame)
-                for watcher in self.everything:
+                for watcher in tuple(self.everything):
                     watcher.deliver(message, frame)
             self.last_id = page.cursor
             if not page.more:
                 return
+
+    def _look_after_parked(self):
+        """Keep-alives and token re-checks of the parked streams (each decides if due)."""
+        now = self._looked_after = time.monotonic()
+        for stream in list(self.parked):
+            stream.tick(now)
 
     def _close_all(self):
         """The worker is stopping: end every stream so clients reconnect elsewhere."""
@@ -232,7 +274,7 @@ class GroupCommitter:
             for _, _, result, _ in group:
                 result.set_exception(error)
             return
-        self.on_commit()
+        self.on_commit(max((message.id for message in stored), default=None))
         start = 0
         for _, entries, result, _ in group:
             result.set(stored[start : start + len(entries)])

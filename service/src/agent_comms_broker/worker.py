@@ -37,9 +37,11 @@ from gunicorn.workers.ggevent import GeventWorker
 # gunicorn's master imports this before a worker forks and gevent patches the threading
 # module: nothing here may import Bottle, whose request and response objects would then
 # be one per thread, not one per greenlet.
+from .accesslog import AccessLogger, keep_flushing
 from .config import Settings
 from .headers import security_headers
 from .http.body import RequestBody
+from .live import Parked
 
 # Set by the worker from its config: HSTS too when it serves TLS.
 _refusal_headers = security_headers(tls=False)
@@ -156,6 +158,8 @@ class BrokerWorker(GeventWorker):
 
     def run(self):
         gevent.spawn(self._keep_reserve)
+        if isinstance(self.log, AccessLogger):
+            gevent.spawn(keep_flushing, self.log, lambda: self.alive, gevent.sleep)
         super().run()
 
     def handle_quit(self, sig, frame):
@@ -269,6 +273,8 @@ class BrokerWorker(GeventWorker):
         sock.settimeout(self.settings.send_timeout)  # each write of the reply
         try:
             super().handle_request(listener_name, req, sock, addr)
+        except Parked:  # an event stream took its own descriptor of the connection to the hub
+            raise StopIteration() from None
         except StopIteration:
             closing = True
         except TimeoutError:

@@ -1,21 +1,41 @@
 """The WSGI entry point: `gunicorn -c gunicorn.conf.py agent_comms_broker.wsgi:app`.
 
-Each gunicorn worker imports this after forking, so each has its own SQLite connection,
-hub and group committer, created on its first request.
+The gunicorn master imports this before it forks its workers (preload_app in
+gunicorn.conf.py), so the workers share the pages of the code and the app instead of
+each importing them again. Each worker has its own SQLite connections, hub and group
+committer, made on its first request.
 """
 
 import os
+import threading
 import time
 
 import gevent
+import gevent.local
 import gevent.threadpool
 
-from . import limits
-from .config import Settings
-from .headers import ResponseHeaders
-from .http.app import create_app
-from .live import GroupCommitter, Hub, run_retention
-from .store import Store
+
+def _import_bottle():
+    """Bottle makes the storage of its request and response objects when it is imported
+    (threading.local()). Imported here in the master, before gevent patches threading in
+    each worker, that storage would be one per thread, shared by every greenlet of a
+    worker; made as gevent's local, it is one per greenlet, as after the patch."""
+    thread_local = threading.local
+    threading.local = gevent.local.local
+    try:
+        import bottle  # noqa: F401
+    finally:
+        threading.local = thread_local
+
+
+_import_bottle()
+
+from . import limits  # noqa: E402
+from .config import Settings  # noqa: E402
+from .headers import ResponseHeaders  # noqa: E402
+from .http.app import create_app  # noqa: E402
+from .live import GroupCommitter, Hub, run_retention  # noqa: E402
+from .store import Store  # noqa: E402
 
 
 class Runtime:
@@ -24,8 +44,12 @@ class Runtime:
     def __init__(self, settings):
         self.settings = settings
         self.pid = None
-        # Set by gunicorn's post_worker_init hook: lets streams end when the worker stops.
+        # Set by gunicorn's post_worker_init hook: lets streams end when the worker stops,
+        # and tells how many connections the worker serves and may serve (parked event
+        # streams count against the same number).
         self.alive = lambda: True
+        self.connections = lambda: 0
+        self.max_connections = settings.worker_connections
 
     def __call__(self):
         if self.pid != os.getpid():

@@ -1,7 +1,6 @@
 """What the routes share: the settings, this process's runtime (store, hub, committer),
 access control and the limits, and the bookkeeping of agents seen and streams open."""
 
-import contextlib
 import logging
 import time
 
@@ -113,25 +112,40 @@ class Broker:
         if self.settings.max_streams:
             self.limits.release(key)
 
-    @contextlib.contextmanager
     def holding(self, size):
         """Count `size` bytes (a request body being read, a reply being written) against the
         caller's bytes in flight, across workers, while the block runs: 429 past
         AGENT_COMMS_MAX_INFLIGHT. Bytes a client is slow to send or take are what a flood of
         slow clients would pile up in the broker's memory."""
-        cap = self.settings.max_inflight
-        if not cap:
-            yield
-            return
+        return Holding(self.limits, self.settings.max_inflight, size)
+
+
+class Holding:
+    """A context manager (a class: on every post, a generator's costs more): holds the
+    bytes on enter, gives them back on exit."""
+
+    __slots__ = ("amount", "cap", "key", "limits")
+
+    def __init__(self, limits, cap, size):
+        self.limits = limits
+        self.cap = cap
+        self.amount = min(size, cap)  # one larger than the cap waits for the others to finish
+        self.key = None
+
+    def __enter__(self):
+        if not self.cap:
+            return self
         key = "inflight:" + limit_key()
-        amount = min(size, cap)  # one larger than the cap waits for the others to finish
-        if not self.limits.hold(key, cap, amount):
+        if not self.limits.hold(key, self.cap, self.amount):
             raise too_many(
-                f"too many bytes in flight: at most {cap} of requests and replies per agent at once "
+                f"too many bytes in flight: at most {self.cap} of requests and replies per agent at once "
                 "(AGENT_COMMS_MAX_INFLIGHT); nothing was done",
                 1,
             )
-        try:
-            yield
-        finally:
-            self.limits.release(key, amount)
+        self.key = key
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.key is not None:
+            self.limits.release(self.key, self.amount)
+            self.key = None

@@ -1,16 +1,24 @@
 """GET /stream/{channel} and GET /stream: Server-Sent Events, the backlog after the
 client's cursor from the store, then live messages from this worker's hub."""
 
+import _socket
+import contextlib
 import functools
+import logging
+import os
+import ssl
 import time
 
 import gevent
+import gevent.socket
 from bottle import HTTPError, request, response
 
 from ..access import PRIVATE_INBOXES, allow_read, caller
-from ..live import sse_frame
+from ..live import Parked, sse_frame
 from .validate import given_cursor, header, int_param, validate_channel, whole_number
 from .waiting import Wait
+
+log = logging.getLogger("agent_comms_broker.streams")
 
 STREAM_BACKLOG_PAGE = 500
 
@@ -35,7 +43,6 @@ def stream_channel(broker, channel):
 
 def open_stream(broker, channel):
     """A text/event-stream of a channel (or of all): backlog after the cursor, then live."""
-    settings = broker.settings
     # Both are checked when both are given; the header (what EventSource sends on a
     # reconnect) wins over the query's starting point.
     after = int_param("after", 0)
@@ -53,69 +60,255 @@ def open_stream(broker, channel):
     response.content_type = "text/event-stream"
     response.set_header("Cache-Control", "no-cache")
     response.set_header("X-Accel-Buffering", "no")
-    waiting = Wait(broker, channel)
+    environ = request.environ
+    stream = Stream(broker, channel, cursor, resumed, agent, Wait(broker, channel), environ.get(PRIVATE_INBOXES))
+    return stream.serve(environ)
 
-    def read_after(position):
+
+# What Stream.frames yields when the stream is caught up and about to wait for messages.
+PARK = object()
+KEEP_ALIVE = b": keep-alive\n\n"
+CHUNK_END = b"0\r\n\r\n"
+
+
+class Stream:
+    """One event stream. Served by its request's greenlet (through gunicorn) until it has
+    caught up; then, on a plain HTTP/1.1 connection, parked: the worker's hub writes each
+    new message to its socket at once, with no greenlet of its own (a greenlet blocked in
+    a request holds some 9 KiB and more; 10,000 watchers would hold 100 MB). A write that
+    the client's socket cannot take whole, a backlog to read from the store (the stream
+    fell behind), or anything else that must wait wakes it: a greenlet of its own writes
+    and reads until it has caught up again, then parks it again."""
+
+    __slots__ = (
+        "agent",
+        "broker",
+        "channel",
+        "chunked",
+        "cursor",
+        "finished",
+        "last_write",
+        "parked",
+        "private_inboxes",
+        "resumed",
+        "sock",
+        "waiting",
+    )
+
+    def __init__(self, broker, channel, cursor, resumed, agent, waiting, private_inboxes):
+        self.broker = broker
+        self.channel = channel
+        self.cursor = cursor
+        self.resumed = resumed
+        self.agent = agent
+        self.waiting = waiting
+        self.private_inboxes = private_inboxes
+        self.sock = None  # once parked: this stream's own descriptor of the connection
+        self.chunked = False
+        self.parked = False
+        self.finished = False
+        self.last_write = 0.0
+
+    # -- what is written ------------------------------------------------------------------
+
+    def read_after(self, position):
         """The next page of the backlog: one write of the stream, within the page budget;
         of every channel, only those the token may read, looked for in bounded steps."""
-        if channel is None:
+        store, settings, waiting = self.broker.store, self.broker.settings, self.waiting
+        if self.channel is None:
             granted = waiting.who.read if waiting.who is not None else None
             return store.all_after_id(position, STREAM_BACKLOG_PAGE, settings.page_bytes, granted)
-        return store.after_id(channel, position, STREAM_BACKLOG_PAGE, settings.page_bytes)
+        return store.after_id(self.channel, position, STREAM_BACKLOG_PAGE, settings.page_bytes)
 
-    private_inboxes = request.environ.get(PRIVATE_INBOXES)
-
-    def readable(message):
-        if channel is not None:
+    def readable(self, message):
+        if self.channel is not None:
             return True
-        if not waiting.has_token:
-            return not (private_inboxes and message.channel.startswith("@"))
-        return waiting.who is not None and waiting.who.may_read(message.channel)
+        if not self.waiting.has_token:
+            return not (self.private_inboxes and message.channel.startswith("@"))
+        return self.waiting.who is not None and self.waiting.who.may_read(message.channel)
 
-    def events():
-        nonlocal cursor
-        # Entered on the first step of the stream (Bottle takes it before replying), so
-        # the slot is always given back.
-        with waiting:
-            watcher = waiting.watcher
+    def frames(self, preamble=True):
+        """What the stream writes, in order; PARK whenever it has caught up and would wait."""
+        waiting = self.waiting
+        watcher = waiting.watcher
+        settings = self.broker.settings
+        if preamble:
             yield b"retry: 2000\n\n"
-            if resumed and store.pruned_after(cursor, channel):
-                yield f'event: gap\ndata: {{"cursor": {cursor}}}\n\n'.encode()
+            if self.resumed and self.broker.store.pruned_after(self.cursor, self.channel):
+                yield f'event: gap\ndata: {{"cursor": {self.cursor}}}\n\n'.encode()
+        while True:
+            # Catch up from the store: on connect, and whenever this stream fell behind.
+            # Each page is written before the next is read: a client that reads slowly
+            # holds one page of this worker's memory, never its whole backlog.
             while True:
-                # Catch up from the store: on connect, and whenever this stream fell behind.
-                # Each page is written before the next is read: a client that reads slowly
-                # holds one page of this worker's memory, never its whole backlog.
-                while True:
-                    page = read_after(cursor)
-                    if not waiting.allowed():
-                        return
-                    frames = b"".join(sse_frame(message) for message in page.messages if readable(message))
-                    if frames:
-                        yield frames
-                    else:
-                        gevent.sleep(0)  # nothing to write: let the worker's other requests run
-                    cursor = page.cursor
-                    if not page.more:
-                        break
-                keepalive_at = time.monotonic() + settings.keepalive
-                while not waiting.over:
-                    arrived = waiting.wait(keepalive_at - time.monotonic())
-                    if not waiting.allowed():
-                        return
-                    if not arrived:
-                        if time.monotonic() >= keepalive_at:
-                            yield b": keep-alive\n\n"
-                            broker.touch(agent, register=False)  # a watching agent stays active
-                            keepalive_at = time.monotonic() + settings.keepalive
-                        continue
-                    items, overflowed = watcher.take()
-                    if overflowed:
-                        break
-                    fresh = [frame for message, frame in items if message.id > cursor and readable(message)]
-                    if fresh:
-                        cursor = items[-1][0].id
-                        yield b"".join(fresh)
-                if waiting.over:
+                page = self.read_after(self.cursor)
+                if not waiting.allowed():
                     return
+                frames = b"".join(sse_frame(message) for message in page.messages if self.readable(message))
+                if frames:
+                    yield frames
+                else:
+                    gevent.sleep(0)  # nothing to write: let the worker's other requests run
+                self.cursor = page.cursor
+                if not page.more:
+                    break
+            keepalive_at = time.monotonic() + settings.keepalive
+            while not waiting.over:
+                if not watcher.pending and not watcher.overflowed:
+                    yield PARK
+                arrived = waiting.wait(keepalive_at - time.monotonic())
+                if not waiting.allowed():
+                    return
+                if not arrived:
+                    if time.monotonic() >= keepalive_at:
+                        yield KEEP_ALIVE
+                        self.broker.touch(self.agent, register=False)  # a watching agent stays active
+                        keepalive_at = time.monotonic() + settings.keepalive
+                    continue
+                items, overflowed = watcher.take()
+                if overflowed:
+                    break
+                fresh = [frame for message, frame in items if message.id > self.cursor and self.readable(message)]
+                if fresh:
+                    self.cursor = items[-1][0].id
+                    yield b"".join(fresh)
+            if waiting.over:
+                return
 
-    return events()
+    # -- served by the request's greenlet -----------------------------------------------
+
+    def serve(self, environ):
+        """The WSGI body: frames until the stream parks (Parked, through gunicorn, which
+        then ends the request and closes its descriptor; this stream keeps its own)."""
+        can_park = (
+            environ.get("REQUEST_METHOD") == "GET"
+            and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+            and not isinstance(environ.get("gunicorn.socket"), ssl.SSLSocket)
+        )
+        sock = environ.get("gunicorn.socket")
+
+        def body():
+            # Entered on the first step of the stream (Bottle takes it before replying), so
+            # the slot is always given back.
+            parked = False
+            self.waiting.__enter__()
+            try:
+                for item in self.frames():
+                    if item is PARK:
+                        if can_park and sock is not None and self._park(sock):
+                            parked = True
+                            raise Parked()
+                        continue
+                    yield item
+            finally:
+                if not parked:
+                    self.waiting.__exit__(None, None, None)
+
+        return body()
+
+    # -- parked -------------------------------------------------------------------------
+
+    def _park(self, sock):
+        """Hand the connection to the hub (False if this worker holds as many as it may)."""
+        hub = self.broker.hub
+        if len(hub.parked) + self.broker.runtime().connections() >= self.broker.runtime().max_connections:
+            return False
+        # The C socket, not gevent's: a write that cannot go at once raises, never waits.
+        self.sock = _socket.socket(fileno=os.dup(sock.fileno()))
+        self.sock.setblocking(False)
+        self.chunked = True  # gunicorn's HTTP/1.1 reply without a length (serve() parks no other)
+        self.waiting.watch_client(self.sock)
+        self._to_hub()
+        return True
+
+    def _to_hub(self):
+        self.parked = True
+        self.last_write = time.monotonic()
+        self.waiting.watcher.direct = self
+        self.broker.hub.parked.add(self)
+
+    def _send(self, data):
+        """Write a frame without waiting; True if all of it went. What did not is written by
+        a greenlet of the stream's own, which goes on from there."""
+        data = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.finish()
+            return False
+        self.last_write = time.monotonic()
+        if sent < len(data):
+            self._wake(data[sent:])
+            return False
+        return True
+
+    def push(self, message, frame):
+        """The hub has a new message for this parked stream."""
+        if not self.waiting.allowed():  # the token as it stands now (re-read once a second)
+            self.finish()
+            return
+        if message.id <= self.cursor or not self.readable(message):
+            return
+        self.cursor = message.id
+        self._send(frame)
+
+    def tick(self, now):
+        """A few times a second while parked: the token re-check (when due) and the
+        keep-alive."""
+        if not self.waiting.allowed():
+            self.finish()
+            return
+        if now - self.last_write >= self.broker.settings.keepalive:
+            if self._send(KEEP_ALIVE):
+                self.broker.touch(self.agent, register=False)
+
+    def _wake(self, unsent=b""):
+        """Leave the hub: a greenlet writes `unsent`, then serves the stream until it has
+        caught up again."""
+        self.parked = False
+        self.waiting.watcher.direct = None
+        self.broker.hub.parked.discard(self)
+        gevent.spawn(self._pump, unsent)
+
+    def _pump(self, unsent):
+        sock = gevent.socket.socket(fileno=os.dup(self.sock.fileno()))
+        sock.settimeout(self.broker.settings.send_timeout)
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = "a client that went"
+        try:
+            if unsent:
+                sock.sendall(unsent)
+            for item in self.frames(preamble=False):
+                if item is PARK:
+                    self._to_hub()
+                    return
+                sock.sendall(b"%x\r\n%s\r\n" % (len(item), item))
+            sock.sendall(CHUNK_END)  # the stream ended (a token revoked): as gunicorn would
+        except TimeoutError:
+            log.info("closed the stream of %s: it took nothing of its reply for %g s", peer, sock.gettimeout())
+        except OSError:  # the client went
+            pass
+        finally:
+            sock.close()
+            if not self.parked:
+                self.finish(end=False)
+
+    def finish(self, end=True):
+        """The stream is over: the client went, its token no longer reads it, or the worker
+        stops. Its slot, watcher and descriptor are given back."""
+        if self.finished:
+            return
+        self.finished = True
+        self.parked = False
+        self.waiting.watcher.direct = None
+        self.broker.hub.parked.discard(self)
+        if end and self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.send(CHUNK_END)
+        self.waiting.__exit__(None, None, None)
+        if self.sock is not None:
+            self.sock.close()

@@ -17,6 +17,8 @@ TOKEN_RECHECK = 1.0
 
 
 class Wait:
+    __slots__ = ("_checked", "_client", "_socket", "broker", "channel", "has_token", "key", "watcher", "who")
+
     def __init__(self, broker, channel):
         self.broker = broker
         self.channel = channel
@@ -34,6 +36,15 @@ class Wait:
         self.watcher = self.broker.hub.watch(self.channel)
         self._client = _on_readable(self._socket, self.watcher.close)
         return self
+
+    def watch_client(self, sock):
+        """Watch `sock` (the stream's own descriptor of the connection, once parked) for
+        the client going away, instead of the request's."""
+        if self._client is not None:
+            self._client.stop()
+            self._client.close()
+        self._socket = sock
+        self._client = _on_readable(sock, self.watcher.close)
 
     def __exit__(self, *exc_info):
         if self._client is not None:
