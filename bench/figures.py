@@ -23,6 +23,8 @@ class Figure:
     def passed(self):
         if self.value is None:
             return False
+        if self.target is None:  # a reference figure (the stack's floor): nothing to meet
+            return True
         return self.value >= self.target if self.at_least else self.value <= self.target
 
     def as_dict(self):
@@ -96,10 +98,14 @@ def _value(figure):
 
 
 def _target(figure):
+    if figure.target is None:
+        return "(reference)"
     return f"{'>=' if figure.at_least else '<='} {_number(figure.target)} {figure.unit}".strip()
 
 
 def _line(figure):
     verdict = "PASS" if figure.passed else "FAIL"
+    if figure.target is None:
+        verdict = "measured"
     note = f"  ({figure.note})" if figure.note else ""
     return f"{figure.name}: {_value(figure)}, target {_target(figure)}: {verdict}{note}"

@@ -5,8 +5,11 @@ summary table and writes bench/results/latest.json.
 Usage: run.py [--only NAMES] [--seconds S] [--wrk-threads N] [--watchers N] [--messages N]
               [--rate R] [--big-store N] [--keep]
 
-Scenarios, in order: publish, publish-secured (a token and the rate limiter on every post),
-read, fanout (also each worker's memory), big-store, cli-send, queue (take+done pairs),
+Scenarios, in order: idle (cold start, idle memory), publish (beside the stack's floor:
+the same Bottle and gunicorn answering a hello POST), publish-secured (a token as well),
+batch (100 messages a post), read, fanout (1,000 SSE watchers: delivery and memory),
+fanout-10k (10,000 watchers), busy-post (posts while watchers receive and a reader pages a
+1M-message channel), big-store, cli (agent-chat send and read), queue (take+done pairs),
 mcp-send (an MCP send tool call over stdio and Streamable HTTP).
 Exit status: 0 when every figure meets its target, 1 when one misses, 2 when a scenario
 could not run.
@@ -23,8 +26,10 @@ import traceback
 from pathlib import Path
 
 import big_store
-import cli_send
+import busy_post
+import cli_wall
 import fanout
+import idle
 import latest_read
 import mcp_send
 import publish
@@ -37,14 +42,18 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 def scenarios(args):
     return {
+        "idle": lambda report, workdir: idle.run(report, workdir),
         "publish": lambda report, workdir: publish.run(report, workdir, args.seconds, args.wrk_threads),
         "publish-secured": lambda report, workdir: publish.run(
             report, workdir, args.seconds, args.wrk_threads, secured=True
         ),
+        "batch": lambda report, workdir: publish.run_batch(report, workdir, args.seconds, args.wrk_threads),
         "read": lambda report, workdir: latest_read.run(report, workdir, args.seconds, args.wrk_threads),
         "fanout": lambda report, workdir: fanout.run(report, workdir, args.watchers, args.messages, args.rate),
+        "fanout-10k": lambda report, workdir: fanout.run_10k(report, workdir),
+        "busy-post": lambda report, workdir: busy_post.run(report, workdir, args.big_store),
         "big-store": lambda report, workdir: big_store.run(report, workdir, args.big_store),
-        "cli-send": lambda report, workdir: cli_send.run(report, workdir),
+        "cli": lambda report, workdir: cli_wall.run(report, workdir),
         "queue": lambda report, workdir: queue_pairs.run(report, workdir, args.seconds),
         "mcp-send": lambda report, workdir: mcp_send.run(report, workdir),
     }
@@ -76,7 +85,7 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         raise SystemExit(f"bench: no scenario {', '.join(unknown)}; there are {', '.join(table)}")
-    if {"publish", "publish-secured", "read"} & set(chosen):
+    if {"publish", "publish-secured", "batch", "read"} & set(chosen):
         require_wrk()
     report = Report()
     workdir = Path(tempfile.mkdtemp(prefix="agent-comms-bench-"))

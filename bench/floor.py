@@ -1,0 +1,62 @@
+"""The floor of the stack, measured in the same run as the broker: floor_app.py (a Bottle
+hello POST, no storage) under gunicorn with 2 gevent workers, loaded by the same wrk
+script as `publish`, and the memory of that stack idle."""
+
+import contextlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from broker_process import free_port
+from memory import pss_mb
+from wrk_runner import run_wrk
+
+HERE = Path(__file__).resolve().parent
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+
+
+@contextlib.contextmanager
+def running_floor(workdir, workers=2):
+    port = free_port()
+    log = open(Path(workdir) / "floor.log", "ab")
+    process = subprocess.Popen(
+        [str(GUNICORN), "-k", "gevent", "-w", str(workers), "-b", f"127.0.0.1:{port}", "floor_app:app"],
+        cwd=HERE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the floor's gunicorn did not start (see {workdir}/floor.log)")
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.post(f"{url}/messages/probe", data=b"{}", timeout=1).status_code == 201:
+                    break
+            time.sleep(0.05)
+        process.url = url
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def measure(workdir, seconds, threads, message_bytes, connections):
+    """The floor's publish rate (wrk) and its idle memory (PSS of master and workers)."""
+    with running_floor(workdir) as floor:
+        url = f"{floor.url}/messages/bench-floor"
+        time.sleep(0.5)
+        idle = pss_mb(floor.pid)
+        run_wrk(url, "publish.lua", [message_bytes, "bench-warmup"], connections=connections, seconds=1)
+        load = [message_bytes, "bench-floor"]
+        result = run_wrk(url, "publish.lua", load, connections=connections, threads=threads, seconds=seconds)
+    return result, idle
