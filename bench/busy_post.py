@@ -64,7 +64,7 @@ def run(report, workdir, total=1_000_000):
     p99 = post_ms[int(len(post_ms) * 0.99) - 1]
     report.details["busy_post"] = {
         "connected": connected,
-        "delivered": delivered,
+        "delivered": {name: value for name, value in delivered.items() if not name.startswith("histogram")},
         "post_ms": [round(ms, 2) for ms in post_ms],
         "reader_pages": pager.pages,
         "reader_error": pager.error,

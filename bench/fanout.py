@@ -62,11 +62,17 @@ class WatchersProcess:
 
     def close(self):
         """Let the client drop its connections and exit; stopped if it is still busy."""
+        self.say_close()
+        self.stop()
+
+    def say_close(self):
         try:
             self.process.stdin.write("close\n")
             self.process.stdin.close()
         except OSError:
             pass
+
+    def stop(self):
         for stop in (None, self.process.terminate, self.process.kill):
             if stop is not None:
                 stop()
@@ -75,6 +81,57 @@ class WatchersProcess:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+class Watchers:
+    """The watchers spread over `processes` client processes (one process reading 10,000
+    streams would measure its own delay more than the broker's); their reports merged."""
+
+    def __init__(self, port, watchers, messages, timeout, processes=1):
+        shares = [watchers // processes + (1 if n < watchers % processes else 0) for n in range(processes)]
+        self.clients = [WatchersProcess(port, share, messages, timeout) for share in shares]
+        self.pids = [client.process.pid for client in self.clients]
+
+    def next_report(self, timeout):
+        reports = [client.next_report(timeout) for client in self.clients]
+        if len(reports) == 1:
+            return reports[0]
+        merged = dict(reports[0])
+        for name, value in reports[0].items():
+            if isinstance(value, int) and name not in ("expected_per_watcher", "distinct_id_sequences"):
+                merged[name] = sum(report[name] for report in reports)
+            elif isinstance(value, float):
+                merged[name] = max(report[name] for report in reports)
+            elif isinstance(value, list):
+                merged[name] = [item for report in reports for item in report[name]][:5]
+        if "histogram_after_post_ms" in merged:
+            counts = {}
+            for report in reports:
+                for bucket, count in report["histogram_after_post_ms"].items():
+                    counts[int(bucket)] = counts.get(int(bucket), 0) + count
+            merged["histogram_after_post_ms"] = counts
+            merged["latency_after_post_ms"] = _percentiles_of(counts)
+        return merged
+
+    def close(self):
+        for client in self.clients:
+            client.say_close()
+        for client in self.clients:
+            client.stop()
+
+
+def _percentiles_of(counts):
+    """p50, p90, p99 and max (upper edges of the 1 ms buckets) of a merged histogram."""
+    total = sum(counts.values())
+    found, seen = {}, 0
+    wanted = [("50", 0.5), ("90", 0.9), ("99", 0.99)]
+    for bucket in sorted(counts):
+        seen += counts[bucket]
+        while wanted and seen >= wanted[0][1] * total:
+            found[wanted.pop(0)[0]] = bucket + 1
+    found["max"] = max(counts) + 1
+    found["samples"] = total
+    return found
 
 
 def post_steadily(port, count, rate):
@@ -111,19 +168,20 @@ class CpuMeter:
         return {name: round((cpu_seconds(pid) - self.before[name]) / elapsed, 3) for name, pid in self.pids.items()}
 
 
-def run(report, workdir, watchers=1000, messages=100, rate=20.0, pss_target=64, env=None):
+def run(report, workdir, watchers=1000, messages=100, rate=20.0, pss_target=64, env=None, processes=1):
     timeout = messages / rate + 30
     name = "fanout" if watchers <= 1000 else f"fanout-{watchers // 1000}k"
     with running_broker(workdir, name, env=env) as broker:
         at_start = worker_memory(broker)
-        client = WatchersProcess(broker.port, watchers, messages, timeout)
+        client = Watchers(broker.port, watchers, messages, timeout, processes)
         try:
             connected = client.next_report(timeout + 10)
             print(f"  {connected['watchers']} of {watchers} watchers connected in {connected['seconds']} s", flush=True)
             time.sleep(1.0)  # let the connection burst settle before measuring memory
             idle = worker_memory(broker)
             pss_idle = pss_by_process(broker.process.pid)
-            busy = CpuMeter({**{f"worker {pid}": pid for pid in idle}, "watchers client": client.process.pid})
+            clients = {f"watchers client {pid}": pid for pid in client.pids}
+            busy = CpuMeter({**{f"worker {pid}": pid for pid in idle}, **clients})
             post_ms = post_steadily(broker.port, messages, rate)
             delivered = client.next_report(timeout + 10)
             cpu = busy.read()
@@ -136,7 +194,7 @@ def run(report, workdir, watchers=1000, messages=100, rate=20.0, pss_target=64, 
         "messages": messages,
         "post_rate_per_s": rate,
         "connected": connected,
-        "delivered": delivered,
+        "delivered": {name: value for name, value in delivered.items() if not name.startswith("histogram")},
         "post_ms_max": round(max(post_ms), 2),
         "cpu_while_delivering": cpu,
         "memory": {"at_start": at_start, "idle_watchers": idle, "after_delivery": after},
@@ -191,8 +249,8 @@ WIDE_WATCHERS, WIDE_MESSAGES, WIDE_RATE = 10_000, 40, 4.0
 
 def run_10k(report, workdir):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2 * WIDE_WATCHERS + 2048  # this process's children: the broker and the client
+    wanted = WIDE_WATCHERS + 2048  # for each child: the client holds every watcher, a worker half
     if hard != resource.RLIM_INFINITY and hard < wanted:
         raise RuntimeError(f"the hard limit on open files is {hard}: {wanted} are needed (ulimit -Hn)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
-    run(report, workdir, WIDE_WATCHERS, WIDE_MESSAGES, WIDE_RATE, pss_target=128, env=WIDE)
+    run(report, workdir, WIDE_WATCHERS, WIDE_MESSAGES, WIDE_RATE, pss_target=128, env=WIDE, processes=2)

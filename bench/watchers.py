@@ -149,6 +149,15 @@ def percentiles(values):
     return {"50": at(50), "90": at(90), "99": at(99), "max": round(ordered[-1], 2), "samples": len(ordered)}
 
 
+def histogram(values):
+    """{whole milliseconds: count}: what the reports of several client processes merge by."""
+    counts = {}
+    for value in values:
+        bucket = int(value)
+        counts[bucket] = counts.get(bucket, 0) + 1
+    return counts
+
+
 def summarize(watchers, expected):
     totals = {
         "watchers": len(watchers),
@@ -179,6 +188,7 @@ def summarize(watchers, expected):
         "distinct_id_sequences": len(id_sequences),
         "latency_after_post_ms": percentiles(after_post),
         "latency_after_commit_ms": percentiles(after_commit),
+        "histogram_after_post_ms": histogram(after_post),
         "first_errors": sorted(set(errors))[:5],
     }
 

@@ -71,6 +71,14 @@ KEEP_ALIVE = b": keep-alive\n\n"
 CHUNK_END = b"0\r\n\r\n"
 
 
+def _chunk(frame, last=[b"", b""]):  # noqa: B006 (the last frame and its chunk, kept on purpose)
+    """The frame as one HTTP chunk. The hub hands the same frame to every parked stream of
+    its channel: framed once, not once per stream."""
+    if frame is not last[0]:
+        last[0], last[1] = frame, b"%x\r\n%s\r\n" % (len(frame), frame)
+    return last[1]
+
+
 class Stream:
     """One event stream. Served by its request's greenlet (through gunicorn) until it has
     caught up; then, on a plain HTTP/1.1 connection, parked: the worker's hub writes each
@@ -230,7 +238,7 @@ class Stream:
     def _send(self, data):
         """Write a frame without waiting; True if all of it went. What did not is written by
         a greenlet of the stream's own, which goes on from there."""
-        data = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+        data = _chunk(data) if self.chunked else data
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
