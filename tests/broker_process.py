@@ -95,6 +95,14 @@ class BrokerProcess:
         self.stop()
         return self.start()
 
+    def log_with(self, text, count=1, timeout=5):
+        """The log once it holds `text` `count` times (or once `timeout` has passed): each
+        worker writes its access log lines a few times a second, not one by one."""
+        deadline = time.monotonic() + timeout
+        while (log := self.log()).count(text) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return log
+
     def log(self):
         try:
             return self.log_path.read_text(errors="replace")

@@ -9,7 +9,9 @@ import subprocess
 
 import pytest
 import trustme
+from docopt import docopt
 
+from agent_comms_chat import cli
 from agent_comms_chat.config import ConfigError, resolve
 from broker_process import BrokerProcess, free_port
 from cli_process import CHAT
@@ -65,6 +67,35 @@ USAGE_READ = "usage: agent-chat [options] read CHANNEL [--limit N] [--since TIME
 )
 def test_a_command_line_off_the_usage_is_explained_in_one_line(args, fragments):
     one_line(chat(*args), 1, *fragments)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["send", "tasks", "x", "--reply-to", "4", "--priority", "5", "--tag", "a", "--tag=b", "--meta", "{}"],
+        ["--json", "--broker", "http://127.0.0.1:1", "send", "tasks", "-", "--wait-reply", "--timeout", "5m"],
+        ["--config", "f", "send", "read", "read"],  # a message that is another command's name
+        ["read", "tasks", "--limit", "3", "--since", "0", "--thread", "1", "--unread", "--agent-id", "a"],
+        ["watch", "tasks", "--after", "1", "--count", "2", "--until", "x", "--interval", "5", "--resume"],
+        ["channels", "--json"],
+        ["agents"],
+        ["--token=t", "status"],
+        ["take", "tasks", "--lease", "10m", "--wait", "30"],
+        ["done", "tasks", "41", "ok", "--ca", "ca.pem"],
+        ["release", "tasks", "41", "--dead"],
+        ["queue", "tasks"],
+        ["inbox", "--unread", "--watch"],
+        ["work", "tasks", "--count", "1", "--", "sh", "-c", "cat --json"],
+        ["mcp", "--http", "127.0.0.1:8081", "--tls-cert", "c", "--tls-key", "k"],
+    ],
+)
+def test_a_command_line_is_read_as_against_the_whole_usage(args):
+    """For speed, agent-chat has docopt read a command line with [options] only in the
+    usage lines of the commands it names: it must come out exactly as docopt reads it
+    against the whole usage text; and help, the version and mistakes go to that."""
+    assert cli._quick_parse(args) == docopt(cli.__doc__, argv=args)
+    for before in (["--help"], ["-h"], ["--version"], ["--limt", "1"], ["--count", "2", "--dead"]):
+        assert cli._quick_parse([*before, *args]) is None
 
 
 # -- the broker URL ----------------------------------------------------------------------

@@ -222,7 +222,7 @@ def test_each_done_takes_the_next_task_in_the_same_request(own_broker, channel):
     )
     assert done.returncode == 0, done.stderr
     assert [message(broker.url, channel, i)["task"]["state"] for i in ids] == ["done"] * 4
-    log = broker.log()
+    log = broker.log_with("/done HTTP", 4)
     assert log.count(f"POST /queue/{channel}/take") == 1
     assert log.count("/done HTTP") == 4
     assert queue(broker.url, channel) == {"pending": 0, "claimed": 0, "done": 4, "dead": 0}

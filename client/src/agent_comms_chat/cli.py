@@ -203,7 +203,7 @@ def main(argv=None):
 
 def _command_line(argv):
     try:
-        args = docopt(__doc__, argv=argv, version=__version__)
+        args = _quick_parse(argv) or docopt(__doc__, argv=argv, version=__version__)
     except (DocoptExit, DocoptLanguageError):
         from .usage import Usage
 
@@ -216,6 +216,43 @@ def _command_line(argv):
     except UsageError as error:
         say(str(error))
         return EXIT_USAGE
+
+
+def _quick_parse(argv):
+    """docopt's reading of argv, in a fraction of its time; or None, and docopt reads argv
+    against the whole usage text (and prints --help, or agent-chat says what is wrong).
+
+    Most of docopt's time goes on relating the options in each usage line's [options] to
+    those of every other line. Here only the lines of the commands that argv names keep
+    their [options], which changes what no command line means: [options] still stands for
+    the options that no usage line names, nothing becomes repeatable or stops being so, and
+    a line without its [options] matches only a command line without such options, as it
+    would with them, to the same result. So what is read here reads the same against the
+    whole text. Left to the whole text: --help, --version, and an option that no usage
+    line names given again and again (docopt gathers its values once more for every usage
+    line it tries)."""
+    head, heading, usage = __doc__.partition("\nUsage:\n")
+    lines, blank, rest = usage.partition("\n\n")
+    shortcut = "agent-chat [options] "
+    words = set(argv)
+    quick = []
+    for line in lines.splitlines():
+        start, _, command = line.partition(shortcut)
+        if command and command.split(" ", 1)[0] not in words:
+            line = f"{start}agent-chat {command}"
+        quick.append(line)
+    quick = "\n".join(quick)
+    try:
+        args = docopt(f"{head}{heading}{quick}{blank}{rest}", argv=argv, default_help=False)
+    except (DocoptExit, DocoptLanguageError):
+        return None
+    import re
+
+    named = {word.partition("=")[0] for word in re.split(r"[\s\[\]()|]+|\.\.\.", lines)}
+    repeated = [key for key, value in args.items() if key.startswith("-") and isinstance(value, list)]
+    if args["--help"] or args["--version"] or any(key not in named for key in repeated):
+        return None
+    return args
 
 
 def run(args):

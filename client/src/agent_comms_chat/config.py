@@ -12,9 +12,7 @@ the system's /etc/agent-comms/chat.ini; --config FILE or $AGENT_COMMS_CONFIG nam
 file to read instead of both.
 """
 
-import configparser
 import os
-import socket
 import unicodedata
 
 DEFAULT_BROKER = "http://192.168.122.86:8080"
@@ -38,6 +36,8 @@ def _one_line(error):
 def read_config_files(paths, required=False):
     """{key: (value, path)} from the [agent-comms] sections of the files; earlier paths
     win. A file that does not exist is skipped, unless `required` (named by the user)."""
+    import configparser
+
     found = {}
     for path in reversed(paths):
         # No interpolation: a token or URL may hold a "%".
@@ -70,6 +70,8 @@ def config_paths(flags, environ=os.environ):
 
 def default_agent_id():
     """Stable across runs on one host, so the broker's last-seen means something."""
+    import socket
+
     return "agent-" + (socket.gethostname().split(".")[0] or "unknown")
 
 

@@ -7,7 +7,7 @@ of the broker's HTTP API through BrokerClient, never of its database. Over HTTP,
 request's own `Authorization: Bearer` (and `X-Agent-ID`) header is passed through to the
 broker, so every caller acts as its own token's agent and this server holds no secret.
 
-The SDK is asyncio; BrokerClient is blocking (requests, http.client). Each broker call
+The SDK is asyncio; BrokerClient is blocking (sockets; requests for streams). Each broker call
 runs in a worker thread, so a long `wait` of one caller holds a thread, not the server.
 """
 

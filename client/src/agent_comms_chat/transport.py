@@ -2,12 +2,15 @@
 and failures (unreachable, refused, TLS) said in one line. The API calls themselves are in
 client.py.
 
-Reads go through requests, whose sessions retry with backoff; writes through the standard
-library's http.client, which starts fast (a send is often a process of its own) and lets
-agent-chat decide exactly what may be sent twice."""
+Reads and writes are HTTP/1.1 exchanges of agent-chat's own over a socket, one request a
+connection: a command is often a process of its own, and http.client would cost it more
+than everything else it does (it imports the email package, and ssl even for http://); it
+also lets agent-chat decide exactly what may be sent twice. Only the live stream (watch)
+goes through requests, imported for it alone."""
 
 import functools
 import json
+import re
 import time
 
 from . import __version__
@@ -18,14 +21,23 @@ TIMEOUT = (3.05, 15.0)
 # dead connection, so reconnect.
 STREAM_SILENCE = 45.0
 RECONNECT_FIRST, RECONNECT_MAX = 0.2, 5.0
-# Opening a connection is tried this many times, 0.3, 0.6, 1.2, 2.4 s apart: a broker
-# that is restarting (a few seconds) is waited for.
+# Opening a connection is tried this many times, BACKOFF, 2, 4 and 8 times BACKOFF (0.3,
+# 0.6, 1.2, 2.4 s) apart: a broker that is restarting (a few seconds) is waited for.
 SEND_CONNECT_TRIES = 5
+BACKOFF = 0.3
+# A read (GET) whose connection broke before its answer came, or that was answered with
+# one of these statuses (busy, or a proxy whose broker is restarting), is asked again this
+# many times, BACKOFF and then twice BACKOFF apart: reading twice does no harm.
+READ_RETRIES = 2
+READ_RETRY_STATUSES = (429, 502, 503, 504)
 
 
 # A post refused with 429 (rate limit) or 503 (busy) was not stored: sending it again is
-# safe. It is, after the broker's Retry-After, for at most this many seconds in all.
+# safe. It is, after the broker's Retry-After, for at most this many seconds in all (a
+# read so refused waits its Retry-After within the same budget).
 SEND_RETRY_BUDGET = 10.0
+# The longest status or header line, and the most header lines, an answer may have.
+HEADER_LINE_MAX, HEADER_LINES_MAX = 65536, 100
 # No reply of a broker comes near this (a page of messages is at most a few MiB), nor takes
 # longer than the read timeout plus a long-poll's wait in all: past either, it is not one
 # to wait for (a broken server, or something in the way).
@@ -52,12 +64,23 @@ def _chain(error):
         error = inner[0] if inner else reason if isinstance(reason, BaseException) else error.__context__
 
 
+class _BadAnswer(OSError):
+    """What came back is not (all of) an HTTP answer; `unanswered`: not even its status
+    line, as when a TLS port is spoken to in plain HTTP."""
+
+    def __init__(self, text, unanswered=False):
+        super().__init__(text)
+        self.unanswered = unanswered
+
+
 def _cause(error):
     """A few words on why a connection failed: "connection refused", "unknown host"..."""
     import socket
     from http.client import BadStatusLine, RemoteDisconnected
 
     for inner in _chain(error):
+        if isinstance(inner, _BadAnswer):
+            return str(inner)
         if isinstance(inner, socket.gaierror) or type(inner).__name__ == "NameResolutionError":
             return "unknown host"
         if isinstance(inner, TimeoutError) or "timed out" in str(inner) or "Timeout" in type(inner).__name__:
@@ -74,7 +97,8 @@ def _closed_unanswered(error):
     server does with a plain-HTTP request."""
     from http.client import BadStatusLine, RemoteDisconnected
 
-    return any(isinstance(inner, (RemoteDisconnected, BadStatusLine, ConnectionResetError)) for inner in _chain(error))
+    closed = (RemoteDisconnected, BadStatusLine, ConnectionResetError)
+    return any(isinstance(inner, closed) or getattr(inner, "unanswered", False) for inner in _chain(error))
 
 
 def _speaks_tls(host, port):
@@ -129,9 +153,13 @@ def _tls_failure(url, error):
     return f"the TLS handshake with {url} failed ({reason or error}): if the broker serves plain HTTP, use {plain}"
 
 
-class _LostAnswer(Exception):
+class _NoAnswer(Exception):
     """A request went out and its connection broke before the answer came: the broker may
-    have done it."""
+    have done it. `error` is why (OSError, HTTPException)."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.error = error
 
 
 class Transport:
@@ -143,7 +171,8 @@ class Transport:
         # A CA bundle to verify the broker's certificate; None: the system's. There is no
         # way to turn verification off.
         self.ca = ca
-        # Given with each request: a session's own `verify` loses to $REQUESTS_CA_BUNDLE.
+        # Given with each request of the stream: a session's own `verify` loses to
+        # $REQUESTS_CA_BUNDLE.
         self.verify = ca or True
         self.headers = {"User-Agent": f"agent-chat/{__version__}"}
         # Header values go out as UTF-8, as the broker reads them: an agent may be "café".
@@ -154,7 +183,7 @@ class Transport:
         self._session = None
 
     def close(self):
-        """Close the connections the session keeps open (reads); the client may be used
+        """Close the connections the session keeps open (streams); the client may be used
         again afterwards and opens new ones."""
         if self._session is not None:
             self._session.close()
@@ -162,8 +191,9 @@ class Transport:
 
     @property
     def session(self):
-        """A requests session whose reads retry with backoff. requests costs most of
-        agent-chat's start-up, so it is imported only by commands that read."""
+        """A requests session for the live stream, whose requests retry with backoff.
+        requests costs more than the rest of agent-chat's start-up, so it is imported only
+        by the commands that follow a stream."""
         if self._session is None:
             import requests
             from requests.adapters import HTTPAdapter
@@ -175,12 +205,12 @@ class Transport:
             retry = Retry(
                 total=None,
                 connect=SEND_CONNECT_TRIES - 1,
-                read=2,
-                status=2,
+                read=READ_RETRIES,
+                status=READ_RETRIES,
                 other=0,
                 allowed_methods=frozenset({"GET"}),
-                status_forcelist=(429, 502, 503, 504),
-                backoff_factor=0.3,
+                status_forcelist=READ_RETRY_STATUSES,
+                backoff_factor=BACKOFF,
                 raise_on_status=False,
             )
             adapter = HTTPAdapter(max_retries=retry)
@@ -217,31 +247,39 @@ class Transport:
             text += f" (the broker URL has a path, {parts.path}: is the broker at {root}?)"
         return text
 
-    def call(self, method, path, timeout=TIMEOUT, **kwargs):
-        url = self.url + path
-        session = self.session
-        requests = self._requests
+    def call(self, method, path, timeout=TIMEOUT, params=None):
+        """One read (GET) with the query `params` (those not None): the answer's JSON
+        object. Opening the connection is retried; a read whose connection broke before its
+        answer came, or that was answered 429, 502, 503 or 504, is asked again
+        READ_RETRIES times (after a 429's or 503's Retry-After, within SEND_RETRY_BUDGET)."""
+        from urllib.parse import urlencode
+
+        parts = self._parts()
+        url = f"{self.url}{path}"
+        query = urlencode([(name, value) for name, value in (params or {}).items() if value is not None])
+        give_up = time.monotonic() + SEND_RETRY_BUDGET
+        for retry in range(READ_RETRIES + 1):
+            try:
+                status, reason, data, retry_after = self._exchange(parts, method, path, query=query, timeout=timeout)
+            except _NoAnswer as lost:
+                if retry == READ_RETRIES:
+                    raise BrokerError(self._unreachable(url, lost.error)) from None
+                time.sleep(BACKOFF * 2**retry)
+                continue
+            if status not in READ_RETRY_STATUSES or retry == READ_RETRIES:
+                break
+            pause = retry_after if retry_after is not None and status in (429, 503) else BACKOFF * 2**retry
+            if time.monotonic() + pause > give_up:
+                break
+            time.sleep(pause)
+        if status >= 400:
+            raise BrokerError(self._refused(method, url, status, _error_text(data, reason)), status)
         try:
-            reply = session.request(method, url, timeout=timeout, verify=self.verify, stream=True, **kwargs)
-        except requests.exceptions.SSLError as error:
-            raise BrokerError(_tls_failure(self.url, error)) from None
-        except requests.RequestException as error:
-            raise BrokerError(self._unreachable(url, error)) from None
-        try:
-            # Within REPLY_MAX bytes and the whole read timeout, not a timeout per chunk.
-            reply._content = _bounded(_pieces(reply.raw), f"{method} {url}", time.monotonic() + timeout[1])
-        except requests.RequestException as error:
-            raise BrokerError(self._unreachable(url, error)) from None
-        finally:
-            reply.close()
-        if reply.status_code >= 400:
-            raise BrokerError(self._refused(method, url, reply.status_code, _error_text(reply)), reply.status_code)
-        try:
-            answer = reply.json()
+            answer = json.loads(data)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise BrokerError(f"{method} {url} answered {reply.status_code} with something that is not a JSON object")
+            raise BrokerError(f"{method} {url} answered {status} with something that is not a JSON object")
         return answer
 
     def expect(self, answer, path, key, kind):
@@ -261,27 +299,29 @@ class Transport:
         request has gone out it is sent again only if `retry_lost` says a repeat is
         harmless (a post with an idempotency key, a heartbeat): when its connection broke
         before the answer came, for up to SEND_RETRY_BUDGET seconds in all."""
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BrokerError(f"invalid broker URL {self.url}: it must look like http://HOST:PORT")
+        parts = self._parts()
+        url = f"{self.url}{path}"
         body = json.dumps(payload).encode()
         give_up = time.monotonic() + SEND_RETRY_BUDGET
         pause = RECONNECT_FIRST
         while True:
             try:
-                status, reason, data, retry_after = self._write_once(parts, method, path, body, timeout)
-            except _LostAnswer as lost:
+                status, reason, data, retry_after = self._exchange(parts, method, path, body, timeout=timeout)
+            except _NoAnswer as lost:
+                https = self._https_instead(lost.error)
+                if https:
+                    raise BrokerError(
+                        f"{method} {url} got no answer: the broker there speaks TLS, so nothing was stored: use {https}"
+                    ) from None
                 if not retry_lost or time.monotonic() + pause > give_up:
-                    raise BrokerError(str(lost)) from None
+                    why = _cause(lost.error)
+                    raise BrokerError(f"{method} {url} got no answer ({why}): it may have been stored") from None
                 time.sleep(pause)
                 pause = min(pause * 2, RECONNECT_MAX)
                 continue
             if status not in (429, 503) or retry_after is None or time.monotonic() + retry_after > give_up:
                 break
             time.sleep(retry_after)
-        url = f"{self.url}{path}"
         if status == 204 and not data:
             return None
         try:
@@ -295,50 +335,87 @@ class Transport:
             raise BrokerError(f"{method} {url} answered {status} with something that is not a JSON object")
         return answer
 
-    def _write_once(self, parts, method, path, body, timeout):
-        """One request: (status, reason, body, Retry-After seconds or None)."""
-        import ssl
-        from http.client import HTTPConnection, HTTPException, HTTPSConnection
+    def _parts(self):
+        """The broker URL, split; BrokerError if it is not one to send requests to."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BrokerError(f"invalid broker URL {self.url}: it must look like http://HOST:PORT")
+        return parts
+
+    def _exchange(self, parts, method, path, body=None, query="", timeout=TIMEOUT):
+        """One request, over a connection of its own: (status, reason, body, Retry-After
+        seconds or None). Opening the connection is tried SEND_CONNECT_TRIES times, and a
+        failure to is a BrokerError; once the request has gone out, a failure is _NoAnswer.
+        ssl is imported only for an https:// broker."""
+        import socket
 
         url = f"{self.url}{path}"
-        headers = {**self.headers, "Content-Type": "application/json"}
-        for attempt in range(SEND_CONNECT_TRIES):
-            if parts.scheme == "https":
-                context = ssl.create_default_context(cafile=self.ca)
-                connection = HTTPSConnection(parts.hostname, parts.port, timeout=TIMEOUT[0], context=context)
-            else:
-                connection = HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT[0])
+        request = self._request(parts, method, path, body, query)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        tls = None
+        if parts.scheme == "https":
+            import ssl
+
             try:
-                connection.connect()
-            except ssl.SSLError as error:
-                connection.close()
-                raise BrokerError(_tls_failure(self.url, error)) from None
+                tls = ssl.create_default_context(cafile=self.ca)
+            except OSError as error:  # ssl.SSLError too: a file that holds no certificate
+                raise BrokerError(f"cannot use the CA file {self.ca}: {error.strerror or error}") from None
+        for attempt in range(SEND_CONNECT_TRIES):
+            connection = None
+            try:
+                connection = socket.create_connection((parts.hostname, port), timeout=TIMEOUT[0])
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if tls:  # the handshake, within the connect timeout
+                    connection = tls.wrap_socket(connection, server_hostname=parts.hostname)
             except OSError as error:
-                connection.close()
+                if connection is not None:
+                    connection.close()
+                if tls and isinstance(error, ssl.SSLError):
+                    raise BrokerError(_tls_failure(self.url, error)) from None
                 if attempt + 1 == SEND_CONNECT_TRIES:
-                    raise BrokerError(f"cannot reach {url}: {_cause(error)}") from None
-                time.sleep(0.3 * 2**attempt)
+                    raise BrokerError(self._unreachable(url, error)) from None
+                time.sleep(BACKOFF * 2**attempt)
                 continue
             try:
-                connection.sock.settimeout(timeout[1])
-                connection.request(method, f"{parts.path}{path}", body, headers)
-                reply = connection.getresponse()
-                status, reason = reply.status, reply.reason
-                data = _bounded(_pieces(reply), f"{method} {url}", time.monotonic() + timeout[1])
-                retry_after = reply.getheader("Retry-After")
-            except (OSError, HTTPException) as error:
-                https = self._https_instead(error)
-                if https:
-                    raise BrokerError(
-                        f"{method} {url} got no answer: the broker there speaks TLS, so nothing was stored: use {https}"
-                    ) from None
-                raise _LostAnswer(f"{method} {url} got no answer ({_cause(error)}): it may have been stored") from None
+                connection.settimeout(timeout[1])
+                connection.sendall(request)
+                with connection.makefile("rb") as answer:
+                    status, reason, headers = _answer_head(answer)
+                    pieces = _body(answer, status, headers, method)
+                    data = _bounded(pieces, f"{method} {url}", time.monotonic() + timeout[1])
+            except OSError as error:
+                raise _NoAnswer(error) from None
             finally:
                 connection.close()
+            retry_after = headers.get("retry-after")
             try:
                 return status, reason, data, float(retry_after) if retry_after is not None else None
             except ValueError:
                 return status, reason, data, None
+
+    def _request(self, parts, method, path, body, query):
+        """The bytes of a request: its line, its headers (values checked, as a header
+        cannot hold a line break) and its body."""
+        from urllib.parse import quote
+
+        # A path in the broker URL (a proxy's prefix) quoted as a browser would; the
+        # routes' segments are quoted already.
+        target = quote(parts.path, safe="/%!$&'()*+,;=:@~") + path + (f"?{query}" if query else "")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        if parts.port is not None:
+            host += f":{parts.port}"
+        headers = {"Host": host if host.isascii() else host.encode("idna"), **self.headers, "Connection": "close"}
+        if body is not None:
+            headers.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+        lines = [f"{method} {target} HTTP/1.1".encode()]
+        for name, value in headers.items():
+            value = value if isinstance(value, bytes) else value.encode("latin-1")
+            if any(char in value for char in b"\r\n\0"):
+                raise ValueError(f"invalid {name} header value {value!r}")
+            lines.append(name.encode() + b": " + value)
+        return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
 
     def stream(self, path, after, deadline=None, on_gap=None):
         """Yield the messages after the cursor as they arrive, from the Server-Sent Events
@@ -363,9 +440,8 @@ class Transport:
                     verify=self.verify,
                 ) as reply:
                     if 400 <= reply.status_code < 500 and reply.status_code != 429:
-                        raise BrokerError(
-                            self._refused("GET", url, reply.status_code, _error_text(reply)), reply.status_code
-                        )
+                        detail = _error_text(reply.content, reply.reason)
+                        raise BrokerError(self._refused("GET", url, reply.status_code, detail), reply.status_code)
                     if reply.status_code < 400:
                         pause = RECONNECT_FIRST
                         for event in _events(reply):
@@ -412,20 +488,75 @@ def _message(data):
     return message
 
 
-def _error_text(reply):
+def _error_text(body, reason):
+    """What an error answer says: its JSON "error", else the status's reason."""
     try:
-        return str(reply.json()["error"])
+        return str(json.loads(body)["error"])
     except (ValueError, KeyError, TypeError):
-        return reply.reason or "error"
+        return reason or "error"
 
 
-def _pieces(raw):
-    """A reply's body as it arrives: read1 returns what is there (at most 64 KiB), so a
-    server that trickles its answer is noticed between pieces."""
-    if hasattr(raw, "stream"):  # urllib3's, under requests (1.x has no read1)
-        read = getattr(raw, "read1", None) or raw.read
-        return iter(functools.partial(read, 65536, decode_content=True), b"")
-    return iter(functools.partial(raw.read1, 65536), b"")
+def _answer_head(answer):
+    """An answer's status, reason and headers ({lower-case name: value}), read from the
+    file of its connection; an interim answer (1xx) is passed over."""
+    while True:
+        line = answer.readline(HEADER_LINE_MAX + 1)
+        if not line:
+            raise _BadAnswer("the connection closed without an answer", unanswered=True)
+        version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/") or not re.fullmatch(r"[1-5][0-9][0-9]", code) or len(line) > HEADER_LINE_MAX:
+            raise _BadAnswer(f"not an HTTP answer: {line[:40]!r}", unanswered=True)
+        headers = {}
+        for _ in range(HEADER_LINES_MAX + 1):
+            line = answer.readline(HEADER_LINE_MAX + 1)
+            if line in (b"\r\n", b"\n"):
+                break
+            if not line.endswith(b"\n"):
+                raise _BadAnswer("the answer broke off in its headers")
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                headers[name.strip().lower()] = value.strip()
+        else:
+            raise _BadAnswer(f"an answer with more than {HEADER_LINES_MAX} headers")
+        if not 100 <= int(code) < 200:
+            return int(code), reason.strip(), headers
+
+
+def _body(answer, status, headers, method):
+    """An answer's body as it arrives, in pieces: read1 returns what is there (at most 64
+    KiB), so a server that trickles its answer is noticed between pieces."""
+    if method == "HEAD" or status in (204, 304):
+        return
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            line = answer.readline(HEADER_LINE_MAX + 1)
+            size = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,16}", size):
+                raise _BadAnswer("the answer broke off (a chunk without its size)")
+            size = int(size, 16)
+            if size == 0:
+                while answer.readline(HEADER_LINE_MAX + 1) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return
+            yield from _exactly(answer, size)
+            answer.readline(HEADER_LINE_MAX + 1)  # the chunk's line break
+    elif "content-length" in headers:
+        length = headers["content-length"]
+        if not re.fullmatch(r"[0-9]{1,19}", length):
+            raise _BadAnswer(f"an answer with Content-Length {length!r}")
+        yield from _exactly(answer, int(length))
+    else:  # to the end of the connection
+        yield from iter(functools.partial(answer.read1, 65536), b"")
+
+
+def _exactly(answer, size):
+    while size > 0:
+        piece = answer.read1(min(size, 65536))
+        if not piece:
+            raise _BadAnswer("the answer broke off")
+        size -= len(piece)
+        yield piece
 
 
 def _bounded(chunks, what, deadline):
