@@ -60,3 +60,42 @@ def measure(workdir, seconds, threads, message_bytes, connections):
         load = [message_bytes, "bench-floor"]
         result = run_wrk(url, "publish.lua", load, connections=connections, threads=threads, seconds=seconds)
     return result, idle
+
+
+@contextlib.contextmanager
+def running_old_design(workdir):
+    """bench/old_design.py (the replaced broker.py's design) on a free port."""
+    port = free_port()
+    log = open(Path(workdir) / "old-design.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "old_design.py"), "--port", str(port), "--db", str(Path(workdir) / "old.db")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"old_design.py did not start (see {workdir}/old-design.log)")
+            with contextlib.suppress(requests.ConnectionError):
+                requests.post(f"{url}/messages/probe", json={"sender": "p", "message": "p"}, timeout=1)
+                break
+            time.sleep(0.05)
+        process.url = url
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def measure_old_design(workdir, seconds, threads, message_bytes, connections):
+    """The replaced design under the same load: its rate and latency, and its PSS."""
+    with running_old_design(workdir) as old:
+        url = f"{old.url}/messages/bench-old"
+        result = run_wrk(
+            url, "publish.lua", [message_bytes, "bench-old"], connections=connections, threads=threads, seconds=seconds
+        )
+        memory = pss_mb(old.pid)
+    return result, memory

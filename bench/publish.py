@@ -45,6 +45,17 @@ def run(report, workdir, seconds=10, threads=1, secured=False):
             at_least=True,
             note=f"p99 {floor_result.latency_ms['99']:.1f} ms; idle PSS {floor_idle:.1f} MB (master + 2 workers)",
         )
+        old_result, old_memory = floor.measure_old_design(workdir, seconds, threads, MESSAGE_BYTES, CONNECTIONS)
+        old_accepted = old_result.requests - old_result.errors["status"]
+        report.details["old_design"] = {"wrk": old_result.as_dict(), "pss_mb": old_memory}
+        report.add(
+            "the replaced broker.py's design (old_design.py), same load",
+            old_accepted / old_result.seconds,
+            "msg/s",
+            None,
+            at_least=True,
+            note=f"p99 {old_result.latency_ms['99']:.0f} ms, {old_result.failed} errors; PSS {old_memory:.1f} MB",
+        )
     with running_broker(
         workdir, "publish-secured" if secured else "publish", env=SECURED if secured else RATE_LIMITED
     ) as broker:
