@@ -50,7 +50,7 @@ class SharedLimits:
     # -- locking and slots ----------------------------------------------------------------
 
     def _lock(self):
-        if self._mutex.acquire(True, LOCK_WAIT):
+        if self._mutex.acquire(False) or self._mutex.acquire(True, LOCK_WAIT):
             return
         log.warning("the shared limits' lock was held for %g s: taking it over from a worker that died", LOCK_WAIT)
         try:

@@ -122,6 +122,36 @@ def resident_memory():
         return 0
 
 
+class WaitingOn:
+    """While the broker waits for bytes from a connection's client: the connection is
+    among the worker's waiting ones (the reserve closes the longest waiting first), and,
+    with `timeout`, the wait ends quietly after it (gevent.Timeout(timeout, False)). A
+    class, not a generator's context manager: it is entered for every request."""
+
+    __slots__ = ("connection", "timeout", "waiting")
+
+    def __init__(self, waiting, connection, timeout=None):
+        self.waiting = waiting
+        self.connection = connection
+        self.timeout = None if timeout is None else gevent.Timeout(timeout, False)
+
+    def __enter__(self):
+        self.connection.waiting_since = time.monotonic()
+        self.waiting[self.connection] = None
+        if self.timeout is not None:
+            self.timeout.start()
+        return self
+
+    def __exit__(self, kind, error, trace):
+        self.connection.waiting_since = None
+        self.waiting.pop(self.connection, None)
+        if self.timeout is not None:
+            self.timeout.close()
+            # As gevent.Timeout(seconds, False) does: its own expiry ends the block quietly.
+            return error is self.timeout
+        return False
+
+
 class LazyHandshake:
     """The TLS context (gunicorn.conf.py's ssl_context hook) whose connections do their
     handshake in the worker's handle(), where the connection is tracked: a client that
@@ -207,16 +237,9 @@ class BrokerWorker(GeventWorker):
                 return False
         return False
 
-    @contextlib.contextmanager
     def waiting_on(self, connection):
         """While the broker waits for bytes from this connection's client."""
-        connection.waiting_since = time.monotonic()
-        self.waiting[connection] = None
-        try:
-            yield
-        finally:
-            connection.waiting_since = None
-            self.waiting.pop(connection, None)
+        return WaitingOn(self.waiting, connection)
 
     def timeout_ctx(self):
         """Around reading each request's head (gunicorn's keepalive: the head must come
@@ -226,10 +249,8 @@ class BrokerWorker(GeventWorker):
             return gevent.Timeout(self.cfg.keepalive, False)
         return self._head_wait(connection)
 
-    @contextlib.contextmanager
     def _head_wait(self, connection):
-        with self.waiting_on(connection), gevent.Timeout(self.cfg.keepalive, False):
-            yield
+        return WaitingOn(self.waiting, connection, self.cfg.keepalive)
 
     def _evict_waiting(self, excess=None):
         """Close the connections that have waited longest on their clients: `excess` of
