@@ -742,15 +742,21 @@ def test_locked_database_answers_documented_503(own_broker):
             check(method, template, reply, 503)
             return reply.headers["Retry-After"]
 
+    def read(operation):
+        method, template = operation
+        target = broker.url + template.replace("{channel}", "busy")
+        reply = requests.request(method.upper(), target, headers={"X-Agent-ID": "busy-reader"}, timeout=30)
+        check(method, template, reply, 200)
+
     db = sqlite3.connect(broker.db_path, isolation_level=None, timeout=0)
     db.execute("BEGIN IMMEDIATE")
     try:
-        for method, template in READS:
-            target = broker.url + template.replace("{channel}", "busy")
-            reply = requests.request(method.upper(), target, headers={"X-Agent-ID": "busy-reader"}, timeout=10)
-            check(method, template, reply, 200)
-        with ThreadPoolExecutor(len(BUSY_CALLS)) as pool:
+        # All at once: each waits out the 10 s deadline (a read, to record its agent).
+        with ThreadPoolExecutor(len(BUSY_CALLS) + len(READS)) as pool:
+            reads = [pool.submit(read, operation) for operation in READS]
             retry_after = list(pool.map(call, BUSY_CALLS))
+            for done in reads:
+                done.result()
     finally:
         db.execute("ROLLBACK")
         db.close()
