@@ -40,7 +40,7 @@ class AccessLogger(glogging.Logger):
             self._stream = handlers[0]
 
     def access(self, resp, req, environ, request_time):
-        stream = getattr(self, "_stream", None)
+        stream = self._stream
         if stream is None or not self.access_log_enabled:
             super().access(resp, req, environ, request_time)
             return
@@ -64,7 +64,7 @@ class AccessLogger(glogging.Logger):
 
     def flush(self):
         """Write the buffered lines out: one write, one flush."""
-        stream = getattr(self, "_stream", None)
+        stream = self._stream
         if stream is None or not self._lines:
             return
         text = "".join(self._lines)

@@ -41,7 +41,7 @@ def sse_frame(message):
 
 class Parked(BaseException):
     """Raised through gunicorn by an event stream that is caught up: its connection is
-    handed to the hub (a ParkedStream, http/streams.py), and the greenlet that served it
+    handed to the hub (a Stream of http/streams.py), and the greenlet that served it
     ends. Not an Exception: gunicorn would take it for an error and cut the connection."""
 
 
@@ -103,7 +103,7 @@ class Hub:
         self.last_id = store.max_id()
         self._committed_id = self.last_id
         self.data_version = store.data_version()
-        # Parked event streams (no greenlet of their own), looked after every second.
+        # Parked event streams (no greenlet of their own), looked after every PARKED_TICK.
         self.parked = set()
         self._looked_after = time.monotonic()
         self._kick = Event()

@@ -229,7 +229,7 @@ class BrokerWorker(GeventWorker):
     def _handshake(self, connection):
         """The TLS handshake, within the request timeout; False if it failed (a client
         that gave up, or sent plain HTTP): the connection just closes."""
-        with self.waiting_on(connection), gevent.Timeout(self.settings.request_timeout, False):
+        with self.waiting_on(connection, self.settings.request_timeout):
             try:
                 connection.sock.do_handshake()
                 return True
@@ -237,9 +237,10 @@ class BrokerWorker(GeventWorker):
                 return False
         return False
 
-    def waiting_on(self, connection):
-        """While the broker waits for bytes from this connection's client."""
-        return WaitingOn(self.waiting, connection)
+    def waiting_on(self, connection, timeout=None):
+        """While the broker waits for bytes from this connection's client (at most
+        `timeout`, if given)."""
+        return WaitingOn(self.waiting, connection, timeout)
 
     def timeout_ctx(self):
         """Around reading each request's head (gunicorn's keepalive: the head must come
@@ -247,10 +248,7 @@ class BrokerWorker(GeventWorker):
         connection = self.connections.get(gevent.getcurrent())
         if connection is None:
             return gevent.Timeout(self.cfg.keepalive, False)
-        return self._head_wait(connection)
-
-    def _head_wait(self, connection):
-        return WaitingOn(self.waiting, connection, self.cfg.keepalive)
+        return self.waiting_on(connection, self.cfg.keepalive)
 
     def _evict_waiting(self, excess=None):
         """Close the connections that have waited longest on their clients: `excess` of

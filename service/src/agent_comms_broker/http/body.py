@@ -3,7 +3,6 @@ within a deadline. Used by the worker, so nothing here imports Bottle (see worke
 
 import time
 
-import gevent
 from gunicorn.http.errors import NoMoreData, ParseException
 
 # A body the application left unread is read and thrown away up to this many bytes (and
@@ -24,7 +23,7 @@ class RequestBody:
     """gunicorn's body reader within a deadline: a client too slow (or a malformed body)
     is a BodyError the app answers with 408 (or 400). `connection` is the worker's record
     of the connection (`evicted` is set when the worker closes its reading side), and
-    `waiting_on(connection)` the worker's context for a wait on the client."""
+    `waiting_on(connection, timeout)` the worker's context for a wait on the client."""
 
     def __init__(self, body, deadline, timeout, connection, waiting_on):
         self.body = body
@@ -58,7 +57,7 @@ class RequestBody:
             self.failed = True
             raise self._too_slow()
         try:
-            with self.waiting_on(self.connection), gevent.Timeout(remaining, False):
+            with self.waiting_on(self.connection, remaining):
                 return read(size)
             self.failed = True
             raise self._too_slow()
@@ -78,7 +77,7 @@ class RequestBody:
             return False
         taken = 0
         try:
-            with self.waiting_on(self.connection), gevent.Timeout(max(0.0, self.deadline - time.monotonic()), False):
+            with self.waiting_on(self.connection, max(0.0, self.deadline - time.monotonic())):
                 while taken <= DRAIN_MAX:
                     data = self.body.read(65536)
                     if not data:

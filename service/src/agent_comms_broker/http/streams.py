@@ -92,7 +92,6 @@ class Stream:
         "agent",
         "broker",
         "channel",
-        "chunked",
         "cursor",
         "finished",
         "last_write",
@@ -111,8 +110,9 @@ class Stream:
         self.agent = agent
         self.waiting = waiting
         self.private_inboxes = private_inboxes
-        self.sock = None  # once parked: this stream's own descriptor of the connection
-        self.chunked = False
+        # Once parked: this stream's own descriptor of the connection, whose reply is
+        # gunicorn's HTTP/1.1 one without a length (serve() parks no other): chunked.
+        self.sock = None
         self.parked = False
         self.finished = False
         self.last_write = 0.0
@@ -218,13 +218,12 @@ class Stream:
 
     def _park(self, sock):
         """Hand the connection to the hub (False if this worker holds as many as it may)."""
-        hub = self.broker.hub
-        if len(hub.parked) + self.broker.runtime().connections() >= self.broker.runtime().max_connections:
+        runtime = self.broker.runtime()
+        if len(runtime.hub.parked) + runtime.connections() >= runtime.max_connections:
             return False
         # The C socket, not gevent's: a write that cannot go at once raises, never waits.
         self.sock = _socket.socket(fileno=os.dup(sock.fileno()))
         self.sock.setblocking(False)
-        self.chunked = True  # gunicorn's HTTP/1.1 reply without a length (serve() parks no other)
         self.waiting.watch_client(self.sock)
         self._to_hub()
         return True
@@ -235,10 +234,15 @@ class Stream:
         self.waiting.watcher.direct = self
         self.broker.hub.parked.add(self)
 
+    def _from_hub(self):
+        self.parked = False
+        self.waiting.watcher.direct = None
+        self.broker.hub.parked.discard(self)
+
     def _send(self, data):
         """Write a frame without waiting; True if all of it went. What did not is written by
         a greenlet of the stream's own, which goes on from there."""
-        data = _chunk(data) if self.chunked else data
+        data = _chunk(data)
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
@@ -275,9 +279,7 @@ class Stream:
     def _wake(self, unsent=b""):
         """Leave the hub: a greenlet writes `unsent`, then serves the stream until it has
         caught up again."""
-        self.parked = False
-        self.waiting.watcher.direct = None
-        self.broker.hub.parked.discard(self)
+        self._from_hub()
         gevent.spawn(self._pump, unsent)
 
     def _pump(self, unsent):
@@ -294,7 +296,7 @@ class Stream:
                 if item is PARK:
                     self._to_hub()
                     return
-                sock.sendall(b"%x\r\n%s\r\n" % (len(item), item))
+                sock.sendall(_chunk(item))
             sock.sendall(CHUNK_END)  # the stream ended (a token revoked): as gunicorn would
         except TimeoutError:
             log.info("closed the stream of %s: it took nothing of its reply for %g s", peer, sock.gettimeout())
@@ -311,9 +313,7 @@ class Stream:
         if self.finished:
             return
         self.finished = True
-        self.parked = False
-        self.waiting.watcher.direct = None
-        self.broker.hub.parked.discard(self)
+        self._from_hub()
         if end and self.sock is not None:
             with contextlib.suppress(OSError):
                 self.sock.send(CHUNK_END)
