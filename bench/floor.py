@@ -19,14 +19,13 @@ GUNICORN = Path(sys.executable).parent / "gunicorn"
 
 
 @contextlib.contextmanager
-def running_floor(workdir, workers=2):
+def _serving(command, workdir, name, probe, cwd=None):
+    """`command` (a server on a free port, given as PORT in it) started and its log in
+    workdir/name.log; yields its process, with `url`, once probe(url) is true."""
     port = free_port()
-    log = open(Path(workdir) / "floor.log", "ab")
+    log = open(Path(workdir) / f"{name}.log", "ab")
     process = subprocess.Popen(
-        [str(GUNICORN), "-k", "gevent", "-w", str(workers), "-b", f"127.0.0.1:{port}", "floor_app:app"],
-        cwd=HERE,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        [part.replace("PORT", str(port)) for part in command], cwd=cwd, stdout=log, stderr=subprocess.STDOUT
     )
     log.close()
     url = f"http://127.0.0.1:{port}"
@@ -34,9 +33,9 @@ def running_floor(workdir, workers=2):
         deadline = time.monotonic() + 20
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the floor's gunicorn did not start (see {workdir}/floor.log)")
+                raise RuntimeError(f"{name} did not start (see {workdir}/{name}.log)")
             with contextlib.suppress(requests.ConnectionError):
-                if requests.post(f"{url}/messages/probe", data=b"{}", timeout=1).status_code == 201:
+                if probe(url):
                     break
             time.sleep(0.05)
         process.url = url
@@ -48,6 +47,17 @@ def running_floor(workdir, workers=2):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+
+def running_floor(workdir, workers=2):
+    command = [str(GUNICORN), "-k", "gevent", "-w", str(workers), "-b", "127.0.0.1:PORT", "floor_app:app"]
+    return _serving(
+        command,
+        workdir,
+        "floor",
+        lambda url: requests.post(f"{url}/messages/probe", data=b"{}", timeout=1).status_code == 201,
+        cwd=HERE,
+    )
 
 
 def measure(workdir, seconds, threads, message_bytes, connections):
@@ -62,32 +72,21 @@ def measure(workdir, seconds, threads, message_bytes, connections):
     return result, idle
 
 
-@contextlib.contextmanager
 def running_old_design(workdir):
     """bench/old_design.py (the replaced broker.py's design) on a free port."""
-    port = free_port()
-    log = open(Path(workdir) / "old-design.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "old_design.py"), "--port", str(port), "--db", str(Path(workdir) / "old.db")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    command = [sys.executable, str(HERE / "old_design.py"), "--port", "PORT", "--db", str(Path(workdir) / "old.db")]
+    return _serving(
+        command,
+        workdir,
+        "old-design",
+        _answers,
     )
-    log.close()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"old_design.py did not start (see {workdir}/old-design.log)")
-            with contextlib.suppress(requests.ConnectionError):
-                requests.post(f"{url}/messages/probe", json={"sender": "p", "message": "p"}, timeout=1)
-                break
-            time.sleep(0.05)
-        process.url = url
-        yield process
-    finally:
-        process.terminate()
-        process.wait(10)
+
+
+def _answers(url):
+    """Whether the server answers a post at all (old_design.py answers 200, not 201)."""
+    requests.post(f"{url}/messages/probe", json={"sender": "p", "message": "p"}, timeout=1)
+    return True
 
 
 def measure_old_design(workdir, seconds, threads, message_bytes, connections):
