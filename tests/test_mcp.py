@@ -20,7 +20,10 @@ from mcp_process import CHAT, McpHttpProcess, chat_env, http_session, stdio_sess
 
 ADMIN = str(BIN / "agent-comms-broker")
 README = Path(__file__).resolve().parent.parent / "README.md"
-TOOLS = {"send", "read", "wait", "wait_reply", "take", "done", "release", "inbox", "channels", "agents", "status"}
+TOOLS = {
+    *("send", "read", "wait", "wait_reply", "take", "done", "release", "inbox"),
+    *("search", "channels", "agents", "status"),
+}
 
 
 def run(scenario):
@@ -125,6 +128,10 @@ def test_every_tool_over_stdio(broker, channel):
             assert ok(result)["messages"] == [] and "nothing new in @mcp-alice" in text(result)
             names = [row["name"] for row in ok(await alice.call_tool("channels", {}))["channels"]]
             assert channel in names and "@mcp-alice" in names
+            found = await alice.call_tool("search", {"query": "build", "channel": channel})
+            assert [m["id"] for m in ok(found)["messages"]] == [sent["id"]]
+            assert f"{channel} #{sent['id']}" in text(found)
+            refused(await alice.call_tool("search", {"query": "..."}), "no word to search for")
             agents = ok(await alice.call_tool("agents", {}))["agents"]
             assert "mcp-alice" in [row["id"] for row in agents]
             status = await alice.call_tool("status", {})

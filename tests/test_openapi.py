@@ -418,6 +418,20 @@ CASES = [
     case("message-bad-channel", "get", ONE_MESSAGE, 400, path="/messages/-bad/1"),
     case("message-bad-agent", "get", ONE_MESSAGE, 400, headers=BAD_AGENT),
     case("receipts", "get", RECEIPTS, 200, before=[READ_UP_TO_IT]),
+    # search (issue 14)
+    case("search", "get", "/search", 200, params={"q": "hello"}),
+    case("search-channel", "get", "/search", 200, params={"q": "hel*", "channel": "{channel}", "limit": 1}),
+    case("search-phrase-before", "get", "/search", 200, params={"q": '"hello" world', "before": POSTED_ID}),
+    case("search-without-q", "get", "/search", 400),
+    case("search-blank-q", "get", "/search", 400, params={"q": "  "}),
+    case("search-punctuation-only", "get", "/search", 400, params={"q": '- * ""'}),
+    case("search-control-character", "get", "/search", 400, params={"q": "a\x00b"}),
+    case("search-q-too-long", "get", "/search", 400, params={"q": "w" * 501}),
+    case("search-17-words", "get", "/search", 400, params={"q": " ".join(["w"] * 17)}),
+    case("search-bad-channel", "get", "/search", 400, params={"q": "hello", "channel": "-bad"}),
+    case("search-limit-0", "get", "/search", 400, params={"q": "hello", "limit": 0}),
+    case("search-before-0", "get", "/search", 400, params={"q": "hello", "before": 0}),
+    case("search-bad-agent", "get", "/search", 400, params={"q": "hello"}, headers=BAD_AGENT),
     case("receipts-none", "get", RECEIPTS, 200),
     case("receipts-missing", "get", RECEIPTS, 404, path=f"/messages/{{channel}}/{MISSING}/receipts"),
     case("receipts-id-0", "get", RECEIPTS, 400, path="/messages/{channel}/0/receipts"),
@@ -822,6 +836,12 @@ def test_access_refusals_match_the_document(own_broker):
         check("get", MESSAGES, own, 200)
     refusal("get", MESSAGES, 403, operation_call("get", MESSAGES, "@other", headers=token))
     refusal("post", MESSAGES, 403, operation_call("post", MESSAGES, "@other", headers=token))
+    refusal(
+        "get",
+        "/search",
+        403,
+        operation_call("get", "/search", "-", params={"q": "m", "channel": "closed"}, headers=token),
+    )
     blind = subprocess.run(
         [str(BIN / "agent-comms-broker"), "token", "add", "blind", "--read", "", "--db", broker.db_path],
         capture_output=True,

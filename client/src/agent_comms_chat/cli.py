@@ -8,6 +8,7 @@ Usage:
                                     [--thread ID] [--unread]
   agent-chat [options] watch CHANNEL [--interval SECONDS] [--after ID] [--count N]
                                      [--until REGEX] [--timeout SECONDS] [--resume]
+  agent-chat [options] search QUERY [--channel C] [--limit N]
   agent-chat [options] channels
   agent-chat [options] agents
   agent-chat [options] status
@@ -31,6 +32,10 @@ Commands:
   watch      Print CHANNEL's new messages as they arrive (the broker's live stream; no
              polling), until interrupted, --count, --until or --timeout. A broker
              restart is survived: it reconnects from the last message seen.
+  search     Print the messages whose text holds every word of QUERY, newest first,
+             of the channels you may read (--channel: of one), each with its channel
+             and id. "A phrase" in quotes matches those words in that order; word*
+             matches words that start so. Case and accents do not count.
   channels   List the channels with their message counts and last activity.
   agents     List the agents, the most recently seen first, with first and last seen,
              messages sent, and activity.
@@ -52,7 +57,7 @@ Commands:
              line per task. Without --count it waits for tasks without end; SIGTERM
              stops COMMAND, releases its task and ends work with status 0.
   mcp        Serve the broker as MCP tools (send, read, wait, wait_reply, take,
-             done, release, inbox, channels, agents, status) to an agent: over
+             done, release, inbox, search, channels, agents, status) to an agent: over
              stdio, for a local agent's MCP config; with --http, over Streamable
              HTTP at http://HOST:PORT/mcp, where each request's own Authorization
              (and X-Agent-ID) header is passed to the broker. Needs the mcp extra:
@@ -77,7 +82,8 @@ Options:
                         (under $XDG_CONFIG_HOME if set), then /etc/agent-comms/chat.ini.
                         AGENT_COMMS_CONFIG=/dev/null reads no file at all.
   --json                Print JSON (one message per line for read and watch).
-  --limit N             How many messages read prints [default: 10].
+  --limit N             How many messages read and search print [default: 10].
+  --channel C           search: only in channel C.
   --since TIMESTAMP     Messages after this time: unix seconds, or ISO 8601 (UTC).
   --after ID            Messages after this message id (e.g. the id `send` printed).
   --interval SECONDS    Accepted for old scripts; watch is live and ignores it.
@@ -300,6 +306,8 @@ def run(args):
         elif args["watch"] or args["inbox"]:
             resume = args["--resume"] or args["--unread"]
             return watch(broker, out, channel, after, count, until, timeout, resume)
+        elif args["search"]:
+            search(broker, out, _text(args["QUERY"], "QUERY"), args["--channel"], limit)
         elif args["channels"]:
             out.channels(_complete(broker.channels(), "channels"))
         elif args["agents"]:
@@ -458,6 +466,13 @@ def read_unread(broker, out, channel, limit, thread):
     out.messages(messages)
     if messages:
         broker.put_cursor(channel, messages[-1]["id"])
+
+
+def search(broker, out, query, channel, limit):
+    found = broker.search(query, channel=channel, limit=limit)
+    out.found(found["messages"])
+    if found["more"]:
+        say(f"printed the newest {found['count']} matches; older ones follow (raise --limit)")
 
 
 def _complete(listing, key):

@@ -67,6 +67,15 @@ class BrokerClient(Transport):
         self.expect(page, path, "messages", list)
         return page
 
+    def search(self, query, channel=None, limit=None, before=None):
+        """Messages whose text holds every word of `query`, newest first, of the channels
+        the caller may read (or of `channel`): {"messages", "count", "before", "more"};
+        go on to older ones with before=<before>."""
+        params = {"q": query, "channel": channel, "limit": limit, "before": before}
+        found = self.call("GET", "/search", params=params)
+        self.expect(found, "/search", "messages", list)
+        return found
+
     def message(self, channel, message_id):
         """One message of the channel (BrokerError with status 404 if it has none of that id)."""
         path = route("messages", channel, message_id)

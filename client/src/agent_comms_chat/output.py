@@ -144,11 +144,15 @@ class Printer:
         else:
             self._print(visible(stored["id"]))
 
-    def message(self, message):
+    def message(self, message, where=False):
+        """A message; with `where`, its channel and id after the time."""
         if self.as_json:
             self._json(message)
             return
-        header = f"[{_when(message.get('timestamp'))}] {visible(message.get('sender'))}: "
+        header = f"[{_when(message.get('timestamp'))}] "
+        if where:
+            header += f"{visible(message.get('channel'))} #{visible(message.get('id'))} "
+        header += f"{visible(message.get('sender'))}: "
         lines = _LINE_BREAK.split(str(message.get("message")))
         shown = [header + visible(lines[0], MESSAGE_KEEPS)]
         shown += [INDENT + visible(line, MESSAGE_KEEPS) for line in lines[1:]]
@@ -159,6 +163,11 @@ class Printer:
     def messages(self, messages):
         for message in messages:
             self.message(message)
+
+    def found(self, messages):
+        """Search results, newest first, each with where it was said."""
+        for message in messages:
+            self.message(message, where=True)
 
     def channels(self, reply):
         if self.as_json:

@@ -55,6 +55,12 @@ class StoreContract(abc.ABC):
         windows) with id > after, oldest first."""
 
     @abc.abstractmethod
+    def search(self, terms, channel=None, before=None, limit=50):
+        """Messages whose text holds every SearchTerm (model.SearchTerm; case and accents
+        ignored), newest first, with id < before, in one channel or all: at most `limit`.
+        The index follows every post and every removal in their own transactions."""
+
+    @abc.abstractmethod
     def pruned_after(self, after, channel=None):
         """Whether retention removed a message with id > after."""
 

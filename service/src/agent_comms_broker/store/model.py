@@ -147,6 +147,15 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchTerm:
+    """A word (or a phrase, words in this order) that a searched message must hold;
+    `prefix`: any word that starts with the last one counts."""
+
+    text: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     """One read of a channel: messages oldest first, the cursor to continue from, and
     whether retention removed messages the caller's cursor had not seen yet."""

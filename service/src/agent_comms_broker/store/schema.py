@@ -2,7 +2,7 @@
 older database (broker.py's included) up to it. PRAGMA user_version holds the schema
 number; MIGRATIONS[n] takes schema n to n + 1."""
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Schema 1, which the later migrations build on.
 CREATE_MESSAGES = """
@@ -187,5 +187,35 @@ def _migrate_2_to_3(db):
         db.execute(statement)
 
 
+# Search (schema 4): a full-text index of message text (FTS5), over the messages table
+# itself (external content: the text is not stored twice). Triggers keep it in step in the
+# transaction of every insert and every delete, so a post and a retention prune change
+# the index as they change the table, whichever statement of the store does it.
+SEARCH = [
+    """CREATE VIRTUAL TABLE message_text USING fts5(
+        message, content = 'messages', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 2'
+    )""",
+    """CREATE TRIGGER message_text_insert AFTER INSERT ON messages BEGIN
+        INSERT INTO message_text (rowid, message) VALUES (new.id, new.message);
+    END""",
+    """CREATE TRIGGER message_text_delete AFTER DELETE ON messages BEGIN
+        INSERT INTO message_text (message_text, rowid, message) VALUES ('delete', old.id, old.message);
+    END""",
+    # Messages are never edited; should one be (by hand), the index follows.
+    """CREATE TRIGGER message_text_update AFTER UPDATE OF message ON messages BEGIN
+        INSERT INTO message_text (message_text, rowid, message) VALUES ('delete', old.id, old.message);
+        INSERT INTO message_text (rowid, message) VALUES (new.id, new.message);
+    END""",
+    # The messages already stored.
+    "INSERT INTO message_text (message_text) VALUES ('rebuild')",
+]
+
+
+def _migrate_3_to_4(db):
+    """A full-text index of message text, built from the messages already stored."""
+    for statement in SEARCH:
+        db.execute(statement)
+
+
 # MIGRATIONS[n] takes schema n to n + 1.
-MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3]
+MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3, _migrate_3_to_4]

@@ -34,6 +34,7 @@ from .model import (
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlite_coordination import Coordination
 from .sqlite_rows import PAGE_COLUMNS, SELECT_ONE, message_of, messages_of
+from .sqlite_search import Search
 
 LAST_TIMESTAMP = "SELECT timestamp FROM messages ORDER BY id DESC LIMIT 1"
 # Bytes of the database's pages in use: what AGENT_COMMS_MAX_DATABASE caps. Pages retention
@@ -236,7 +237,7 @@ def _is_full(error):
     return "full" in str(error) or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
-class Store(Coordination, StoreContract):
+class Store(Coordination, Search, StoreContract):
     def __init__(
         self,
         path,

@@ -1,0 +1,232 @@
+"""Search (issue 14): GET /search over message text, kept in step by the store with every
+post and every retention prune, within the caller's read grants; `agent-chat search`."""
+
+import json
+import sqlite3
+import subprocess
+
+import requests
+
+from agent_comms_broker.store import Post, SearchTerm, Store
+from agent_comms_broker.store.schema import MIGRATIONS
+from broker_process import BIN
+from cli_process import CHAT
+from conftest import post
+from legacy_broker import legacy_database
+
+ADMIN = str(BIN / "agent-comms-broker")
+
+
+def search(url, q, status=200, **params):
+    reply = requests.get(f"{url}/search", params={"q": q, **params}, timeout=10, headers=params.pop("headers", None))
+    assert reply.status_code == status, reply.text
+    return reply.json()
+
+
+def found_ids(url, q, **params):
+    return [m["id"] for m in search(url, q, **params)["messages"]]
+
+
+def integrity_check(path):
+    """FTS5's own check that the index matches the messages table exactly."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("INSERT INTO message_text (message_text, rank) VALUES ('integrity-check', 1)")
+    finally:
+        db.close()
+
+
+# -- the API -------------------------------------------------------------------------------
+
+
+def test_words_phrases_prefixes_newest_first(url, channel):
+    first = post(url, channel, "ops", "Deploy of CT-950 failed: disk full")["id"]
+    second = post(url, channel, "ops", "The café deploy went fine")["id"]
+    third = post(url, channel, "dev", "full disk again on the build host")["id"]
+    post(url, channel, "dev", "nothing to see")
+    assert found_ids(url, "deploy", channel=channel) == [second, first]
+    assert found_ids(url, "DISK full", channel=channel) == [third, first]  # every word, any order, any case
+    assert found_ids(url, '"disk full"', channel=channel) == [first]  # a phrase: in this order
+    assert found_ids(url, "cafe", channel=channel) == [second]  # accents do not count
+    assert found_ids(url, "dep*", channel=channel) == [second, first]
+    assert found_ids(url, '"full d"*', channel=channel) == [third]  # a phrase's last word as a prefix
+    assert found_ids(url, "ct-950", channel=channel) == [first]  # ct and 950: the words of the text
+    assert found_ids(url, "deploy nothing", channel=channel) == []
+    reply = search(url, "deploy", channel=channel)
+    assert reply["query"] == "deploy" and reply["channel"] == channel and reply["count"] == 2
+    assert (reply["before"], reply["more"]) == (None, False)
+    assert reply["messages"][0]["sender"] == "ops" and reply["messages"][0]["channel"] == channel
+
+
+def test_what_reads_as_search_syntax_is_searched_as_text(url, channel):
+    """Nothing a user types is FTS5 syntax: operators, colons and parentheses are words or
+    punctuation, never a 500."""
+    stored = post(url, channel, "a", "use OR and NEAR(x y) with col:value -- yes")["id"]
+    for query in ("OR", "NEAR(x", "col:value", "AND NOT", '"unterminated', "x) (y", "^start", "a-b-c"):
+        reply = requests.get(f"{url}/search", params={"q": query, "channel": channel}, timeout=10)
+        assert reply.status_code == 200, (query, reply.text)
+    assert found_ids(url, "col:value", channel=channel) == [stored]
+    assert found_ids(url, "NEAR(x y)", channel=channel) == [stored]
+
+
+def test_pages_go_on_with_before(url, channel):
+    ids = [
+        m["id"]
+        for m in requests.post(
+            f"{url}/messages/{channel}",
+            json=[{"sender": "pager", "message": f"needle number {n}"} for n in range(25)],
+            timeout=10,
+        ).json()["messages"]
+    ]
+    seen, before = [], None
+    for _ in range(10):
+        page = search(url, "needle", channel=channel, limit=10, **({"before": before} if before else {}))
+        seen += [m["id"] for m in page["messages"]]
+        if not page["more"]:
+            assert page["before"] is None
+            break
+        before = page["before"]
+    assert seen == sorted(ids, reverse=True)
+
+
+def test_a_page_stops_within_the_page_budget(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_PAGE_BYTES": "100000"}).start()
+    for _ in range(5):
+        post(broker.url, "big", "a", "haystack " + "x" * 40_000)
+    page = search(broker.url, "haystack", limit=50)
+    assert page["count"] == 3 and page["more"]  # the third passes 100,000 bytes: none after it
+    rest = search(broker.url, "haystack", limit=50, before=page["before"])
+    assert rest["count"] == 2 and not rest["more"]
+
+
+def test_grants_decide_what_a_search_finds(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_AUTH": "required"}).start()
+
+    def token(agent, *options):
+        made = subprocess.run(
+            [ADMIN, "token", "add", agent, *options, "--db", broker.db_path], capture_output=True, text=True
+        )
+        assert made.returncode == 0, made.stderr
+        return {"Authorization": f"Bearer {made.stdout.strip()}"}
+
+    admin = token("admin", "--read", "*,@*", "--write", "*,@*")
+    team = token("team", "--read", "team-*", "--write", "team-*")
+    for channel in ("team-a", "secret", "@team", "@boss", "team-b"):
+        answer = requests.post(
+            f"{broker.url}/messages/{channel}", json={"message": f"launch in {channel}"}, headers=admin, timeout=10
+        )
+        assert answer.status_code == 201, answer.text
+    channels = [m["channel"] for m in search(broker.url, "launch", headers=team)["messages"]]
+    assert channels == ["team-b", "@team", "team-a"]  # its grant and its own inbox, newest first
+    everything = [m["channel"] for m in search(broker.url, "launch", headers=admin)["messages"]]
+    assert everything == ["team-b", "@boss", "@team", "secret", "team-a"]
+    refused = requests.get(
+        f"{broker.url}/search", params={"q": "launch", "channel": "secret"}, headers=team, timeout=10
+    )
+    assert refused.status_code == 403 and "may not read channel 'secret'" in refused.json()["error"]
+    anonymous = requests.get(f"{broker.url}/search", params={"q": "launch"}, timeout=10)
+    assert anonymous.status_code == 401
+
+
+def test_other_agents_inboxes_stay_private_without_tokens_for_them(own_broker):
+    """With tokens for writes, an anonymous search sees channels, not inboxes."""
+    broker = own_broker(env={"AGENT_COMMS_AUTH": "write-requires-token"}).start()
+    made = subprocess.run([ADMIN, "token", "add", "carol", "--db", broker.db_path], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    carol = {"Authorization": f"Bearer {made.stdout.strip()}"}
+    post(broker.url, "open", "carol", "whisper in the open", headers=carol)
+    post(broker.url, "@carol", "carol", "whisper to carol", headers=carol)
+    assert [m["channel"] for m in search(broker.url, "whisper")["messages"]] == ["open"]
+    assert [m["channel"] for m in search(broker.url, "whisper", headers=carol)["messages"]] == ["@carol", "open"]
+
+
+def test_a_search_reads_a_bounded_number_of_matches_for_a_narrow_grant(own_broker):
+    """A caller who may read few of many matches gets a short page and a `before` to go on,
+    not a scan of the whole index in one request."""
+    broker = own_broker(env={"AGENT_COMMS_AUTH": "required"}).start()
+
+    def token(agent, *options):
+        made = subprocess.run(
+            [ADMIN, "token", "add", agent, *options, "--db", broker.db_path], capture_output=True, text=True
+        )
+        return {"Authorization": f"Bearer {made.stdout.strip()}"}
+
+    admin, narrow = token("admin"), token("narrow", "--read", "mine", "--write", "mine")
+    requests.post(f"{broker.url}/messages/mine", json={"message": "common word"}, headers=admin, timeout=10)
+    for _ in range(5):
+        batch = [{"message": "common word"}] * 500
+        assert requests.post(f"{broker.url}/messages/others", json=batch, headers=admin, timeout=30).status_code == 201
+    first = search(broker.url, "common", headers=narrow)
+    assert first["count"] == 0 and first["more"] and first["before"] > 1
+    second = search(broker.url, "common", headers=narrow, before=first["before"])
+    assert [m["channel"] for m in second["messages"]] == ["mine"] and not second["more"]
+
+
+# -- the index follows the messages --------------------------------------------------------
+
+
+def test_retention_prunes_the_index_in_step(tmp_path):
+    path = str(tmp_path / "m.db")
+    store = Store(path)
+    store.append([Post("c", "a", f"rotating log line {n}") for n in range(20)])
+    assert len(store.search([SearchTerm("rotating")], limit=100)) == 20
+    store.prune(max_messages=5)
+    kept = store.search([SearchTerm("rotating")], limit=100)
+    assert [m.message for m in kept] == [f"rotating log line {n}" for n in range(19, 14, -1)]
+    store.prune(max_age=1, now=store.latest("c", 1).messages[0].timestamp + 10)
+    assert store.search([SearchTerm("rotating")]) == []
+    store.close()
+    integrity_check(path)
+
+
+def test_a_schema_3_database_is_indexed_by_the_migration(tmp_path):
+    path = str(tmp_path / "v3.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in MIGRATIONS[:3]:
+        step(db)
+    db.execute("PRAGMA user_version = 3")
+    db.execute(
+        "INSERT INTO messages (channel, sender, message, timestamp) VALUES ('old', 'a', 'written before search', 1.0)"
+    )
+    db.close()
+    store = Store(path)
+    assert [m.id for m in store.search([SearchTerm("before")])] == [1]
+    store.close()
+    integrity_check(path)
+
+
+def test_broker_py_database_is_searchable_after_adoption(own_broker, tmp_path):
+    db = tmp_path / "messages.db"
+    legacy_database(str(db), [("tasks", "warp-ct200", "Download movie.mkv", "2025-08-03 18:42:28")])
+    broker = own_broker().start()
+    assert [m["message"] for m in search(broker.url, "movie")["messages"]] == ["Download movie.mkv"]
+
+
+# -- agent-chat search ---------------------------------------------------------------------
+
+
+def chat(*args):
+    return subprocess.run([*CHAT, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_agent_chat_search(url, channel):
+    post(url, channel, "finder", "the quarterly report is ready")
+    other = post(url, f"{channel}-x", "finder", "report two")["id"]
+    done = chat("search", "report", "--channel", channel)
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.count("\n") == 1 and f"{channel} #" in done.stdout and "finder: the quarterly report" in done.stdout
+    )
+    listed = chat("--json", "search", "report", "--limit", "1")
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [other]
+    assert "older ones follow" in listed.stderr
+    for bad, code, words in (
+        (("search", "..."), 2, "no word to search for"),
+        (("search", "x", "--limit", "0"), 1, "--limit must be"),
+        (("search", "x", "--channel", "bad/name"), 2, ""),
+    ):
+        result = chat(*bad)
+        assert result.returncode == code, (bad, result.stdout, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr
+        assert "Traceback" not in result.stderr
