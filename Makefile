@@ -50,8 +50,12 @@ run: $(BIN)/.installed-run ## Run the broker in the foreground on $(BIND) with $
 	$(BIN)/agent-comms-broker serve --bind $(BIND) --db $(DB)
 
 .PHONY: test
+# Two pytest workers (pytest-xdist), each test file whole on one of them: most tests wait
+# on brokers and subprocesses, so two halve the wall time on CI's 2 cores.
+PYTEST_WORKERS ?= 2
+
 test: lint ## ruff, yamllint and ansible-lint, then the test suite (starts real brokers on loopback ports)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 WHEELHOUSE ?= build/wheelhouse
 
