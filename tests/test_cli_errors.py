@@ -54,7 +54,7 @@ USAGE_READ = "usage: agent-chat [options] read CHANNEL [--limit N] [--since TIME
             ["--count is not an option of send (it is an option of watch, work)"],
         ),
         (["watch"], ["watch needs CHANNEL"]),
-        (["frobnicate"], ["unknown command 'frobnicate': the commands are send, read, watch, channels"]),
+        (["frobnicate"], ["unknown command 'frobnicate': the commands are send, read, watch, search, channels"]),
         ([], ["no command given: the commands are send, read"]),
         (
             ["--t", "x", "status"],

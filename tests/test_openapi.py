@@ -419,6 +419,7 @@ CASES = [
     case("message-bad-agent", "get", ONE_MESSAGE, 400, headers=BAD_AGENT),
     case("receipts", "get", RECEIPTS, 200, before=[READ_UP_TO_IT]),
     # search (issue 14)
+    case("metrics", "get", "/metrics", 200),
     case("search", "get", "/search", 200, params={"q": "hello"}),
     case("search-channel", "get", "/search", 200, params={"q": "hel*", "channel": "{channel}", "limit": 1}),
     case("search-phrase-before", "get", "/search", 200, params={"q": '"hello" world', "before": POSTED_ID}),

@@ -73,6 +73,18 @@ def test_every_setting_comes_from_the_environment():
         Settings.from_env({"AGENT_COMMS_WORKERS": "0"})
 
 
+def test_metrics_settings():
+    assert Settings.from_env({}).metrics_access == "open"
+    assert Settings.from_env({"AGENT_COMMS_AUTH": "required"}).metrics_access == "token"
+    assert Settings.from_env({"AGENT_COMMS_AUTH": "required", "AGENT_COMMS_METRICS": "OFF"}).metrics_access == "off"
+    named = Settings.from_env({"AGENT_COMMS_METRICS_FROM": "192.168.122.10, 10.0.0.0/24,::1"}).metrics_from
+    assert [str(network) for network in named] == ["192.168.122.10/32", "10.0.0.0/24", "::1/128"]
+    with pytest.raises(ConfigError, match="AGENT_COMMS_METRICS: 'on' is not one of off, open, token"):
+        Settings.from_env({"AGENT_COMMS_METRICS": "on"})
+    with pytest.raises(ConfigError, match=r"AGENT_COMMS_METRICS_FROM: 'prometheus\.lan' is not an address"):
+        Settings.from_env({"AGENT_COMMS_METRICS_FROM": "prometheus.lan"})
+
+
 def test_unwritable_database_path_is_one_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

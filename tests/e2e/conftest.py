@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from host_commands import require_files, run
+from host_commands import run
 from proxmox_node import (
     BRIDGE,
     NODE_FILES,
@@ -24,6 +24,8 @@ from proxmox_node import (
     stop_sshd,
 )
 from steps import SETUP_TIMEOUTS, setup_takes_up_to
+
+from debian_packages import require_files
 
 # (node id of the fixture's scope: its module, "" for the session; fixture) -> the test
 # whose setup it failed in.

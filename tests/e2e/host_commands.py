@@ -1,7 +1,6 @@
 """Commands on this host for the end-to-end tests: run one to its end, wait for a state,
-install what a test needs (checked by the files it uses, not by package names)."""
+and the rest of what the e2e tests share (packages: tests/debian_packages.py)."""
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -51,27 +50,3 @@ def stop_process(process, grace):
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(10)
-
-
-def require_files(files, what):
-    """Makes sure every file of `files` ({path: Debian package that brings it}) is on this
-    host, installing the packages of the missing ones (without recommends, which bring
-    nothing a test uses). The files are checked, not the packages: a package can be
-    installed and still not bring what a test runs."""
-    missing = {path: package for path, package in files.items() if not Path(path).exists()}
-    if not missing:
-        return
-    packages = sorted(set(missing.values()))
-    updated = run("apt-get", "update", "-qq", timeout=300, check=False)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    installed = run(
-        "apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages, env=env, timeout=600, check=False
-    )  # fmt: skip
-    still_missing = [path for path in missing if not Path(path).exists()]
-    if still_missing:
-        pytest.fail(
-            f"{what} needs {', '.join(still_missing)} on this host; `apt-get install {' '.join(packages)}` "
-            f"(exit {installed.returncode}; apt-get update exit {updated.returncode}) did not bring it:\n"
-            f"{last_lines(updated.stdout + updated.stderr, 10)}\n{last_lines(installed.stdout + installed.stderr)}",
-            pytrace=False,
-        )

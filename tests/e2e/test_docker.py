@@ -19,10 +19,11 @@ from pathlib import Path
 import anyio
 import pytest
 from debian_rootfs import CACHE, debootstrap
-from host_commands import last_lines, require_files, run, stop_process, wait_for
+from host_commands import last_lines, run, stop_process, wait_for
 from steps import setup_takes_up_to
 
 from broker_process import free_port
+from debian_packages import require_files
 from mcp_process import http_session
 
 BIN = Path(sys.executable).parent

@@ -633,6 +633,8 @@ def secured(ct, make, inventory, vault_password_file, tmp_path_factory):
         json.dumps(
             {
                 "agent_comms_broker_auth": "required",
+                # The test host's address on the bridge stands for a Prometheus server.
+                "agent_comms_broker_metrics_from": GATEWAY,
                 "agent_comms_broker_tls_cert": str(certificate),
                 "agent_comms_broker_tls_key": str(key),
                 "agent_comms_broker_tls_ca": str(ca),
@@ -688,6 +690,7 @@ def test_secure_files_are_in_place_with_tight_modes(ct, secured):
     env = ct.file("/etc/agent-comms/broker.env").content_string
     for line in [
         "AGENT_COMMS_AUTH=required",
+        f"AGENT_COMMS_METRICS_FROM={GATEWAY}",
         "AGENT_COMMS_TLS_CERT=/etc/agent-comms/tls/cert.pem",
         "AGENT_COMMS_TLS_KEY=/etc/agent-comms/tls/key.pem",
     ]:
@@ -732,6 +735,13 @@ def test_agent_chat_is_refused_without_a_token_or_permission(secured):
         refused = secure_chat("send", channel, "not allowed", token=token, secured=secured)
         assert refused.returncode == 3, (refused.stdout, refused.stderr)
         assert "403" in refused.stderr or "may not post" in refused.stderr, refused.stderr
+
+
+def test_prometheus_scrapes_from_the_address_named_without_a_token(secured):
+    scraped = requests.get(f"{SECURE_URL}/metrics", timeout=5, verify=secured["ca"])
+    assert scraped.status_code == 200 and "agent_comms_http_requests_total" in scraped.text, scraped.text[:300]
+    # Nothing else opens to that address: the API still wants a token.
+    assert requests.get(f"{SECURE_URL}/channels", timeout=5, verify=secured["ca"]).status_code == 401
 
 
 def test_https_only_and_verified(secured):

@@ -39,7 +39,14 @@ class AccessLogger(glogging.Logger):
         if cfg.access_log_format == FORMAT and len(handlers) == 1 and isinstance(handlers[0], logging.StreamHandler):
             self._stream = handlers[0]
 
+    # Called with (environ, status, seconds) for every answered request: the metrics.
+    observer = None
+
     def access(self, resp, req, environ, request_time):
+        if self.observer is not None:
+            status = resp.status
+            code = status.split(None, 1)[0] if isinstance(status, str) else status
+            self.observer(environ, code, request_time.total_seconds())
         stream = self._stream
         if stream is None or not self.access_log_enabled:
             super().access(resp, req, environ, request_time)

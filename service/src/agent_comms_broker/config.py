@@ -62,14 +62,37 @@ def count(text):
     return value
 
 
+def one_of(*choices):
+    """A parser of a setting that is one of `choices` (any case)."""
+
+    def parse(text):
+        value = str(text).strip().lower()
+        if value not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
 AUTH_MODES = ("open", "write-requires-token", "required")
+auth_mode = one_of(*AUTH_MODES)
+metrics_mode = one_of("off", "open", "token")
 
 
-def auth_mode(text):
-    value = str(text).strip().lower()
-    if value not in AUTH_MODES:
-        raise ValueError(f"{text!r} is not one of {', '.join(AUTH_MODES)}")
-    return value
+def networks(text):
+    """Comma-separated addresses or networks (192.168.122.10, 10.0.0.0/24, ::1)."""
+    import ipaddress
+
+    values = []
+    for part in str(text).split(","):
+        if part.strip():
+            try:
+                values.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"{part.strip()!r} is not an address or network such as 192.168.122.10 or 10.0.0.0/24"
+                ) from None
+    return tuple(values)
 
 
 def origins(text):
@@ -170,6 +193,13 @@ class Settings:
     prune_interval: float = setting(60.0, positive_duration)
     wakeup_interval: float = setting(0.02, positive_duration)
     graceful_timeout: float = setting(10.0, duration)
+    # GET /metrics (Prometheus): off, open, or token (any valid token). Unset: open in
+    # auth mode open, else token.
+    metrics: str = setting("", metrics_mode)
+    # Addresses (or networks) that may read /metrics without a token: a Prometheus server.
+    metrics_from: tuple = setting((), networks)
+    # Channels that get a label of their own in the metrics, per worker; the rest: "other".
+    metrics_channels: int = setting(100, count)
     log_level: str = setting("info")
     access_log: str = setting("-")
 
@@ -190,6 +220,11 @@ class Settings:
         if bool(settings.tls_cert) != bool(settings.tls_key):
             raise ConfigError("AGENT_COMMS_TLS_CERT and AGENT_COMMS_TLS_KEY go together: set both or neither")
         return settings
+
+    @property
+    def metrics_access(self):
+        """Who may read /metrics: off, open or token."""
+        return self.metrics or ("open" if self.auth == "open" else "token")
 
     @property
     def tls(self):

@@ -7,7 +7,7 @@ import logging
 import math
 
 from agent_comms_broker import accesslog as accesslog_format
-from agent_comms_broker import limits, preflight
+from agent_comms_broker import limits, metrics, preflight
 from agent_comms_broker.config import ConfigError, Settings
 
 try:
@@ -22,6 +22,9 @@ wsgi_app = "agent_comms_broker.wsgi:app"
 preload_app = True
 # Made here, in the master, so every forked worker shares the rate and stream counters.
 limits.shared()
+# The workers' metric files, in a directory of this master's (before the app, and with it
+# prometheus_client, is imported).
+_metrics_directory = metrics.prepare_directory() if _settings.metrics_access != "off" else None
 bind = [_settings.bind]
 workers = _settings.workers
 # gevent (see worker.py): every SSE stream and long-poll is a greenlet of a few KiB, not a
@@ -68,6 +71,13 @@ def on_starting(server):
 def child_exit(server, worker):
     """A worker is gone, even one killed outright: its open streams no longer count."""
     limits.shared().forget_worker(worker.pid)
+    if _metrics_directory is not None:
+        metrics.worker_gone(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_directory is not None:
+        metrics.remove_directory(_metrics_directory)
 
 
 def post_worker_init(worker):
@@ -80,6 +90,8 @@ def post_worker_init(worker):
     ours.setLevel(worker.log.error_log.level)
     ours.propagate = False
 
+    if runtime.metrics is not None:  # every answered request, as the access log sees it
+        worker.log.observer = runtime.metrics.request
     runtime.alive = lambda: worker.alive
     runtime.connections = lambda: len(worker.connections)
     runtime.max_connections = worker.worker_connections

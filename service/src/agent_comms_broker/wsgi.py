@@ -50,6 +50,13 @@ class Runtime:
         self.alive = lambda: True
         self.connections = lambda: 0
         self.max_connections = settings.worker_connections
+        # What /metrics counts (metrics.py), or None when it is off: made here, in the
+        # master, so every worker shares the definitions.
+        self.metrics = None
+        if settings.metrics_access != "off":
+            from .metrics import Metrics
+
+            self.metrics = Metrics(settings)
 
     def __call__(self):
         if self.pid != os.getpid():

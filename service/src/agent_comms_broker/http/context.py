@@ -42,6 +42,11 @@ class Broker:
     def committer(self):
         return self.runtime().committer
 
+    @property
+    def metrics(self):
+        """metrics.Metrics, or None when /metrics is off."""
+        return self.runtime.metrics
+
     def touch(self, agent, register=True):
         """Refresh an agent's last-seen (registering it if new and `register`); best
         effort, so a read never fails for it."""

@@ -89,6 +89,8 @@ def store_post(broker, channel, body):
     # out the agents that hold tokens.
     stored = broker.committer.append(posts, capped=who is None)
     repeated = sum(message.duplicate for message in stored)
+    if broker.metrics is not None:
+        broker.metrics.stored(channel, len(stored) - repeated)
     # 201: stored now; 200: every post was a repeat (its idempotency key), nothing stored.
     response.status = 200 if repeated == len(stored) else 201
     if isinstance(body, list):

@@ -91,11 +91,18 @@ def take(broker, channel):
     lease = lease_of(body)
     wait = seconds(body, "wait", 0, broker.settings.max_wait)
     agent = broker.acting_agent()
-    message = take_task(broker, channel, agent, lease, wait)
+    message = counted(broker, channel, take_task(broker, channel, agent, lease, wait))
     if message is None:
         response.status = 204
         return ""
     return claimed(message, lease)
+
+
+def counted(broker, channel, message):
+    """A task taken, counted in the metrics as handed out again when it was before."""
+    if message is not None and message.task.attempt > 1 and broker.metrics is not None:
+        broker.metrics.redelivered(channel)
+    return message
 
 
 def take_task(broker, channel, agent, lease, wait, tried=False):
@@ -171,9 +178,11 @@ def done(broker, channel, message_id):
     except TaskRefused as error:
         return refused(error)
     (message, answer), taken = outcome if following is not None else (outcome, None)
+    if answer is not None and broker.metrics is not None:
+        broker.metrics.stored(channel)
     reply_body = {"status": "success", "task": message.task.as_dict(), "reply": answer.as_dict() if answer else None}
     if following is not None:
-        taken = taken or take_task(broker, channel, agent, lease, wait, tried=True)
+        taken = counted(broker, channel, taken or take_task(broker, channel, agent, lease, wait, tried=True))
         reply_body["next"] = claimed(taken, lease) if taken else None
     return reply_body
 
@@ -189,6 +198,8 @@ def release(broker, channel, message_id):
         message = broker.committer.run(broker.store.release_work(channel, task_id, agent, dead))
     except TaskRefused as error:
         return refused(error)
+    if message.task.state == "dead" and broker.metrics is not None:
+        broker.metrics.given_up(channel)
     return {"status": "success", "task": message.task.as_dict()}
 
 

@@ -61,7 +61,8 @@ def open_stream(broker, channel):
     response.set_header("Cache-Control", "no-cache")
     response.set_header("X-Accel-Buffering", "no")
     environ = request.environ
-    stream = Stream(broker, channel, cursor, resumed, agent, Wait(broker, channel), environ.get(PRIVATE_INBOXES))
+    waiting = Wait(broker, channel, "stream")
+    stream = Stream(broker, channel, cursor, resumed, agent, waiting, environ.get(PRIVATE_INBOXES))
     return stream.serve(environ)
 
 

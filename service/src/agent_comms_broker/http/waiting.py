@@ -17,11 +17,14 @@ TOKEN_RECHECK = 1.0
 
 
 class Wait:
-    __slots__ = ("_checked", "_client", "_socket", "broker", "channel", "has_token", "key", "watcher", "who")
+    __slots__ = ("_checked", "_client", "_gauge", "_socket", "broker", "channel", "has_token", "key", "watcher", "who")
 
-    def __init__(self, broker, channel):
+    def __init__(self, broker, channel, kind="long_poll"):
+        """`kind`: what the metrics count it as, a long_poll (a waiting read or take) or a
+        stream."""
         self.broker = broker
         self.channel = channel
+        self._gauge = broker.metrics.waiting.labels(kind) if broker.metrics is not None else None
         self.who = caller()
         # With a token, `who` turns None once the token is revoked or expires.
         self.has_token = self.who is not None
@@ -35,6 +38,8 @@ class Wait:
         self.broker.take_stream_slot(self.key)
         self.watcher = self.broker.hub.watch(self.channel)
         self._client = _on_readable(self._socket, self.watcher.close)
+        if self._gauge is not None:
+            self._gauge.inc()
         return self
 
     def watch_client(self, sock):
@@ -52,6 +57,8 @@ class Wait:
             self._client.close()
         self.broker.hub.unwatch(self.watcher)
         self.broker.give_stream_slot(self.key)
+        if self._gauge is not None:
+            self._gauge.dec()
 
     @property
     def over(self):

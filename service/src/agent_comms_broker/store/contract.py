@@ -105,6 +105,11 @@ class StoreContract(abc.ABC):
         """(counts by state, claimed (id, agent, expires, attempt), dead (id, agent,
         attempt)) as the tasks stand at `now`."""
 
+    @abc.abstractmethod
+    def queue_totals(self, now=None):
+        """[(channel, {"pending", "claimed", "done", "dead": count})] of each channel a
+        task was ever taken from, as `queue` counts them."""
+
     # -- read positions ---------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -187,24 +187,32 @@ def _migrate_2_to_3(db):
         db.execute(statement)
 
 
-# Search (schema 4): a full-text index of message text (FTS5), over the messages table
-# itself (external content: the text is not stored twice). Triggers keep it in step in the
-# transaction of every insert and every delete, so a post and a retention prune change
-# the index as they change the table, whichever statement of the store does it.
+# Search (schema 4): a full-text index (FTS5) of the first SEARCH_CHARS characters of each
+# message's text, over the messages table itself through a view (external content: the
+# text is not stored twice). Triggers keep it in step in the transaction of every insert
+# and every delete, so a post and a retention prune change the index as they change the
+# table, whichever statement of the store does it. The cap bounds what one message adds to
+# the index: a long unbroken string (base64) is one term, stored whole.
+SEARCH_CHARS = 16384
 SEARCH = [
+    f"""CREATE VIEW message_text_source AS
+        SELECT id, substr(message, 1, {SEARCH_CHARS}) AS message FROM messages""",
     """CREATE VIRTUAL TABLE message_text USING fts5(
-        message, content = 'messages', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 2'
+        message, content = 'message_text_source', content_rowid = 'id',
+        tokenize = 'unicode61 remove_diacritics 2'
     )""",
-    """CREATE TRIGGER message_text_insert AFTER INSERT ON messages BEGIN
-        INSERT INTO message_text (rowid, message) VALUES (new.id, new.message);
+    f"""CREATE TRIGGER message_text_insert AFTER INSERT ON messages BEGIN
+        INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
     END""",
-    """CREATE TRIGGER message_text_delete AFTER DELETE ON messages BEGIN
-        INSERT INTO message_text (message_text, rowid, message) VALUES ('delete', old.id, old.message);
+    f"""CREATE TRIGGER message_text_delete AFTER DELETE ON messages BEGIN
+        INSERT INTO message_text (message_text, rowid, message)
+        VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
     END""",
     # Messages are never edited; should one be (by hand), the index follows.
-    """CREATE TRIGGER message_text_update AFTER UPDATE OF message ON messages BEGIN
-        INSERT INTO message_text (message_text, rowid, message) VALUES ('delete', old.id, old.message);
-        INSERT INTO message_text (rowid, message) VALUES (new.id, new.message);
+    f"""CREATE TRIGGER message_text_update AFTER UPDATE OF message ON messages BEGIN
+        INSERT INTO message_text (message_text, rowid, message)
+        VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
+        INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
     END""",
     # The messages already stored.
     "INSERT INTO message_text (message_text) VALUES ('rebuild')",

@@ -57,6 +57,7 @@ SELECT_TASK_ROW = f"SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id = ? AND 
 
 # The queue view: tasks of a channel, rows by state as they stand now (a lapsed claim is
 # pending, or dead on its last attempt).
+SELECT_QUEUES = "SELECT channel FROM queues ORDER BY channel"
 COUNT_TASKS = "SELECT count(*) FROM messages WHERE channel = ? AND reply_to IS NULL"
 COUNT_BY_STATE = """
 SELECT CASE WHEN state = 'claimed' AND expires <= :now
@@ -254,15 +255,28 @@ class Coordination:
         stamp = time.time() if now is None else now
 
         def work(db):
-            total = db.execute(COUNT_TASKS, (channel,)).fetchone()[0]
-            rows = dict(db.execute(COUNT_BY_STATE, {"now": stamp, "max": self.max_attempts, "channel": channel}))
-            pending = total - sum(rows.values()) + rows.get("pending", 0)
-            counts = {"pending": pending} | {state: rows.get(state, 0) for state in ("claimed", "done", "dead")}
+            counts = self._task_counts(db, channel, stamp)
             claimed = db.execute(SELECT_CLAIMED, (channel, stamp, limit)).fetchall()
             dead = db.execute(SELECT_DEAD, (channel, stamp, self.max_attempts, limit)).fetchall()
             return counts, claimed, dead
 
         return self._read(work)
+
+    def queue_totals(self, now=None):
+        """[(channel, counts by state)] of every channel a task was ever taken from."""
+        stamp = time.time() if now is None else now
+
+        def work(db):
+            channels = [row[0] for row in db.execute(SELECT_QUEUES)]
+            return [(channel, self._task_counts(db, channel, stamp)) for channel in channels]
+
+        return self._read(work)
+
+    def _task_counts(self, db, channel, stamp):
+        total = db.execute(COUNT_TASKS, (channel,)).fetchone()[0]
+        rows = dict(db.execute(COUNT_BY_STATE, {"now": stamp, "max": self.max_attempts, "channel": channel}))
+        pending = total - sum(rows.values()) + rows.get("pending", 0)
+        return {"pending": pending} | {state: rows.get(state, 0) for state in ("claimed", "done", "dead")}
 
     # -- read positions -------------------------------------------------------------------
 
