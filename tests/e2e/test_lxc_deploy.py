@@ -29,6 +29,8 @@ its error says what broke and the tests after it stop with one line each
 (tests/e2e/conftest.py).
 """
 
+import hashlib
+import hmac
 import json
 import os
 import shlex
@@ -60,6 +62,7 @@ from proxmox_node import (
 from steps import setup_takes_up_to
 from testinfra.host import Host
 
+from http_peer import Peer
 from legacy_broker import legacy_database
 from mcp_process import http_session
 
@@ -612,9 +615,20 @@ def tokens_by_agent():
     return {token["agent"]: token for token in json.loads(admin("token", "list", "--json"))}
 
 
+NOTIFY_SECRET = f"e2e-webhook-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def webhook_receiver():
+    """A webhook receiver on this host's address on the bridge: what the deployed broker's
+    notification rule sends to."""
+    with Peer([(200, {"ok": True}, {})], host=GATEWAY) as receiver:
+        yield receiver
+
+
 @pytest.fixture(scope="module")
 @setup_takes_up_to(900)
-def secured(ct, make, inventory, vault_password_file, tmp_path_factory):
+def secured(ct, make, inventory, vault_password_file, tmp_path_factory, webhook_receiver):
     """The running broker switched to auth `required`, HTTPS and two tokens by `make
     deploy`, set up as the role's defaults/main.yml tells a user to: the secrets and the
     TLS key encrypted with ansible-vault (a vault file beside plain vars in host_vars/,
@@ -623,6 +637,11 @@ def secured(ct, make, inventory, vault_password_file, tmp_path_factory):
     Before it, the broker gets two tokens of its own: one an earlier deploy registered
     (note "ansible") that the inventory no longer lists, and one made by hand."""
     ca, certificate, key = make_certificates(tmp_path_factory.mktemp("tls"))
+    rules = tmp_path_factory.mktemp("notify") / "notify.toml"
+    rules.write_text(
+        f'allow = ["{webhook_receiver.url}"]\n[[rule]]\nname = "e2e-hook"\nchannels = ["e2e-notify"]\n'
+        f'webhook = {{ url = "{webhook_receiver.url}/agent-comms", secret = "{NOTIFY_SECRET}" }}\n'
+    )
     secrets = {agent: f"e2e-{agent}-{uuid.uuid4().hex}" for agent in (WRITER, READER, "e2e-gone")}
     host_vars = inventory.parent / "host_vars" / HOST
     host_vars.mkdir(parents=True)
@@ -635,6 +654,7 @@ def secured(ct, make, inventory, vault_password_file, tmp_path_factory):
                 "agent_comms_broker_auth": "required",
                 # The test host's address on the bridge stands for a Prometheus server.
                 "agent_comms_broker_metrics_from": GATEWAY,
+                "agent_comms_broker_notify_file": str(rules),
                 "agent_comms_broker_tls_cert": str(certificate),
                 "agent_comms_broker_tls_key": str(key),
                 "agent_comms_broker_tls_ca": str(ca),
@@ -648,7 +668,10 @@ def secured(ct, make, inventory, vault_password_file, tmp_path_factory):
             indent=2,
         )
     )
-    run(BIN / "ansible-vault", "encrypt", "--vault-password-file", vault_password_file, host_vars / "vault.yml", key)
+    run(
+        BIN / "ansible-vault", "encrypt", "--vault-password-file", vault_password_file, host_vars / "vault.yml", key,
+        rules,
+    )  # fmt: skip
     assert "$ANSIBLE_VAULT" in key.read_text()
 
     ct.check_output("useradd --create-home --shell /bin/bash %s", AGENT_USER)
@@ -742,6 +765,29 @@ def test_prometheus_scrapes_from_the_address_named_without_a_token(secured):
     assert scraped.status_code == 200 and "agent_comms_http_requests_total" in scraped.text, scraped.text[:300]
     # Nothing else opens to that address: the API still wants a token.
     assert requests.get(f"{SECURE_URL}/channels", timeout=5, verify=secured["ca"]).status_code == 401
+
+
+def test_a_post_reaches_the_webhook_of_the_deployed_rules(ct, secured, webhook_receiver):
+    rules = ct.file("/etc/agent-comms/notify.toml")
+    assert (rules.user, rules.group, rules.mode) == ("root", "agent-comms", 0o640)
+    assert NOTIFY_SECRET in rules.content_string  # decrypted from the vault on its way
+    assert (
+        "AGENT_COMMS_NOTIFY_FILE=/etc/agent-comms/notify.toml" in ct.file("/etc/agent-comms/broker.env").content_string
+    )
+    text = unique("a notification through the deployed rules")
+    stored = int(secure_chat("send", "e2e-notify", text, token=WRITER, secured=secured).stdout)
+    wait_until(
+        lambda: any(json.loads(r[3])["message"]["id"] == stored for r in webhook_receiver.requests),
+        30,
+        lambda: f"no webhook call for message {stored}: {webhook_receiver.requests}",
+    )
+    _, path, headers, body, _ = next(
+        r for r in webhook_receiver.requests if json.loads(r[3])["message"]["id"] == stored
+    )
+    assert path == "/agent-comms" and json.loads(body)["message"]["message"] == text
+    signed = headers["X-Agent-Comms-Timestamp"].encode() + b"." + body
+    expected = hmac.new(NOTIFY_SECRET.encode(), signed, hashlib.sha256).hexdigest()
+    assert headers["X-Agent-Comms-Signature"] == f"sha256={expected}"
 
 
 def test_https_only_and_verified(secured):

@@ -200,6 +200,8 @@ class Settings:
     metrics_from: tuple = setting((), networks)
     # Channels that get a label of their own in the metrics, per worker; the rest: "other".
     metrics_channels: int = setting(100, count)
+    # Notification rules (TOML): notify.py, notify_rules.py. Empty: none.
+    notify_file: str = setting("")
     log_level: str = setting("info")
     access_log: str = setting("-")
 

@@ -7,12 +7,15 @@ import logging
 import math
 
 from agent_comms_broker import accesslog as accesslog_format
-from agent_comms_broker import limits, metrics, preflight
+from agent_comms_broker import limits, metrics, notify_rules, preflight
 from agent_comms_broker.config import ConfigError, Settings
 
 try:
     _settings = Settings.from_env()
-except ConfigError as error:
+    # A mistake in the notification rules stops the broker here, with one line.
+    if _settings.notify_file:
+        notify_rules.load(_settings.notify_file)
+except (ConfigError, notify_rules.NotifyConfigError) as error:
     raise SystemExit(f"agent-comms-broker: {error}") from None
 
 wsgi_app = "agent_comms_broker.wsgi:app"

@@ -84,6 +84,11 @@ class Metrics:
             "agent_comms_task_redeliveries", "Tasks handed out again after a release or an ended lease.", ["channel"]
         )
         self.dead_tasks = Counter("agent_comms_tasks_given_up", "Tasks released as dead.", ["channel"])
+        self.notifications = Counter(
+            "agent_comms_notifications",
+            "Notifications sent, by rule and outcome (delivered, failed).",
+            ["rule", "outcome"],
+        )
 
     def channel_label(self, channel):
         if channel.startswith("@"):
@@ -114,6 +119,9 @@ class Metrics:
 
     def given_up(self, channel):
         self.dead_tasks.labels(self.channel_label(channel)).inc()
+
+    def notified(self, rule, outcome):
+        self.notifications.labels(rule, outcome).inc()
 
 
 class DatabaseFigures:
@@ -149,6 +157,12 @@ class DatabaseFigures:
         for (label, state), count in sorted(merged.items()):
             tasks.add_metric([label, state], count)
         yield tasks
+        failing = GaugeMetricFamily(
+            "agent_comms_notification_failures", "Failed deliveries in a row, by rule (0: working).", labels=["rule"]
+        )
+        for rule, (_, _, failures, _, _) in sorted(self.store.notify_rules().items()):
+            failing.add_metric([rule], failures)
+        yield failing
 
 
 def exposition(store, settings, metrics):

@@ -57,6 +57,12 @@ class Runtime:
             from .metrics import Metrics
 
             self.metrics = Metrics(settings)
+        # The notification rules, read once here (gunicorn.conf.py checked them).
+        self.notify_rules = None
+        if settings.notify_file:
+            from .notify_rules import load
+
+            self.notify_rules = load(settings.notify_file)
 
     def __call__(self):
         if self.pid != os.getpid():
@@ -80,6 +86,14 @@ class Runtime:
             call=gevent.threadpool.ThreadPool(1).apply,
         )
         self.retention = run_retention(self.store, settings, alive=lambda: self.alive())
+        self.notifier = None
+        if self.notify_rules is not None and self.notify_rules.rules:
+            from .notify import Notifier
+
+            self.notifier = Notifier(
+                self.notify_rules, self.store, self.committer.run, self.metrics, alive=lambda: self.alive()
+            )
+            self.notifier.start()
         self.pid = os.getpid()
 
 

@@ -53,7 +53,7 @@ def status(broker):
         return reply  # anonymous callers learn only that the broker runs
     store = broker.store
     messages, channel_count, agent_count, active = store.totals(now - settings.active_window)
-    return reply | {
+    reply |= {
         "messages": messages,
         "channels": channel_count,
         "agents": agent_count,
@@ -61,6 +61,32 @@ def status(broker):
         "database_size": store.size_bytes(),
         "synchronous": store.synchronous(),
     }
+    rules = broker.runtime.notify_rules
+    if rules is not None and rules.rules:
+        reply["notifications"] = notifications(store, rules)
+    return reply
+
+
+def notifications(store, rules):
+    """Each notification rule: its destination, cursor, deliveries and failures in a row,
+    the last error and when it is tried again (null: not failing)."""
+    records = store.notify_rules()
+    shown = []
+    for rule in rules.rules:
+        cursor, delivered, failures, error, next_try = records.get(rule.name, (None, 0, 0, None, 0))
+        shown.append(
+            {
+                "rule": rule.name,
+                "kind": rule.kind,
+                "url": rule.url,
+                "cursor": cursor,
+                "delivered": delivered,
+                "failures": failures,
+                "last_error": error,
+                "next_try": next_try if failures else None,
+            }
+        )
+    return shown
 
 
 def listing_page():

@@ -110,6 +110,33 @@ class StoreContract(abc.ABC):
         """[(channel, {"pending", "claimed", "done", "dead": count})] of each channel a
         task was ever taken from, as `queue` counts them."""
 
+    # -- notifications out -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def notify_rules(self):
+        """{rule: (cursor, delivered, failures, last_error, next_try)}."""
+
+    @abc.abstractmethod
+    def add_notify_rules_work(self, names, now=None):
+        """Work that records rules not seen before, each starting at the newest id given."""
+
+    @abc.abstractmethod
+    def notify_advance_work(self, rule, cursor, delivered, now=None):
+        """Work that moves a rule's cursor forward (never back), adds to its delivered
+        count and clears its failures."""
+
+    @abc.abstractmethod
+    def notify_failed_work(self, rule, error, next_try, now=None):
+        """Work that records a failed delivery and when to try again."""
+
+    @abc.abstractmethod
+    def take_lease_work(self, name, owner, duration, now=None):
+        """Work: whether `owner` holds lease `name` (taken or renewed) for `duration`."""
+
+    @abc.abstractmethod
+    def drop_lease_work(self, name, owner):
+        """Work that gives up a lease `owner` holds."""
+
     # -- read positions ---------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -2,7 +2,7 @@
 older database (broker.py's included) up to it. PRAGMA user_version holds the schema
 number; MIGRATIONS[n] takes schema n to n + 1."""
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Schema 1, which the later migrations build on.
 CREATE_MESSAGES = """
@@ -225,5 +225,32 @@ def _migrate_3_to_4(db):
         db.execute(statement)
 
 
+# Notifications out (schema 5): each rule's cursor (the last message id it has dealt
+# with), what it delivered and its failures in a row; and named leases, so that one worker
+# at a time delivers.
+NOTIFY = [
+    """CREATE TABLE notify_rules (
+        rule      TEXT PRIMARY KEY,
+        cursor    INTEGER NOT NULL,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        failures  INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        next_try  REAL NOT NULL DEFAULT 0,
+        updated   REAL NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE leases (
+        name    TEXT PRIMARY KEY,
+        owner   TEXT NOT NULL,
+        expires REAL NOT NULL
+    ) WITHOUT ROWID""",
+]
+
+
+def _migrate_4_to_5(db):
+    """Notification cursors and leases."""
+    for statement in NOTIFY:
+        db.execute(statement)
+
+
 # MIGRATIONS[n] takes schema n to n + 1.
-MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3, _migrate_3_to_4]
+MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3, _migrate_3_to_4, _migrate_4_to_5]

@@ -33,6 +33,7 @@ from .model import (
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlite_coordination import Coordination
+from .sqlite_notify import NotifyRecords
 from .sqlite_rows import PAGE_COLUMNS, SELECT_ONE, message_of, messages_of
 from .sqlite_search import Search
 
@@ -237,7 +238,7 @@ def _is_full(error):
     return "full" in str(error) or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
-class Store(Coordination, Search, StoreContract):
+class Store(Coordination, Search, NotifyRecords, StoreContract):
     def __init__(
         self,
         path,
