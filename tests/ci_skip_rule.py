@@ -1,8 +1,8 @@
 """Under CI=true, a test that CI must run may not skip: its skip is reported as a failure
 naming the reason. Without this, CI could pass having proved nothing: the end-to-end
 tests skip when not root, not on Debian, when their subnet is taken or a real `pct`
-exists; the full-disk tests skip when the tmpfs mount fails; the metrics test when
-Prometheus cannot be installed (not root).
+exists; the full-disk tests skip when the tmpfs mount fails; the metrics and
+dashboard tests when Prometheus or Chromium cannot be installed (not root).
 
 A pytest plugin (tests/conftest.py loads it); tests/test_ci_skip_rule.py checks it."""
 
@@ -14,7 +14,7 @@ import pytest
 # The tests CI must run: every test under a directory of these names, and these files
 # (paths relative to the rootdir, where pytest.ini is).
 MUST_RUN_DIRECTORIES = {"e2e"}
-MUST_RUN_FILES = {"test_reliability.py", "test_metrics.py"}
+MUST_RUN_FILES = {"test_reliability.py", "test_metrics.py", "test_dashboard.py"}
 
 
 def in_ci():

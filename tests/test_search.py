@@ -230,3 +230,13 @@ def test_agent_chat_search(url, channel):
         assert result.returncode == code, (bad, result.stdout, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_activity_counts_each_channels_messages_per_slot(tmp_path):
+    store = Store(str(tmp_path / "m.db"))
+    start = 1_800_000_000.0
+    for at, channel in ((start - 5, "a"), (start + 10, "a"), (start + 70, "a"), (start + 75, "b"), (start + 79, "a")):
+        store.append([Post(channel, "x", "m")], now=at)
+    assert store.activity(start, 60, now=start + 180) == {"a": [1, 2, 0], "b": [0, 1, 0]}
+    assert store.activity(start + 100, 60, now=start + 180) == {}
+    store.close()

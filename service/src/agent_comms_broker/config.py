@@ -79,6 +79,15 @@ auth_mode = one_of(*AUTH_MODES)
 metrics_mode = one_of("off", "open", "token")
 
 
+def switch(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{text!r} is not on or off (1, true, on / 0, false, off)")
+
+
 def networks(text):
     """Comma-separated addresses or networks (192.168.122.10, 10.0.0.0/24, ::1)."""
     import ipaddress
@@ -200,6 +209,8 @@ class Settings:
     metrics_from: tuple = setting((), networks)
     # Channels that get a label of their own in the metrics, per worker; the rest: "other".
     metrics_channels: int = setting(100, count)
+    # The web dashboard at /ui/ (on unless 0, false or off).
+    ui: bool = setting(True, switch)
     # Notification rules (TOML): notify.py, notify_rules.py. Empty: none.
     notify_file: str = setting("")
     log_level: str = setting("info")

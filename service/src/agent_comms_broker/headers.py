@@ -16,6 +16,13 @@ SECURITY_HEADERS = [
     ("Cross-Origin-Resource-Policy", "same-site"),
 ]
 HSTS = ("Strict-Transport-Security", "max-age=31536000")
+# The dashboard (/ui/) is a page: it may run the broker's own scripts and styles, talk to
+# the broker's own API, and nothing else. Every other answer keeps the API's policy.
+UI_PREFIX = "/ui/"
+UI_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 CORS_METHODS = "GET, POST, PUT, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, X-Agent-ID, Last-Event-ID, Idempotency-Key"
 CORS_EXPOSE = "Retry-After, WWW-Authenticate"
@@ -38,6 +45,10 @@ class ResponseHeaders:
         self.app = app
         self.origins = set(settings.cors_origins)
         self.fixed = security_headers(settings.tls)
+        self.page = [
+            ("Content-Security-Policy", UI_POLICY) if name == "Content-Security-Policy" else (name, value)
+            for name, value in self.fixed
+        ]
 
     def allowed_origin(self, origin):
         if origin is None or not self.origins:
@@ -56,7 +67,7 @@ class ResponseHeaders:
                 # A page on another site may send a "simple" POST (text/plain) without any
                 # preflight: with CORS off it must not post as whoever opened the page.
                 return self.refuse_origin(origin, start_response)
-        extra = list(self.fixed)
+        extra = list(self.page if environ.get("PATH_INFO", "").startswith(UI_PREFIX) else self.fixed)
         if allowed is not None:
             extra += [("Access-Control-Allow-Origin", allowed), ("Access-Control-Expose-Headers", CORS_EXPOSE)]
         if self.origins:

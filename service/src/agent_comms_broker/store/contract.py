@@ -61,6 +61,11 @@ class StoreContract(abc.ABC):
         The index follows every post and every removal in their own transactions."""
 
     @abc.abstractmethod
+    def activity(self, since, slot, now=None):
+        """{channel: [messages in each `slot` seconds from `since` to now]} of the channels
+        that got any."""
+
+    @abc.abstractmethod
     def pruned_after(self, after, channel=None):
         """Whether retention removed a message with id > after."""
 

@@ -1,5 +1,7 @@
-"""Search on SQLite: message text through the FTS5 index schema.py keeps in step with the
-messages table. Part of the Store (a mixin of it); every statement here."""
+"""Search on SQLite, and recent activity: message text through the FTS5 index schema.py
+keeps in step with the messages table; how many messages each channel got in each minute
+of the last hour (the dashboard's sparklines). Part of the Store (a mixin of it); every
+statement here."""
 
 import time
 
@@ -11,6 +13,13 @@ SELECT {PAGE_COLUMNS} FROM message_text CROSS JOIN messages AS m ON m.id = messa
 WHERE message_text MATCH ? AND message_text.rowid < ?{{channel}}
 ORDER BY message_text.rowid DESC LIMIT ?"""
 IN_CHANNEL = " AND m.channel = ?"
+# Timestamps rise with ids: the newest message at or before a time is found by walking
+# back from the newest id, over the messages since (no index on time alone needed).
+LAST_ID_AT = "SELECT id FROM messages WHERE timestamp <= ? ORDER BY id DESC LIMIT 1"
+# (start, slot seconds, after id)
+COUNT_BY_SLOT = """
+SELECT channel, CAST((timestamp - ?) / ? AS INTEGER) AS slot, count(*) FROM messages
+WHERE id > ? GROUP BY channel, slot"""
 # No id is this large: the first page of a search starts below it.
 NEWEST = 1 << 62
 
@@ -39,3 +48,18 @@ class Search:
             return messages_of(db, rows, time.time(), self.max_attempts)
 
         return self._read(work)
+
+    def activity(self, since, slot, now=None):
+        """{channel: [count of messages in each `slot` seconds from `since` to now]}."""
+        end = time.time() if now is None else now
+        slots = max(1, int((end - since) // slot) + (1 if (end - since) % slot else 0))
+
+        def work(db):
+            row = db.execute(LAST_ID_AT, (since,)).fetchone()
+            return db.execute(COUNT_BY_SLOT, (since, slot, row[0] if row else 0)).fetchall()
+
+        counts = {}
+        for channel, index, count in self._read(work):
+            if 0 <= index < slots:
+                counts.setdefault(channel, [0] * slots)[index] = count
+        return counts
