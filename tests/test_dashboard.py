@@ -28,6 +28,8 @@ def chromium():
 
 @pytest.fixture
 def browser(chromium, request):
+    """A headless Chromium. A test with a broker of its own asks for it before this, so
+    the broker outlives the page's last requests."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -170,7 +172,7 @@ def test_search_finds_a_message(browser, url, channel):
     assert any(channel in t for t in texts(browser, "#found li a"))
 
 
-def test_a_token_is_asked_for_and_grants_hold(browser, own_broker):
+def test_a_token_is_asked_for_and_grants_hold(own_broker, browser):
     expected.failures = ("status of 403",)  # the channel outside the grant
     broker = own_broker(env={"AGENT_COMMS_AUTH": "required"}).start()
     made = subprocess.run(
@@ -215,7 +217,8 @@ def test_the_page_is_served_with_its_own_policy_and_the_api_keeps_its_own(url):
     assert requests.get(f"{url}/status", timeout=10).headers["Content-Security-Policy"] == (
         "default-src 'none'; frame-ancestors 'none'"
     )
-    assert requests.get(f"{url}/ui/no-such.js", timeout=10).status_code == 404
+    missing = requests.get(f"{url}/ui/nosuch.js", timeout=10)
+    assert missing.status_code == 404 and missing.json() == {"error": "no such file of the dashboard"}
     assert requests.get(f"{url}/ui/..%2fopenapi.json", timeout=10).status_code == 404
     assert requests.get(f"{url}/ui", timeout=10, allow_redirects=False).headers["Location"].endswith("/ui/")
 
@@ -236,7 +239,7 @@ def test_a_phone_sized_screen_gets_one_column(browser, url, channel):
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
 
 
-def test_the_live_tail_resumes_after_a_broker_restart(browser, own_broker):
+def test_the_live_tail_resumes_after_a_broker_restart(own_broker, browser):
     expected.failures = ("ERR_CONNECTION_REFUSED",)  # while the broker is down
     broker = own_broker().start()
     post(broker.url, "ops", "before the restart")
@@ -257,7 +260,7 @@ def test_the_live_tail_resumes_after_a_broker_restart(browser, own_broker):
     )
 
 
-def test_the_main_view_with_every_panel(browser, own_broker):
+def test_the_main_view_with_every_panel(own_broker, browser):
     """A scene with something in every panel; its screenshot is the README's."""
     broker = own_broker().start()
     url = broker.url

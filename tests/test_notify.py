@@ -230,7 +230,7 @@ def test_a_redirect_is_not_followed(own_broker, tmp_path):
 
 def serve_with(tmp_path, text):
     path = tmp_path / "notify.toml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return subprocess.run(
         [
             str(BIN / "agent-comms-broker"),
@@ -245,6 +245,73 @@ def serve_with(tmp_path, text):
         text=True,
         timeout=30,
     )
+
+
+def test_the_very_first_post_after_start_is_notified(own_broker, tmp_path):
+    with Peer([OK]) as ntfy:
+        env = one_rule(tmp_path / "notify.toml", ntfy.url, f'ntfy = {{ server = "{ntfy.url}", topic = "t" }}', "phone")
+        broker = own_broker(env=env).start()
+        post(broker.url, "alerts", "the first request this broker serves")
+        until(lambda: len(ntfy.requests) == 1, what="the first post notified")
+
+
+def test_a_rule_whose_receiver_hangs_holds_up_no_other(own_broker, tmp_path):
+    def hang(number, path):
+        time.sleep(5)
+        return OK
+
+    with Peer(hang) as stuck, Peer([OK]) as fine:
+        env = write_rules(
+            tmp_path / "notify.toml",
+            f"""
+allow = ["{stuck.url}", "{fine.url}"]
+[[rule]]
+name = "stuck"
+channels = ["slow"]
+timeout = 30
+webhook = {{ url = "{stuck.url}/", secret = "{SECRET}" }}
+[[rule]]
+name = "fine"
+channels = ["fast"]
+ntfy = {{ server = "{fine.url}", topic = "t" }}
+""",
+        )
+        broker = own_broker(env=env).start()
+        post(broker.url, "slow", "into the void")
+        time.sleep(0.5)  # the stuck rule is now waiting on its receiver
+        started = time.monotonic()
+        post(broker.url, "fast", "straight through")
+        until(lambda: len(fine.requests) == 1, timeout=3, what="the other rule's delivery")
+        assert time.monotonic() - started < 2
+
+
+def test_a_long_delivery_run_never_has_two_workers_sending(own_broker, tmp_path):
+    """The lease outlasts every delivery and is renewed while a run goes on: 80 messages at
+    0.15 s each (12 s, past the 10 s lease) reach a slow receiver once each."""
+
+    def slow(number, path):
+        time.sleep(0.15)
+        return OK
+
+    with Peer(slow) as hook:
+        webhook = f'webhook = {{ url = "{hook.url}/", secret = "{SECRET}" }}'
+        broker = own_broker(env=one_rule(tmp_path / "notify.toml", hook.url, webhook, "hook"), workers=2).start()
+        batch = [{"sender": "s", "message": f"m{n}"} for n in range(80)]
+        assert requests.post(f"{broker.url}/messages/c", json=batch, timeout=10).status_code == 201
+        until(lambda: len(hook.requests) >= 80, timeout=40, what="eighty deliveries")
+        time.sleep(1)
+    assert [json.loads(r[3])["message"]["message"] for r in hook.requests] == [f"m{n}" for n in range(80)]
+
+
+def test_status_shows_no_path_or_query_of_a_destination(own_broker, tmp_path):
+    port = free_port()
+    receiver = f"http://127.0.0.1:{port}"
+    webhook = f'webhook = {{ url = "{receiver}/hooks/T0/B0/XXXXSECRET?token=SUPERSECRET", secret = "{SECRET}" }}'
+    broker = own_broker(env=one_rule(tmp_path / "notify.toml", receiver, webhook, "hook")).start()
+    post(broker.url, "c", "m")
+    until(lambda: status_of(broker.url, "hook")["failures"] >= 1, what="a failure")
+    shown = json.dumps(requests.get(f"{broker.url}/status", timeout=10).json())
+    assert "SECRET" not in shown and receiver in shown
 
 
 @pytest.mark.parametrize(
@@ -265,6 +332,7 @@ def serve_with(tmp_path, text):
         ),
         ('allow = ["ftp://x"]\n', "allow: 'ftp://x' is not an http:// or https:// URL"),
         ("[[rule]\n", "is not valid TOML"),
+        (b'allow = ["\xff"]\n', "is not valid TOML"),
         ('[[rule]]\nname = "x"\n', "rule 'x': give exactly one destination"),
         (
             'allow = ["http://a"]\n[[rule]]\nname = "x"\nmin_priority = 9\n'
@@ -277,6 +345,23 @@ def serve_with(tmp_path, text):
             "rule 'x': channels:",
         ),
         ("colour = 1\n", "unknown key 'colour'"),
+        ('allow = ["http://[::1"]\n', "is not a valid URL"),
+        (
+            'allow = ["http://127.0.0.1:9/hooks"]\n[[rule]]\nname = "x"\n'
+            'webhook = { url = "http://127.0.0.1:9/hooks/../admin", secret = "s" }\n',
+            "has a . or .. segment",
+        ),
+        (
+            'allow = ["http://127.0.0.1:9/hooks"]\n[[rule]]\nname = "x"\n'
+            'webhook = { url = "http://127.0.0.1:9/hooks/%2e%2e/admin", secret = "s" }\n',
+            "has a . or .. segment",
+        ),
+        (
+            'allow = ["http://127.0.0.1:9"]\n[[rule]]\nname = "x"\n'
+            'webhook = { url = "http://127.0.0.1:9/a b", secret = "s" }\n',
+            "holds spaces",
+        ),
+        ('allow = ["http://127.0.0.1:0"]\n', "has port 0"),
     ],
 )
 def test_a_mistake_in_the_rules_stops_the_broker_with_one_line(tmp_path, text, expected):

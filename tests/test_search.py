@@ -140,9 +140,9 @@ def test_other_agents_inboxes_stay_private_without_tokens_for_them(own_broker):
     assert [m["channel"] for m in search(broker.url, "whisper", headers=carol)["messages"]] == ["@carol", "open"]
 
 
-def test_a_search_reads_a_bounded_number_of_matches_for_a_narrow_grant(own_broker):
-    """A caller who may read few of many matches gets a short page and a `before` to go on,
-    not a scan of the whole index in one request."""
+def test_nothing_a_search_answers_tells_of_messages_outside_the_grants(own_broker):
+    """A caller who may read few of many matches gets exactly its own, and `more` and
+    `before` are the same whether unreadable matches exist or not: no oracle on them."""
     broker = own_broker(env={"AGENT_COMMS_AUTH": "required"}).start()
 
     def token(agent, *options):
@@ -151,15 +151,25 @@ def test_a_search_reads_a_bounded_number_of_matches_for_a_narrow_grant(own_broke
         )
         return {"Authorization": f"Bearer {made.stdout.strip()}"}
 
-    admin, narrow = token("admin"), token("narrow", "--read", "mine", "--write", "mine")
-    requests.post(f"{broker.url}/messages/mine", json={"message": "common word"}, headers=admin, timeout=10)
-    for _ in range(5):
-        batch = [{"message": "common word"}] * 500
-        assert requests.post(f"{broker.url}/messages/others", json=batch, headers=admin, timeout=30).status_code == 201
-    first = search(broker.url, "common", headers=narrow)
-    assert first["count"] == 0 and first["more"] and first["before"] > 1
-    second = search(broker.url, "common", headers=narrow, before=first["before"])
-    assert [m["channel"] for m in second["messages"]] == ["mine"] and not second["more"]
+    admin, narrow = token("admin", "--read", "*,@*"), token("narrow", "--read", "mine", "--write", "mine")
+    mine = {"message": "password is hunter2"}
+    requests.post(f"{broker.url}/messages/mine", json=mine, headers=narrow, timeout=10)
+    before = [search(broker.url, q, headers=narrow, limit=1) for q in ('"password is h"*', "password")]
+    for _ in range(3):
+        batch = [{"message": "password is hunter2zebra"}] * 500
+        assert requests.post(f"{broker.url}/messages/@carol", json=batch, headers=admin, timeout=30).status_code == 201
+    after = [search(broker.url, q, headers=narrow, limit=1) for q in ('"password is h"*', "password")]
+    assert before == after
+    assert [(r["count"], r["more"], r["before"]) for r in after] == [(1, False, None), (1, False, None)]
+    assert after[0]["messages"][0]["channel"] == "mine"
+
+
+def test_prefixes_must_be_long_enough_and_few(url, channel):
+    post(url, channel, "a", "searching prefixes")
+    assert found_ids(url, "sea*", channel=channel)
+    for query, why in (("se*", "at least 3 letters"), ("abc* bcd* cde* def* efg*", "at most 4 words ending in *")):
+        reply = requests.get(f"{url}/search", params={"q": query}, timeout=10)
+        assert reply.status_code == 400 and why in reply.json()["error"], reply.text
 
 
 # -- the index follows the messages --------------------------------------------------------
@@ -169,12 +179,12 @@ def test_retention_prunes_the_index_in_step(tmp_path):
     path = str(tmp_path / "m.db")
     store = Store(path)
     store.append([Post("c", "a", f"rotating log line {n}") for n in range(20)])
-    assert len(store.search([SearchTerm("rotating")], limit=100)) == 20
+    assert len(store.search([SearchTerm("rotating")], limit=100).messages) == 20
     store.prune(max_messages=5)
-    kept = store.search([SearchTerm("rotating")], limit=100)
+    kept = store.search([SearchTerm("rotating")], limit=100).messages
     assert [m.message for m in kept] == [f"rotating log line {n}" for n in range(19, 14, -1)]
     store.prune(max_age=1, now=store.latest("c", 1).messages[0].timestamp + 10)
-    assert store.search([SearchTerm("rotating")]) == []
+    assert store.search([SearchTerm("rotating")]).messages == []
     store.close()
     integrity_check(path)
 
@@ -190,7 +200,7 @@ def test_a_schema_3_database_is_indexed_by_the_migration(tmp_path):
     )
     db.close()
     store = Store(path)
-    assert [m.id for m in store.search([SearchTerm("before")])] == [1]
+    assert [m.id for m in store.search([SearchTerm("before")]).messages] == [1]
     store.close()
     integrity_check(path)
 
@@ -239,4 +249,17 @@ def test_activity_counts_each_channels_messages_per_slot(tmp_path):
         store.append([Post(channel, "x", "m")], now=at)
     assert store.activity(start, 60, now=start + 180) == {"a": [1, 2, 0], "b": [0, 1, 0]}
     assert store.activity(start + 100, 60, now=start + 180) == {}
+    store.close()
+
+
+def test_a_search_stops_at_its_time_budget(tmp_path, monkeypatch):
+    from agent_comms_broker.store import Visible, sqlite_search
+
+    store = Store(str(tmp_path / "m.db"))
+    store.append([Post("c", "a", f"common word {n}") for n in range(3000)])
+    monkeypatch.setattr(sqlite_search, "SEARCH_STEPS", 2)
+    found = store.search([SearchTerm("common")], limit=5000, visible=Visible(channels=("other",)))
+    assert found.cut and found.messages == []
+    monkeypatch.setattr(sqlite_search, "SEARCH_STEPS", 10**9)
+    assert len(store.search([SearchTerm("common")], limit=5000).messages) == 3000
     store.close()

@@ -29,6 +29,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Streams last as long as their client: their time is no latency.
 STREAM_ROUTES = frozenset({"/stream", "/stream/<channel>"})
 UNMATCHED = "unmatched"
+# A method label is one of these, or "other": a client cannot make up label values.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
 def prepare_directory():
@@ -108,7 +110,8 @@ class Metrics:
         """One answered request (from the access logger, which sees every one)."""
         route = environ.get("bottle.route")
         rule = route.rule if route is not None else UNMATCHED
-        self.requests.labels(rule, environ.get("REQUEST_METHOD", "-"), str(status)).inc()
+        method = environ.get("REQUEST_METHOD")
+        self.requests.labels(rule, method if method in METHODS else OTHER, str(status)).inc()
         if str(status) == "429":
             self.rate_limited.labels(rule).inc()
         if rule not in STREAM_ROUTES:

@@ -8,8 +8,9 @@ backoff that doubles from retry_min to retry_max. So a message is never skipped,
 restarts too, and one may be sent twice when an answer is lost: webhooks carry an
 X-Agent-Comms-Delivery id for that. Posts never wait for any of it.
 
-Every worker runs a Notifier, and the one holding the database lease "notify" delivers;
-a worker that dies lets its lease lapse (LEASE seconds) and another takes over.
+Every worker runs a Notifier, and the one holding the database lease "notify" delivers,
+each rule in a greenlet of its own; a worker that dies lets its lease lapse (LEASE
+seconds, or twice the longest rule timeout) and another takes over.
 """
 
 import hashlib
@@ -24,6 +25,8 @@ from urllib.parse import urlsplit
 
 import gevent
 import orjson
+
+from .notify_rules import redacted
 
 log = logging.getLogger("agent_comms_broker.notify")
 
@@ -86,60 +89,69 @@ class Notifier:
         self.metrics = metrics
         self.alive = alive
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # The lease outlasts any one delivery twice over, and is renewed at its half: a
+        # holder never sends past its lease, so two workers never deliver at once.
+        self.lease = max(LEASE, 2 * max((rule.timeout for rule in rules.rules), default=0) + 5)
         self.leader = False
         self._lease_until = 0.0
 
     def start(self):
-        return gevent.spawn(self._loop)
+        """The lease keeper, and one greenlet per rule: a rule whose receiver hangs holds
+        up no other."""
+        greenlets = [gevent.spawn(self._keep_lease)]
+        greenlets += [gevent.spawn(self._rule_loop, rule) for rule in self.rules.rules]
+        return greenlets
 
-    def _loop(self):
-        self.run(self.store.add_notify_rules_work([rule.name for rule in self.rules.rules]))
+    def _keep_lease(self):
         while self.alive():
             try:
-                if self._hold_lease():
-                    self.deliver_due()
+                self._hold_lease()
             except Exception:
-                log.exception("notifications: a round failed; trying again")
+                log.exception("notifications: could not take or renew the lease; trying again")
+                self.leader = False
             gevent.sleep(POLL)
         if self.leader:
+            self.leader = False
             self.run(self.store.drop_lease_work(LEASE_NAME, self.owner))
 
     def _hold_lease(self):
         now = time.time()
-        if self.leader and now < self._lease_until - LEASE / 2:
+        if self.leader and now < self._lease_until - self.lease / 2:
             return True
-        self.leader = self.run(self.store.take_lease_work(LEASE_NAME, self.owner, LEASE, now))
-        self._lease_until = now + LEASE if self.leader else 0.0
-        return self.leader
+        held = self.run(self.store.take_lease_work(LEASE_NAME, self.owner, self.lease, now))
+        self._lease_until = now + self.lease if held else 0.0
+        self.leader = held
+        return held
 
-    def deliver_due(self):
-        """One round: each rule whose retry is due goes through what follows its cursor."""
-        records = self.store.notify_rules()
-        newest = self.store.last_given_id()
-        now = time.time()
-        due = []
-        for rule in self.rules.rules:
-            cursor, _, failures, _, next_try = records[rule.name]
-            if cursor < newest and next_try <= now:
-                due.append(gevent.spawn(self._deliver_rule, rule, cursor, failures))
-        gevent.joinall(due)  # each rule on its own: a slow receiver holds up only its rule
+    def may_send(self, rule):
+        """Whether this worker holds the lease for longer than one delivery of `rule`."""
+        return self.leader and time.time() + rule.timeout + 1 < self._lease_until
 
-    def _deliver_rule(self, rule, cursor, failures):
-        try:
-            self._deliver_from(rule, cursor, failures)
-        except Exception:
-            log.exception("notification rule %s: a round failed; trying again", rule.name)
+    def _rule_loop(self, rule):
+        while self.alive():
+            try:
+                if self.leader:
+                    self.deliver_due(rule)
+            except Exception:
+                log.exception("notification rule %s: a round failed; trying again", rule.name)
+            gevent.sleep(POLL)
 
-    def _deliver_from(self, rule, cursor, failures):
-        while self.alive() and self.leader:
+    def deliver_due(self, rule):
+        """If the rule's retry is due, go through what follows its cursor."""
+        cursor, _, failures, _, next_try = self.store.notify_rules()[rule.name]
+        if next_try > time.time() or cursor >= self.store.last_given_id():
+            return
+        while self.alive() and self.may_send(rule):
             page = self.store.all_after_id(cursor, PAGE)
             for message in page.messages:
                 if not rule.matches(message):
                     continue
+                if not self.may_send(rule):
+                    return
                 try:
                     self._send(rule, message)
                 except DeliveryError as error:
-                    self._failed(rule, message, cursor, failures + 1, str(error))
+                    self._failed(rule, message, failures + 1, str(error))
                     return
                 cursor = message.id
                 self.run(self.store.notify_advance_work(rule.name, cursor, 1))
@@ -151,7 +163,7 @@ class Notifier:
             if not page.more:
                 return
 
-    def _failed(self, rule, message, cursor, failures, error):
+    def _failed(self, rule, message, failures, error):
         delay = backoff(failures, self.rules.retry_min, self.rules.retry_max)
         text = f"message {message.id}: {error}"[:ERROR_MAX]
         self.run(self.store.notify_failed_work(rule.name, text, time.time() + delay))
@@ -163,6 +175,7 @@ class Notifier:
         """One POST, within the rule's timeout all told; redirects are not followed (a 3xx
         is a failure), and no proxy from the environment is used."""
         url, body, headers = request_of(rule, message, time.time())
+        shown = redacted(url)  # errors are shown in /status: no path or query of the URL
         parts = urlsplit(url)
         if parts.scheme == "https":
             connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=rule.timeout)
@@ -170,15 +183,15 @@ class Notifier:
             connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=rule.timeout)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
-            with gevent.Timeout(rule.timeout, DeliveryError(f"no answer from {url} within {rule.timeout:g} s")):
+            with gevent.Timeout(rule.timeout, DeliveryError(f"no answer from {shown} within {rule.timeout:g} s")):
                 connection.request("POST", target, body=body, headers=headers)
                 answer = connection.getresponse()
                 answer.read(65536)
         except DeliveryError:
             raise
         except (OSError, http.client.HTTPException) as error:
-            raise DeliveryError(f"{url}: {type(error).__name__}: {error}") from None
+            raise DeliveryError(f"{shown}: {type(error).__name__}: {error}") from None
         finally:
             connection.close()
         if not 200 <= answer.status < 300:
-            raise DeliveryError(f"{url} answered {answer.status}")
+            raise DeliveryError(f"{shown} answered {answer.status}")

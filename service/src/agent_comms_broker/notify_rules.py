@@ -16,7 +16,7 @@ does. What is sent and when is notify.py's.
 import dataclasses
 import re
 import tomllib
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from . import auth
 
@@ -77,8 +77,8 @@ def load(path):
             data = tomllib.load(file)
     except OSError as error:
         raise NotifyConfigError(f"cannot read {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise NotifyConfigError(f"{path} is not valid TOML: {error}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise NotifyConfigError(f"{path} is not valid TOML (UTF-8): {error}") from None
     try:
         return parse(data)
     except NotifyConfigError as error:
@@ -184,15 +184,29 @@ def _number(table, key, default, where):
 
 
 def _check_url(url, where):
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise NotifyConfigError(f"{where}: {url!r} is not a valid URL (its host or port)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise NotifyConfigError(f"{where}: {url!r} is not an http:// or https:// URL")
     if parts.username or parts.password:
         raise NotifyConfigError(f"{where}: put credentials in token or secret, not in the URL")
-    try:
-        parts.port  # noqa: B018  (an invalid port raises here)
-    except ValueError:
-        raise NotifyConfigError(f"{where}: {url!r} has an invalid port") from None
+    if port == 0:
+        raise NotifyConfigError(f"{where}: {url!r} has port 0")
+    if re.search(r"[\s\x00-\x1f\x7f]", url) or parts.fragment:
+        raise NotifyConfigError(f"{where}: {url!r} holds spaces, control characters or a #fragment")
+    segments = unquote(parts.path).replace("\\", "/").split("/")
+    if any(segment in (".", "..") for segment in segments):
+        raise NotifyConfigError(f"{where}: {url!r} has a . or .. segment in its path")
+
+
+def redacted(url):
+    """What may be shown of a destination (in /status, in errors): scheme, host and port.
+    Its path and query can hold a secret (webhook URLs often do)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _allowed_prefix(entry):

@@ -18,6 +18,8 @@ def fail(text):
 
 def check(db_path, binds, settings=None):
     check_database(db_path)
+    if settings is not None and settings.notify_file:
+        record_notify_rules(db_path, settings.notify_file)
     if settings is not None and settings.tls:
         check_tls(settings.tls_cert, settings.tls_key)
     if not os.environ.get("LISTEN_FDS"):  # systemd socket activation hands us the sockets
@@ -40,6 +42,22 @@ def check_database(db_path):
         fail(f"cannot open the database {db_path}: {error} (is it writable by this user?)")
     except RuntimeError as error:
         fail(f"cannot use the database {db_path}: {error}")
+
+
+def record_notify_rules(db_path, notify_file):
+    """The notification rules start at the newest message now, before anything is served,
+    so none of what is posted once the broker serves goes unnoticed."""
+    from .notify_rules import NotifyConfigError, load
+
+    try:
+        rules = load(notify_file)
+    except NotifyConfigError as error:
+        fail(str(error))
+    store = Store(db_path)
+    try:
+        store.add_notify_rules([rule.name for rule in rules.rules])
+    finally:
+        store.close()
 
 
 def check_tls(cert, key):

@@ -10,6 +10,7 @@ from bottle import HTTPError, response
 
 from .. import __version__
 from ..access import caller, readable
+from ..notify_rules import redacted
 from .validate import LIMIT_MAX, int_param, text_param
 
 OPENAPI_DOCUMENT = resources.files("agent_comms_broker").joinpath("openapi.json").read_bytes()
@@ -78,7 +79,7 @@ def notifications(store, rules):
             {
                 "rule": rule.name,
                 "kind": rule.kind,
-                "url": rule.url,
+                "url": redacted(rule.url),
                 "cursor": cursor,
                 "delivered": delivered,
                 "failures": failures,

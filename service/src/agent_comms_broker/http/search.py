@@ -4,16 +4,21 @@ channels the caller may read."""
 import functools
 import re
 
-from ..access import allow_read, readable
-from ..store import SearchTerm, text_size
+from bottle import HTTPError, request
+
+from .. import auth
+from ..access import PRIVATE_INBOXES, allow_read, caller
+from ..store import SearchTerm, Visible, text_size
 from .validate import LIMIT_MAX, bad_request, int_param, text_param, validate_channel
 
 QUERY_MAX = 500
 TERMS_MAX = 16
 SEARCH_LIMIT_DEFAULT = 20
-# A search of every channel reads at most this many matches (newest first) to fill a page
-# with those the caller may read; `before` then says where to go on.
-SCAN_MAX = 2000
+# A word or phrase ending in * matches the words that start with it: at least this many
+# characters of it, and at most PREFIXES_MAX such terms (each may stand for thousands of
+# words, which the index reads and merges).
+PREFIX_MIN = 3
+PREFIXES_MAX = 4
 # A word, a "quoted phrase", either ending in * for a prefix.
 TERM = re.compile(r'"([^"]*)"(\*?)|(\S+)')
 
@@ -35,6 +40,11 @@ def parse_query(query):
             terms.append(SearchTerm(text, prefix))
     if not terms:
         raise bad_request("q holds no word to search for (letters or digits)")
+    prefixes = [term for term in terms if term.prefix]
+    if any(sum(ch.isalnum() for ch in term.text) < PREFIX_MIN for term in prefixes):
+        raise bad_request(f"a word ending in * needs at least {PREFIX_MIN} letters or digits before the *")
+    if len(prefixes) > PREFIXES_MAX:
+        raise bad_request(f"q holds at most {PREFIXES_MAX} words ending in *")
     if len(terms) > TERMS_MAX:
         raise bad_request(f"q holds at most {TERMS_MAX} words or phrases")
     return terms
@@ -63,26 +73,39 @@ def get_search(broker):
     }
 
 
+def visible_to_caller():
+    """What a search of every channel may return to this request: its token's read
+    grants (an inbox only by a pattern naming inboxes, or its own), or without a token
+    every channel and, where inboxes are private, no inbox."""
+    who = caller()
+    if who is not None:
+        patterns = [pattern for pattern in who.read.split(",") if pattern]
+        return Visible(
+            channels=tuple(p for p in patterns if not p.startswith(auth.INBOX)),
+            inboxes=tuple(p for p in patterns if p.startswith(auth.INBOX)),
+            own=(auth.INBOX + who.agent,),
+        )
+    private = request.environ.get(PRIVATE_INBOXES)
+    return Visible(channels=("*",), inboxes=() if private else ("@*",))
+
+
 def search(broker, terms, channel, before, limit):
     """(messages the caller may read, newest first; where the next page starts; whether
-    one may follow): at most `limit` and the page budget of text (always one), from at
-    most SCAN_MAX matches."""
-    store, budget = broker.store, broker.settings.page_bytes
-    found, spent, scanned = [], 0, 0
-    while scanned < SCAN_MAX:
-        batch = min(max(limit - len(found), 50), SCAN_MAX - scanned)
-        matches = store.search(terms, channel, before, batch)
-        scanned += len(matches)
-        last = len(matches) < batch  # no match older than these
-        for index, message in enumerate(matches):
-            before = message.id
-            if channel is None and not readable(message.channel):
-                continue
-            spent += text_size(message.channel, message.sender, message.message)
-            found.append(message)
-            if len(found) == limit or spent >= budget:
-                more = not last or index < len(matches) - 1
-                return found, before if more else None, more
-        if last:
-            return found, None, False
-    return found, before, True
+    one may follow): at most `limit` and the page budget of text (always one). Only what
+    the caller may read is ever looked at, so nothing of the reply tells of the rest."""
+    visible = None if channel is not None else visible_to_caller()
+    found = broker.store.search(terms, channel, before, limit + 1, visible)
+    if found.cut and not found.messages:
+        raise HTTPError(
+            400,
+            "this search found nothing within the time a search may take: add words, make * prefixes longer, "
+            "or give channel=",
+        )
+    page, spent = [], 0
+    for message in found.messages[:limit]:
+        page.append(message)
+        spent += text_size(message.channel, message.sender, message.message)
+        if spent >= broker.settings.page_bytes:
+            break
+    more = found.cut or len(found.messages) > len(page)
+    return page, page[-1].id if more else None, more

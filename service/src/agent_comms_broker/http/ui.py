@@ -8,7 +8,7 @@ import functools
 import time
 from importlib import resources
 
-from bottle import HTTPResponse, redirect, static_file
+from bottle import HTTPError, HTTPResponse, redirect, static_file
 
 from ..access import readable
 from .validate import int_param
@@ -28,9 +28,8 @@ def register(app, broker):
 
 def page_file(name):
     reply = static_file(name, root=UI_FILES)
-    if isinstance(reply, HTTPResponse) and reply.status_code == 404:
-        reply.body = '{"error": "no such file of the dashboard"}'
-        reply.content_type = "application/json"
+    if isinstance(reply, HTTPResponse) and reply.status_code >= 400:
+        raise HTTPError(404, "no such file of the dashboard")
     return reply
 
 
@@ -50,8 +49,6 @@ def queues(broker):
     counts by state."""
     broker.touch_reader()
     rows = [
-        {"channel": channel, "counts": counts}
-        for channel, counts in broker.store.queue_totals()
-        if readable(channel)
+        {"channel": channel, "counts": counts} for channel, counts in broker.store.queue_totals() if readable(channel)
     ]
     return {"queues": rows, "count": len(rows)}

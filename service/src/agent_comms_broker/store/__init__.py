@@ -6,6 +6,7 @@ from .model import (
     AgentLimit,
     ChannelLimit,
     DatabaseFull,
+    Found,
     KeyConflict,
     Message,
     NoSuchMessage,
@@ -17,6 +18,7 @@ from .model import (
     Task,
     TaskRefused,
     Token,
+    Visible,
     stored_size,
     text_size,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "ChannelLimit",
     "DatabaseFull",
     "Filter",
+    "Found",
     "KeyConflict",
     "Message",
     "NoSuchMessage",
@@ -43,6 +46,7 @@ __all__ = [
     "Task",
     "TaskRefused",
     "Token",
+    "Visible",
     "stored_size",
     "text_size",
 ]

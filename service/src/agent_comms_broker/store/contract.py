@@ -55,10 +55,12 @@ class StoreContract(abc.ABC):
         windows) with id > after, oldest first."""
 
     @abc.abstractmethod
-    def search(self, terms, channel=None, before=None, limit=50):
-        """Messages whose text holds every SearchTerm (model.SearchTerm; case and accents
-        ignored), newest first, with id < before, in one channel or all: at most `limit`.
-        The index follows every post and every removal in their own transactions."""
+    def search(self, terms, channel=None, before=None, limit=50, visible=None):
+        """A model.Found: messages whose text holds every SearchTerm (case and accents
+        ignored), newest first, with id < before, in one channel or all (of those
+        `visible`, a model.Visible, lets through): at most `limit`; cut short (`cut`) when
+        it reaches its time budget. The index follows every post and every removal in
+        their own transactions."""
 
     @abc.abstractmethod
     def activity(self, since, slot, now=None):

@@ -156,6 +156,25 @@ class SearchTerm:
 
 
 @dataclass(frozen=True, slots=True)
+class Visible:
+    """The channels a search may return: those matching `channels` (patterns, never an
+    inbox), and the inboxes matching `inboxes` (patterns starting with @) or named in
+    `own` (exact names)."""
+
+    channels: tuple = ()
+    inboxes: tuple = ()
+    own: tuple = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A search's matches, newest first; `cut` when it stopped at its time budget."""
+
+    messages: list
+    cut: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     """One read of a channel: messages oldest first, the cursor to continue from, and
     whether retention removed messages the caller's cursor had not seen yet."""

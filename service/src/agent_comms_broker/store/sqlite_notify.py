@@ -31,6 +31,11 @@ class NotifyRecords:
         rows = self._read(lambda db: db.execute(SELECT_RULES).fetchall())
         return {row[0]: row[1:] for row in rows}
 
+    def add_notify_rules(self, names, now=None):
+        """Record rules not seen before (the master does, at start: a rule's first message
+        is any posted once the broker serves)."""
+        self._write(self.add_notify_rules_work(names, now))
+
     def add_notify_rules_work(self, names, now=None):
         """Work that records rules not seen before, each at the newest message id."""
         stamp = time.time() if now is None else now

@@ -3,16 +3,22 @@ keeps in step with the messages table; how many messages each channel got in eac
 of the last hour (the dashboard's sparklines). Part of the Store (a mixin of it); every
 statement here."""
 
+import sqlite3
 import time
 
+from .model import Found
 from .sqlite_rows import PAGE_COLUMNS, messages_of
 
-# Matches of a MATCH expression, newest first, below an id; {channel} narrows to one channel.
+# Matches of a MATCH expression, newest first, below an id; {where} narrows them: to one
+# channel, or to the channels a caller may read.
 SELECT_MATCHES = f"""
 SELECT {PAGE_COLUMNS} FROM message_text CROSS JOIN messages AS m ON m.id = message_text.rowid
-WHERE message_text MATCH ? AND message_text.rowid < ?{{channel}}
+WHERE message_text MATCH ? AND message_text.rowid < ?{{where}}
 ORDER BY message_text.rowid DESC LIMIT ?"""
 IN_CHANNEL = " AND m.channel = ?"
+# A search stops once SQLite has run this many thousand steps of its program (the
+# progress handler's count), so that no search holds a worker for long: about 0.1 s.
+SEARCH_STEPS = 4000
 # Timestamps rise with ids: the newest message at or before a time is found by walking
 # back from the newest id, over the messages since (no index on time alone needed).
 LAST_ID_AT = "SELECT id FROM messages WHERE timestamp <= ? ORDER BY id DESC LIMIT 1"
@@ -34,18 +40,47 @@ def match_expression(terms):
     return " AND ".join(parts)
 
 
+def visible_sql(visible):
+    """The SQL condition (and its parameters) that keeps the channels of a model.Visible:
+    channels by pattern (never an inbox), inboxes by pattern or by name."""
+    channels = " OR ".join(["m.channel GLOB ?"] * len(visible.channels)) or "0"
+    inboxes = " OR ".join(["m.channel GLOB ?"] * len(visible.inboxes) + ["m.channel = ?"] * len(visible.own))
+    inboxes = inboxes or "0"
+    condition = (
+        f" AND ((substr(m.channel, 1, 1) != '@' AND ({channels})) OR (substr(m.channel, 1, 1) = '@' AND ({inboxes})))"
+    )
+    return condition, [*visible.channels, *visible.inboxes, *visible.own]
+
+
 class Search:
-    def search(self, terms, channel=None, before=None, limit=50):
+    def search(self, terms, channel=None, before=None, limit=50, visible=None):
         expression = match_expression(terms)
-        statement = SELECT_MATCHES.format(channel=IN_CHANNEL if channel is not None else "")
-        params = [expression, NEWEST if before is None else before]
-        if channel is not None:
-            params.append(channel)
-        params.append(limit)
+        where, extra = (IN_CHANNEL, [channel]) if channel is not None else ("", [])
+        if visible is not None:
+            condition, more_params = visible_sql(visible)
+            where, extra = where + condition, extra + more_params
+        statement = SELECT_MATCHES.format(where=where)
+        params = [expression, NEWEST if before is None else before, *extra, limit]
 
         def work(db):
-            rows = db.execute(statement, params).fetchall()
-            return messages_of(db, rows, time.time(), self.max_attempts)
+            steps = [0]
+
+            def over():
+                steps[0] += 1
+                return steps[0] > SEARCH_STEPS
+
+            rows, cut = [], False
+            db.set_progress_handler(over, 1000)
+            try:
+                for row in db.execute(statement, params):
+                    rows.append(row)
+            except sqlite3.OperationalError:
+                if steps[0] <= SEARCH_STEPS:
+                    raise
+                cut = True  # the search took its time: what it found so far
+            finally:
+                db.set_progress_handler(None, 0)
+            return Found(messages_of(db, rows, time.time(), self.max_attempts), cut)
 
         return self._read(work)
 
