@@ -263,3 +263,21 @@ def test_a_search_stops_at_its_time_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_search, "SEARCH_STEPS", 10**9)
     assert len(store.search([SearchTerm("common")], limit=5000).messages) == 3000
     store.close()
+
+
+def test_search_off_skips_the_index_and_on_again_rebuilds_it(own_broker):
+    broker = own_broker(env={"AGENT_COMMS_SEARCH": "off"}, workers=1).start()
+    post(broker.url, "quiet", "a", "posted while search was off")
+    assert requests.get(f"{broker.url}/search", params={"q": "posted"}, timeout=10).status_code == 404
+    assert requests.get(f"{broker.url}/status", timeout=10).json()["search"] is False
+    db = sqlite3.connect(broker.db_path)
+    triggers = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'message_text%'")
+    assert triggers.fetchone()[0] == 0
+    db.close()
+    broker.stop()
+    broker.extra_env["AGENT_COMMS_SEARCH"] = "on"
+    broker.start()
+    assert [m["message"] for m in search(broker.url, "posted")["messages"]] == ["posted while search was off"]
+    post(broker.url, "quiet", "a", "and one more")
+    assert len(search(broker.url, "one more")["messages"]) == 1
+    integrity_check(broker.db_path)

@@ -209,6 +209,9 @@ class Settings:
     metrics_from: tuple = setting((), networks)
     # Channels that get a label of their own in the metrics, per worker; the rest: "other".
     metrics_channels: int = setting(100, count)
+    # GET /search and its index, kept in each post's transaction (off: posts skip its cost,
+    # and the index is emptied; on again, it is rebuilt at start).
+    search: bool = setting(True, switch)
     # The web dashboard at /ui/ (on unless 0, false or off).
     ui: bool = setting(True, switch)
     # Notification rules (TOML): notify.py, notify_rules.py. Empty: none.

@@ -18,6 +18,8 @@ def fail(text):
 
 def check(db_path, binds, settings=None):
     check_database(db_path)
+    if settings is not None:
+        keep_search(db_path, settings.search)
     if settings is not None and settings.notify_file:
         record_notify_rules(db_path, settings.notify_file)
     if settings is not None and settings.tls:
@@ -42,6 +44,18 @@ def check_database(db_path):
         fail(f"cannot open the database {db_path}: {error} (is it writable by this user?)")
     except RuntimeError as error:
         fail(f"cannot use the database {db_path}: {error}")
+
+
+def keep_search(db_path, enabled):
+    """The search index as AGENT_COMMS_SEARCH wants it, before anything is served."""
+    store = Store(db_path)
+    try:
+        if store.set_search(enabled):
+            print(
+                f"agent-comms-broker: search index {'rebuilt' if enabled else 'dropped'}", file=sys.stderr, flush=True
+            )
+    finally:
+        store.close()
 
 
 def record_notify_rules(db_path, notify_file):

@@ -61,6 +61,7 @@ def status(broker):
         "active_agents": active,
         "database_size": store.size_bytes(),
         "synchronous": store.synchronous(),
+        "search": settings.search,
     }
     rules = broker.runtime.notify_rules
     if rules is not None and rules.rules:

@@ -24,7 +24,8 @@ TERM = re.compile(r'"([^"]*)"(\*?)|(\S+)')
 
 
 def register(app, broker):
-    app.get("/search", callback=functools.partial(get_search, broker))
+    if broker.settings.search:
+        app.get("/search", callback=functools.partial(get_search, broker))
 
 
 def parse_query(query):

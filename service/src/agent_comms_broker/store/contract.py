@@ -63,6 +63,11 @@ class StoreContract(abc.ABC):
         their own transactions."""
 
     @abc.abstractmethod
+    def set_search(self, enabled):
+        """Keep the search index in step with the messages (rebuilding it if it was not
+        kept), or stop keeping it and empty it. Whether anything changed."""
+
+    @abc.abstractmethod
     def activity(self, since, slot, now=None):
         """{channel: [messages in each `slot` seconds from `since` to now]} of the channels
         that got any."""

@@ -194,13 +194,16 @@ def _migrate_2_to_3(db):
 # table, whichever statement of the store does it. The cap bounds what one message adds to
 # the index: a long unbroken string (base64) is one term, stored whole.
 SEARCH_CHARS = 16384
-SEARCH = [
+SEARCH_TABLE = [
     f"""CREATE VIEW message_text_source AS
         SELECT id, substr(message, 1, {SEARCH_CHARS}) AS message FROM messages""",
     """CREATE VIRTUAL TABLE message_text USING fts5(
         message, content = 'message_text_source', content_rowid = 'id',
         tokenize = 'unicode61 remove_diacritics 2'
     )""",
+]
+# What keeps the index in step; AGENT_COMMS_SEARCH=off drops them (store.set_search).
+SEARCH_TRIGGERS = [
     f"""CREATE TRIGGER message_text_insert AFTER INSERT ON messages BEGIN
         INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
     END""",
@@ -214,9 +217,12 @@ SEARCH = [
         VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
         INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
     END""",
-    # The messages already stored.
-    "INSERT INTO message_text (message_text) VALUES ('rebuild')",
 ]
+SEARCH_TRIGGER_NAMES = ("message_text_insert", "message_text_delete", "message_text_update")
+# The messages already stored.
+REBUILD_SEARCH = "INSERT INTO message_text (message_text) VALUES ('rebuild')"
+EMPTY_SEARCH = "INSERT INTO message_text (message_text) VALUES ('delete-all')"
+SEARCH = [*SEARCH_TABLE, *SEARCH_TRIGGERS, REBUILD_SEARCH]
 
 
 def _migrate_3_to_4(db):

@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 from .model import Found
+from .schema import EMPTY_SEARCH, REBUILD_SEARCH, SEARCH_TRIGGER_NAMES, SEARCH_TRIGGERS
 from .sqlite_rows import PAGE_COLUMNS, messages_of
 
 # Matches of a MATCH expression, newest first, below an id; {where} narrows them: to one
@@ -52,7 +53,31 @@ def visible_sql(visible):
     return condition, [*visible.channels, *visible.inboxes, *visible.own]
 
 
+PRESENT_TRIGGERS = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name IN (?, ?, ?)"
+
+
 class Search:
+    def set_search(self, enabled):
+        """Keep the search index (its triggers in place; rebuilt from the messages when
+        they were not), or not (triggers dropped, index emptied: posts skip its cost).
+        Whether anything changed."""
+
+        def work(db):
+            present = [row[0] for row in db.execute(PRESENT_TRIGGERS, SEARCH_TRIGGER_NAMES)]
+            if enabled == (len(present) == len(SEARCH_TRIGGER_NAMES)):
+                return False
+            for name in present:
+                db.execute(f"DROP TRIGGER {name}")
+            if enabled:
+                for statement in SEARCH_TRIGGERS:
+                    db.execute(statement)
+                db.execute(REBUILD_SEARCH)
+            else:
+                db.execute(EMPTY_SEARCH)
+            return True
+
+        return self._write(work)
+
     def search(self, terms, channel=None, before=None, limit=50, visible=None):
         expression = match_expression(terms)
         where, extra = (IN_CHANNEL, [channel]) if channel is not None else ("", [])

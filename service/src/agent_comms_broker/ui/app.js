@@ -441,6 +441,7 @@ async function start() {
   if (status) {
     state.auth = status.auth;
     $("broker").textContent = "v" + status.version + ", " + status.auth;
+    if (status.search === false) $("search-form").hidden = true; // AGENT_COMMS_SEARCH=off
   }
   showIdentity(status);
   if (status && status.auth === "required" && !token()) {
