@@ -281,3 +281,15 @@ def test_search_off_skips_the_index_and_on_again_rebuilds_it(own_broker):
     post(broker.url, "quiet", "a", "and one more")
     assert len(search(broker.url, "one more")["messages"]) == 1
     integrity_check(broker.db_path)
+
+
+def test_search_off_drops_a_trigger_left_alone_too(tmp_path):
+    """Off means no trigger at all, also when one was left behind (by hand, or a crash
+    between statements of another tool)."""
+    store = Store(str(tmp_path / "m.db"))
+    store._db.execute("DROP TRIGGER message_text_update")
+    assert store.set_search(False)
+    names = store._db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'message_text%'")
+    assert names.fetchall() == []
+    assert store.set_search(True) and not store.set_search(True)
+    store.close()

@@ -64,7 +64,7 @@ class Search:
 
         def work(db):
             present = [row[0] for row in db.execute(PRESENT_TRIGGERS, SEARCH_TRIGGER_NAMES)]
-            if enabled == (len(present) == len(SEARCH_TRIGGER_NAMES)):
+            if len(present) == (len(SEARCH_TRIGGER_NAMES) if enabled else 0):
                 return False
             for name in present:
                 db.execute(f"DROP TRIGGER {name}")
