@@ -43,19 +43,17 @@ class AccessLogger(glogging.Logger):
     observer = None
 
     def access(self, resp, req, environ, request_time):
+        status = resp.status
+        if isinstance(status, str):
+            status = status.split(None, 1)[0]
         if self.observer is not None:
-            status = resp.status
-            code = status.split(None, 1)[0] if isinstance(status, str) else status
-            self.observer(environ, code, request_time.total_seconds())
+            self.observer(environ, status, request_time.total_seconds())
         stream = self._stream
         if stream is None or not self.access_log_enabled:
             super().access(resp, req, environ, request_time)
             return
         if not self.access_log.isEnabledFor(logging.INFO):
             return
-        status = resp.status
-        if isinstance(status, str):
-            status = status.split(None, 1)[0]
         sent = getattr(resp, "sent", None)
         remote = _safe(environ.get("REMOTE_ADDR", "-"))
         request_line = _safe(f"{environ['REQUEST_METHOD']} {environ['RAW_URI']} {environ['SERVER_PROTOCOL']}")

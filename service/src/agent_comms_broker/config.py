@@ -93,14 +93,11 @@ def networks(text):
     import ipaddress
 
     values = []
-    for part in str(text).split(","):
-        if part.strip():
-            try:
-                values.append(ipaddress.ip_network(part.strip(), strict=False))
-            except ValueError:
-                raise ValueError(
-                    f"{part.strip()!r} is not an address or network such as 192.168.122.10 or 10.0.0.0/24"
-                ) from None
+    for part in filter(None, (part.strip() for part in str(text).split(","))):
+        try:
+            values.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"{part!r} is not an address or network such as 192.168.122.10 or 10.0.0.0/24") from None
     return tuple(values)
 
 

@@ -19,9 +19,7 @@ def fail(text):
 def check(db_path, binds, settings=None):
     check_database(db_path)
     if settings is not None:
-        keep_search(db_path, settings.search)
-    if settings is not None and settings.notify_file:
-        record_notify_rules(db_path, settings.notify_file)
+        prepare_store(db_path, settings)
     if settings is not None and settings.tls:
         check_tls(settings.tls_cert, settings.tls_key)
     if not os.environ.get("LISTEN_FDS"):  # systemd socket activation hands us the sockets
@@ -46,30 +44,25 @@ def check_database(db_path):
         fail(f"cannot use the database {db_path}: {error}")
 
 
-def keep_search(db_path, enabled):
-    """The search index as AGENT_COMMS_SEARCH wants it, before anything is served."""
+def prepare_store(db_path, settings):
+    """Before anything is served, on one connection: the search index as AGENT_COMMS_SEARCH
+    wants it, and the notification rules recorded at the newest message (so none of what
+    is posted once the broker serves goes unnoticed)."""
+    rules = None
+    if settings.notify_file:
+        from .notify_rules import NotifyConfigError, load
+
+        try:
+            rules = load(settings.notify_file)
+        except NotifyConfigError as error:
+            fail(str(error))
     store = Store(db_path)
     try:
-        if store.set_search(enabled):
-            print(
-                f"agent-comms-broker: search index {'rebuilt' if enabled else 'dropped'}", file=sys.stderr, flush=True
-            )
-    finally:
-        store.close()
-
-
-def record_notify_rules(db_path, notify_file):
-    """The notification rules start at the newest message now, before anything is served,
-    so none of what is posted once the broker serves goes unnoticed."""
-    from .notify_rules import NotifyConfigError, load
-
-    try:
-        rules = load(notify_file)
-    except NotifyConfigError as error:
-        fail(str(error))
-    store = Store(db_path)
-    try:
-        store.add_notify_rules([rule.name for rule in rules.rules])
+        if store.set_search(settings.search):
+            done = "rebuilt from the messages" if settings.search else "dropped (AGENT_COMMS_SEARCH=off)"
+            print(f"agent-comms-broker: search index {done}", file=sys.stderr, flush=True)
+        if rules is not None:
+            store.add_notify_rules([rule.name for rule in rules.rules])
     finally:
         store.close()
 

@@ -8,7 +8,6 @@ const TOKEN_KEY = "agent-comms-token";
 const SENDER_KEY = "agent-comms-sender";
 const THREAD_LIMIT = 100;
 const state = {
-  auth: "open",
   channel: null,
   tail: null, // the AbortController of the live tail
   lastId: 0, // the last message id the tail showed: where a reconnect resumes
@@ -45,19 +44,21 @@ class ApiError extends Error {
   }
 }
 
+// A refused call as an ApiError in the broker's own words; a 401 asks for a token.
+async function refusal(reply) {
+  const body = await reply.json().catch(() => null);
+  if (reply.status === 401) askForToken();
+  const why = body && body.error ? body.error : reply.statusText;
+  return new ApiError(reply.status, reply.status + ": " + why);
+}
+
 async function api(path, options) {
   const init = Object.assign({}, options || {});
   init.headers = headers(init.headers);
   const reply = await fetch(path, init);
-  let body = null;
+  if (!reply.ok) throw await refusal(reply);
   const type = reply.headers.get("Content-Type") || "";
-  if (type.startsWith("application/json")) body = await reply.json();
-  if (!reply.ok) {
-    const why = body && body.error ? body.error : reply.statusText;
-    if (reply.status === 401) askForToken();
-    throw new ApiError(reply.status, reply.status + ": " + why);
-  }
-  return body;
+  return type.startsWith("application/json") ? reply.json() : null;
 }
 
 function showError(error) {
@@ -209,9 +210,7 @@ async function tail(channel) {
         signal: control.signal,
       });
       if (!reply.ok) {
-        const body = await reply.json().catch(() => ({}));
-        if (reply.status === 401) askForToken();
-        showError(new ApiError(reply.status, reply.status + ": " + (body.error || reply.statusText)));
+        showError(await refusal(reply));
         if (reply.status === 401 || reply.status === 403 || reply.status === 400) return;
       } else {
         $("tail-panel").classList.add("live");
@@ -439,7 +438,6 @@ async function start() {
     showError(error);
   }
   if (status) {
-    state.auth = status.auth;
     $("broker").textContent = "v" + status.version + ", " + status.auth;
     if (status.search === false) $("search-form").hidden = true; // AGENT_COMMS_SEARCH=off
   }
