@@ -59,11 +59,15 @@ expected.failures = ()
 
 
 def wait_for(driver, condition, what, timeout=WAIT):
+    """condition(driver)'s value once it is true. The page redraws its panels as it reloads
+    them: an element found a moment before may be gone, and the condition is asked again."""
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    waiting = WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException])
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
-    except Exception:
+        return waiting.until(lambda d: condition(d))
+    except TimeoutException:
         raise AssertionError(f"{what} did not happen within {timeout} s") from None
 
 
