@@ -314,11 +314,16 @@ async function loadAgents() {
   if (!agents.length) list.appendChild(el("li", "muted", "no agents yet"));
 }
 
+// The counts come with /queues; who holds which task only from the queues that have
+// claimed tasks.
 async function loadQueues() {
   const listing = await api("/queues");
   const box = $("queues");
   const views = await Promise.all(
-    listing.queues.map((q) => api("/queue/" + encodeURIComponent(q.channel)).then((view) => [q.channel, view]))
+    listing.queues.map(async (q) => {
+      const claimed = q.counts.claimed ? (await api("/queue/" + encodeURIComponent(q.channel))).claimed : [];
+      return [q.channel, { counts: q.counts, claimed }];
+    })
   );
   box.replaceChildren();
   for (const [channel, view] of views) {
@@ -390,6 +395,15 @@ function route() {
   if (match) openChannel(decodeURIComponent(match[1]));
 }
 
+// Reload a panel `ms` after its last reload ended: a slow broker gets no pile of reloads
+// (setInterval would start one every `ms` while the others still wait).
+async function every(ms, what) {
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, ms));
+    await refresh(what);
+  }
+}
+
 // A panel's periodic reload: a refusal or an unreachable broker is shown, and cleared by
 // the next reload that works.
 async function refresh(what) {
@@ -448,9 +462,9 @@ async function start() {
   }
   await Promise.all([refresh(loadChannels), refresh(loadAgents), refresh(loadQueues)]);
   route();
-  setInterval(() => refresh(loadChannels), 5000);
-  setInterval(() => refresh(loadAgents), 5000);
-  setInterval(() => refresh(loadQueues), 1000);
+  every(5000, loadChannels);
+  every(5000, loadAgents);
+  every(1000, loadQueues);
   setInterval(countdown, 1000);
 }
 
