@@ -1,6 +1,7 @@
 import itertools
 import os
 import signal
+import time
 
 import pytest
 import requests
@@ -68,6 +69,15 @@ def post(url, channel, sender, message, **kwargs):
     )
     assert reply.status_code == 201, reply.text
     return reply.json()
+
+
+def until(condition, timeout=15, what="the condition"):
+    """Returns as soon as condition() is true; fails once `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.05)
 
 
 @pytest.fixture

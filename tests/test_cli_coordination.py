@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from cli_process import CHAT, Running
+from conftest import until
 
 LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (?P<sender>[^:]+): (?P<text>.*)$")
 
@@ -56,13 +57,6 @@ def get(url, path, agent=None, **params):
     reply = requests.get(f"{url}{path}", params=params, headers={"X-Agent-ID": agent} if agent else {}, timeout=10)
     assert reply.status_code == 200, reply.text
     return reply.json()
-
-
-def until(check, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not reached in time"
-        time.sleep(0.05)
 
 
 # -- send --------------------------------------------------------------------------------
@@ -189,7 +183,7 @@ def test_every_send_has_its_own_key(url, channel):
 
 def test_wait_reply_prints_the_first_reply_and_exits_0(url, channel):
     with Running([*CHAT, "--agent-id", "poster", "send", channel, "convert song.flac", "--wait-reply"]) as sent:
-        until(lambda: get(url, f"/messages/{channel}")["messages"])
+        until(lambda: get(url, f"/messages/{channel}")["messages"], timeout=10)
         task = get(url, f"/messages/{channel}")["messages"][0]
         post(url, channel, "chatter", "not a reply")
         other = post(url, channel, "someone", "another question")
@@ -204,7 +198,7 @@ def test_wait_reply_prints_the_first_reply_and_exits_0(url, channel):
 def test_wait_reply_gets_the_reply_of_done(url, channel):
     """The reply `done` posts for a task is the reply the poster waits for."""
     with Running([*CHAT, "--agent-id", "poster", "send", channel, "job", "--wait-reply", "--json"]) as sent:
-        until(lambda: get(url, f"/messages/{channel}")["messages"])
+        until(lambda: get(url, f"/messages/{channel}")["messages"], timeout=10)
         taken = json.loads(ok(chat("take", channel, "--json", agent="worker"))[0])
         ok(chat("done", channel, str(taken["id"]), "the result", agent="worker"))
         assert sent.wait(20) == 0, sent.stderr()
@@ -265,7 +259,7 @@ def test_watch_resume_continues_where_the_last_watcher_stopped(url, channel):
     with Running([*CHAT, "--agent-id", "w", "watch", channel, "--resume"]) as watcher:
         m3 = post(url, channel, "poster", "m3")
         assert shown([watcher.line()]) == [("poster", "m3")]
-        until(lambda: get(url, f"/cursors/{channel}", agent="w")["read"] == m3["id"])
+        until(lambda: get(url, f"/cursors/{channel}", agent="w")["read"] == m3["id"], timeout=10)
     # Posted while no watcher ran: the next one starts with it, and prints nothing twice.
     post(url, channel, "poster", "m4")
     with Running([*CHAT, "--agent-id", "w", "watch", channel, "--resume", "--timeout", "20"]) as watcher:

@@ -357,18 +357,12 @@ def test_backups_hold_tasks_positions_and_keys(own_broker, tmp_path):
 
 
 def test_a_schema_2_database_upgrades_to_coordination(tmp_path):
-    import sqlite3
-
     from agent_comms_broker.store import Post, Store
-    from agent_comms_broker.store.schema import MIGRATIONS, SCHEMA_VERSION
+    from agent_comms_broker.store.schema import SCHEMA_VERSION
+    from legacy_broker import older_schema_database
 
     path = str(tmp_path / "v2.db")
-    db = sqlite3.connect(path, isolation_level=None)
-    for step in MIGRATIONS[:2]:
-        step(db)
-    db.execute("PRAGMA user_version = 2")
-    db.execute("INSERT INTO messages (channel, sender, message, timestamp) VALUES ('tasks', 'a', 'old task', 1.0)")
-    db.close()
+    older_schema_database(path, 2, [("tasks", "a", "old task", 1.0)])
     store = Store(path)
     assert store.schema_version() == SCHEMA_VERSION
     task = store.take("tasks", "w", 60)

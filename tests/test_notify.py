@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from broker_process import BIN, free_port
+from conftest import until
 from http_peer import Peer
 
 OK = (200, {"ok": True}, {})
@@ -41,15 +42,6 @@ def post(url, channel, message, priority=3, tags=(), sender="agent-a"):
 
 def bodies(peer):
     return [json.loads(request[3]) for request in peer.requests]
-
-
-def until(condition, timeout=15, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def status_of(url, rule):

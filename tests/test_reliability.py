@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from broker_process import BIN, BrokerProcess
+from conftest import until
 from sse_client import EventStream
 
 # Several writers from one address, as fast as the broker answers: no rate limit. Keep-alive
@@ -60,15 +61,6 @@ def process_gone(pid):
     return state in ("Z", "X")
 
 
-def wait_until(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def reload_gracefully(broker, timeout=20):
     """SIGHUP to gunicorn's master: new workers start, the old ones finish and leave."""
     old = set(broker.worker_pids())
@@ -78,7 +70,7 @@ def reload_gracefully(broker, timeout=20):
         now = set(broker.worker_pids())
         return len(now) == broker.workers and not now & old
 
-    wait_until(replaced, timeout, f"new workers after SIGHUP:\n{broker.log()[-3000:]}")
+    until(replaced, timeout, f"new workers after SIGHUP:\n{broker.log()[-3000:]}")
 
 
 class Flood:
@@ -224,13 +216,13 @@ def test_acknowledged_posts_survive_sigkill_of_every_process(own_broker):
         processes = [broker.process.pid, *broker.worker_pids()]
         assert len(processes) == 3
         with Flood(broker.url, [f"kill{round_number}-w{n}" for n in range(4)]) as flood:
-            wait_until(lambda flood=flood: len(flood.acked) >= 100, 20, "100 acknowledged posts")
+            until(lambda flood=flood: len(flood.acked) >= 100, 20, "100 acknowledged posts")
             time.sleep(0.7)
             posted = len(flood.acked)
             time.sleep(0.3)
             assert len(flood.acked) > posted, "the writers stalled before the kill"
             broker.stop(signal.SIGKILL)
-            wait_until(lambda pids=processes: all(map(process_gone, pids)), 10, "every broker process to die")
+            until(lambda pids=processes: all(map(process_gone, pids)), 10, "every broker process to die")
             time.sleep(0.2)  # the posts in flight at the kill fail
         acked.update(flood.acked)
         not_acked |= {(channel, text) for channel, text, _ in flood.failed}
@@ -382,10 +374,10 @@ def test_watchers_resume_across_a_restart_and_a_reload_with_every_message_once(o
     texts = [f"live {n}" for n in range(150)] + [END]
     writer = Writer(url, "live", texts)
     writer.start()
-    wait_until(lambda: len(writer.acked) >= 40, 30, "40 posts before the restart")
+    until(lambda: len(writer.acked) >= 40, 30, "40 posts before the restart")
     broker.stop()  # SIGTERM: streams end, the writer's posts fail until it is back
     broker.start()
-    wait_until(lambda: len(writer.acked) >= 90, 30, "90 posts before the reload")
+    until(lambda: len(writer.acked) >= 90, 30, "90 posts before the reload")
     reload_gracefully(broker)
     writer.join(60)
     assert not writer.is_alive() and len(writer.acked) == len(texts)
@@ -415,10 +407,10 @@ def test_agent_chat_watch_prints_every_message_once_across_a_restart_and_a_reloa
     try:
         writer = Writer(broker.url, "tasks", texts, pause=0.02)
         writer.start()
-        wait_until(lambda: len(writer.acked) >= 20, 30, "20 posts before the restart")
+        until(lambda: len(writer.acked) >= 20, 30, "20 posts before the restart")
         broker.stop()
         broker.start()
-        wait_until(lambda: len(writer.acked) >= 40, 30, "40 posts before the reload")
+        until(lambda: len(writer.acked) >= 40, 30, "40 posts before the reload")
         reload_gracefully(broker)
         writer.join(60)
         out, err = watch.communicate(timeout=60)

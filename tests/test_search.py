@@ -8,11 +8,10 @@ import subprocess
 import requests
 
 from agent_comms_broker.store import Post, SearchTerm, Store
-from agent_comms_broker.store.schema import MIGRATIONS
 from broker_process import BIN
 from cli_process import CHAT
 from conftest import post
-from legacy_broker import legacy_database
+from legacy_broker import legacy_database, older_schema_database
 
 ADMIN = str(BIN / "agent-comms-broker")
 
@@ -191,14 +190,7 @@ def test_retention_prunes_the_index_in_step(tmp_path):
 
 def test_a_schema_3_database_is_indexed_by_the_migration(tmp_path):
     path = str(tmp_path / "v3.db")
-    db = sqlite3.connect(path, isolation_level=None)
-    for step in MIGRATIONS[:3]:
-        step(db)
-    db.execute("PRAGMA user_version = 3")
-    db.execute(
-        "INSERT INTO messages (channel, sender, message, timestamp) VALUES ('old', 'a', 'written before search', 1.0)"
-    )
-    db.close()
+    older_schema_database(path, 3, [("old", "a", "written before search", 1.0)])
     store = Store(path)
     assert [m.id for m in store.search([SearchTerm("before")]).messages] == [1]
     store.close()

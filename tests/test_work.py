@@ -13,6 +13,7 @@ import time
 import requests
 
 from cli_process import CHAT, Running
+from conftest import until
 
 
 def post(url, channel, sender, message):
@@ -40,13 +41,6 @@ def work(channel, *command, agent="worker", options=(), timeout=60):
         timeout=timeout,
     )
     return done.returncode, done.stdout.splitlines(), done.stderr
-
-
-def until(check, timeout=15):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not reached in time"
-        time.sleep(0.05)
 
 
 def alive(pid):
