@@ -197,6 +197,78 @@ def test_a_schema_3_database_is_indexed_by_the_migration(tmp_path):
     integrity_check(path)
 
 
+def test_a_schema_5_database_keeps_its_index_and_its_switch(tmp_path):
+    """Schema 5 kept the index by a trigger on each insert; schema 6 indexes a transaction's
+    messages before its commit. The migration keeps what was indexed and whether search
+    was on."""
+    on, off = str(tmp_path / "on.db"), str(tmp_path / "off.db")
+    older_schema_database(on, 5, [("old", "a", "indexed by the old trigger", 1.0)])
+    older_schema_database(off, 5, [("old", "a", "indexed by the old trigger", 1.0)])
+    db = sqlite3.connect(off, isolation_level=None)
+    for name in ("message_text_insert", "message_text_delete", "message_text_update"):
+        db.execute(f"DROP TRIGGER {name}")
+    db.execute("INSERT INTO message_text (message_text) VALUES ('delete-all')")
+    db.close()
+    store = Store(on)
+    assert store.schema_version() == 6
+    store.append([Post("new", "b", "indexed before its commit")])
+    assert [m.message for m in store.search([SearchTerm("indexed")]).messages] == [
+        "indexed before its commit",
+        "indexed by the old trigger",
+    ]
+    assert not store.set_search(True)  # on it was, on it stays
+    store.close()
+    integrity_check(on)
+    store = Store(off)
+    assert store.set_search(True)  # off it was: the broker's start rebuilds it when asked
+    assert len(store.search([SearchTerm("trigger")]).messages) == 1
+    store.close()
+    integrity_check(off)
+
+
+def test_rows_another_program_adds_are_indexed_by_the_next_write(tmp_path):
+    """What the index holds is in search_index: rows added behind the store's back (by
+    hand, another tool) are taken in by its next write, and deleting one before that does
+    not touch the index."""
+    path = str(tmp_path / "m.db")
+    store = Store(path)
+    store.append([Post("c", "a", "first by the broker")])
+    db = sqlite3.connect(path, isolation_level=None)
+    insert = "INSERT INTO messages (channel, sender, message, timestamp) VALUES ('c', 'x', ?, 2e9)"
+    db.execute(insert, ("added by hand",))
+    db.execute(insert, ("removed by hand before any write",))
+    db.execute("DELETE FROM messages WHERE message = 'removed by hand before any write'")
+    db.close()
+    assert [m.message for m in store.search([SearchTerm("by")]).messages] == ["first by the broker"]
+    store.append([Post("c", "a", "second by the broker")])
+    assert [m.message for m in store.search([SearchTerm("by")]).messages] == [
+        "second by the broker",
+        "added by hand",
+        "first by the broker",
+    ]
+    store.close()
+    integrity_check(path)
+
+
+def test_a_group_commit_indexes_the_posts_kept_not_the_refused(tmp_path):
+    from agent_comms_broker.store.model import KeyConflict
+
+    path = str(tmp_path / "m.db")
+    store = Store(path)
+    store.append([Post("c", "a", "keyed first", key="k")])
+
+    def posting(text, channel="c", key=None):
+        return lambda db: store._insert(db, [Post(channel, "a", text, key=key)], 1e9)
+
+    outcomes = store.write_batch(
+        [posting("grouped one"), posting("grouped refused", channel="d", key="k"), posting("grouped two")]
+    )
+    assert isinstance(outcomes[1][1], KeyConflict)
+    assert [m.message for m in store.search([SearchTerm("grouped")]).messages] == ["grouped two", "grouped one"]
+    store.close()
+    integrity_check(path)
+
+
 def test_broker_py_database_is_searchable_after_adoption(own_broker, tmp_path):
     db = tmp_path / "messages.db"
     legacy_database(str(db), [("tasks", "warp-ct200", "Download movie.mkv", "2025-08-03 18:42:28")])

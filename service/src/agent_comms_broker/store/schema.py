@@ -2,7 +2,7 @@
 older database (broker.py's included) up to it. PRAGMA user_version holds the schema
 number; MIGRATIONS[n] takes schema n to n + 1."""
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Schema 1, which the later migrations build on.
 CREATE_MESSAGES = """
@@ -189,9 +189,8 @@ def _migrate_2_to_3(db):
 
 # Search (schema 4): a full-text index (FTS5) of the first SEARCH_CHARS characters of each
 # message's text, over the messages table itself through a view (external content: the
-# text is not stored twice). Triggers keep it in step in the transaction of every insert
-# and every delete, so a post and a retention prune change the index as they change the
-# table, whichever statement of the store does it. The cap bounds what one message adds to
+# text is not stored twice), kept in step in the transaction of every insert and every
+# delete (schema 6 changed how, below). The cap bounds what one message adds to
 # the index: a long unbroken string (base64) is one term, stored whole.
 SEARCH_CHARS = 16384
 SEARCH_TABLE = [
@@ -202,8 +201,8 @@ SEARCH_TABLE = [
         tokenize = 'unicode61 remove_diacritics 2'
     )""",
 ]
-# What keeps the index in step; AGENT_COMMS_SEARCH=off drops them (store.set_search).
-SEARCH_TRIGGERS = [
+# What kept the index in step in schema 4 and 5: a trigger for each insert, delete and edit.
+SEARCH_TRIGGERS_4 = [
     f"""CREATE TRIGGER message_text_insert AFTER INSERT ON messages BEGIN
         INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
     END""",
@@ -211,23 +210,20 @@ SEARCH_TRIGGERS = [
         INSERT INTO message_text (message_text, rowid, message)
         VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
     END""",
-    # Messages are never edited; should one be (by hand), the index follows.
     f"""CREATE TRIGGER message_text_update AFTER UPDATE OF message ON messages BEGIN
         INSERT INTO message_text (message_text, rowid, message)
         VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
         INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
     END""",
 ]
-SEARCH_TRIGGER_NAMES = ("message_text_insert", "message_text_delete", "message_text_update")
 # The messages already stored.
 REBUILD_SEARCH = "INSERT INTO message_text (message_text) VALUES ('rebuild')"
 EMPTY_SEARCH = "INSERT INTO message_text (message_text) VALUES ('delete-all')"
-SEARCH = [*SEARCH_TABLE, *SEARCH_TRIGGERS, REBUILD_SEARCH]
 
 
 def _migrate_3_to_4(db):
     """A full-text index of message text, built from the messages already stored."""
-    for statement in SEARCH:
+    for statement in [*SEARCH_TABLE, *SEARCH_TRIGGERS_4, REBUILD_SEARCH]:
         db.execute(statement)
 
 
@@ -258,5 +254,51 @@ def _migrate_4_to_5(db):
         db.execute(statement)
 
 
+# Search (schema 6): new messages reach the index in one statement per transaction, run by
+# the store just before it commits (INDEX_NEW), no longer by a trigger on each insert. The
+# trigger made SQLite open a statement savepoint for every message inserted, and at every
+# savepoint FTS5 writes what it holds in memory as a new segment of the index: a segment
+# per message, merged again and again (a batch of 100 posts took 2.5 times as long). The
+# one row of search_index says search is on and up to which id the index holds the
+# messages; what is above it (posts of this transaction, or rows another program added)
+# the next write adds. Deletes and edits still go through triggers, for indexed rows only.
+CREATE_SEARCH_INDEX = "CREATE TABLE search_index (indexed_through INTEGER NOT NULL)"
+START_SEARCH_INDEX = "INSERT INTO search_index (indexed_through) SELECT coalesce(max(id), 0) FROM messages"
+INDEXED = "old.id <= (SELECT indexed_through FROM search_index)"
+SEARCH_TRIGGERS = [
+    f"""CREATE TRIGGER message_text_delete AFTER DELETE ON messages WHEN {INDEXED} BEGIN
+        INSERT INTO message_text (message_text, rowid, message)
+        VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
+    END""",
+    # Messages are never edited; should one be (by hand), the index follows.
+    f"""CREATE TRIGGER message_text_update AFTER UPDATE OF message ON messages WHEN {INDEXED} BEGIN
+        INSERT INTO message_text (message_text, rowid, message)
+        VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
+        INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
+    END""",
+]
+SEARCH_TRIGGER_NAMES = ("message_text_delete", "message_text_update")
+# Run before each commit of a transaction that inserted messages (nothing when search is off).
+INDEX_NEW = [
+    f"""INSERT INTO message_text (rowid, message)
+        SELECT id, substr(message, 1, {SEARCH_CHARS}) FROM messages
+        WHERE id > (SELECT indexed_through FROM search_index)""",
+    """UPDATE search_index SET indexed_through = max(indexed_through, (SELECT coalesce(max(id), 0) FROM messages))""",
+]
+
+
+def _migrate_5_to_6(db):
+    """The search index takes a transaction's new messages in one statement, not by trigger."""
+    insert_trigger = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'message_text_insert'"
+    was_on = db.execute(insert_trigger).fetchone()
+    for name in ("message_text_insert", *SEARCH_TRIGGER_NAMES):
+        db.execute(f"DROP TRIGGER IF EXISTS {name}")
+    db.execute(CREATE_SEARCH_INDEX)
+    if was_on:  # the triggers kept the index in step with every message until now
+        for statement in SEARCH_TRIGGERS:
+            db.execute(statement)
+        db.execute(START_SEARCH_INDEX)
+
+
 # MIGRATIONS[n] takes schema n to n + 1.
-MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3, _migrate_3_to_4, _migrate_4_to_5]
+MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3, _migrate_3_to_4, _migrate_4_to_5, _migrate_5_to_6]

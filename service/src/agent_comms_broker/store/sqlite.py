@@ -254,6 +254,7 @@ class Store(Coordination, Search, NotifyRecords, StoreContract):
             self._writers = os.open(path + "-writers", os.O_RDWR | os.O_CREAT, 0o600)
         self.max_attempts = max_attempts
         self.busy_deadline = busy_deadline
+        self._inserted = False  # whether the write transaction under way inserted messages
         # Waiting for the write lock sleeps through `sleep` (cooperative under gevent),
         # not through SQLite's busy handler, which would block the whole worker.
         self._sleep = sleep
@@ -303,8 +304,11 @@ class Store(Coordination, Search, NotifyRecords, StoreContract):
 
         def locked():
             self._db.execute("BEGIN IMMEDIATE")
+            self._inserted = False
             try:
                 result = work(self._db)
+                if self._inserted:  # the search index takes them in one statement
+                    self._index_new(self._db)
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -429,6 +433,7 @@ class Store(Coordination, Search, NotifyRecords, StoreContract):
                 post.meta,
             )
             message_id = db.execute(INSERT_MESSAGE, row).lastrowid
+            self._inserted = True
             for tag in post.tags:
                 db.execute(INSERT_TAG, (message_id, tag, post.channel))
             message = Message(message_id, *row[:6], post.priority, tuple(post.tags), post.meta)

@@ -7,7 +7,14 @@ import sqlite3
 import time
 
 from .model import Found
-from .schema import EMPTY_SEARCH, REBUILD_SEARCH, SEARCH_TRIGGER_NAMES, SEARCH_TRIGGERS
+from .schema import (
+    EMPTY_SEARCH,
+    INDEX_NEW,
+    REBUILD_SEARCH,
+    SEARCH_TRIGGER_NAMES,
+    SEARCH_TRIGGERS,
+    START_SEARCH_INDEX,
+)
 from .sqlite_rows import PAGE_COLUMNS, messages_of
 
 # Matches of a MATCH expression, newest first, below an id; {where} narrows them: to one
@@ -53,30 +60,44 @@ def visible_sql(visible):
     return condition, [*visible.channels, *visible.inboxes, *visible.own]
 
 
-PRESENT_TRIGGERS = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name IN (?, ?, ?)"
+# The triggers of every version: schema 4's insert trigger is never left behind.
+PRESENT_TRIGGERS = """
+SELECT name FROM sqlite_master WHERE type = 'trigger' AND name IN ('message_text_insert', ?, ?)"""
+SEARCH_IS_ON = "SELECT count(*) FROM search_index"
 
 
 class Search:
     def set_search(self, enabled):
-        """Keep the search index (its triggers in place; rebuilt from the messages when
-        they were not), or not (triggers dropped, index emptied: posts skip its cost).
-        Whether anything changed."""
+        """Keep the search index (its triggers and its search_index row in place; rebuilt
+        from the messages when they were not), or not (triggers dropped, index emptied:
+        posts skip its cost). Whether anything changed."""
 
         def work(db):
-            present = [row[0] for row in db.execute(PRESENT_TRIGGERS, SEARCH_TRIGGER_NAMES)]
-            if len(present) == (len(SEARCH_TRIGGER_NAMES) if enabled else 0):
+            present = {row[0] for row in db.execute(PRESENT_TRIGGERS, SEARCH_TRIGGER_NAMES)}
+            rows = db.execute(SEARCH_IS_ON).fetchone()[0]
+            if enabled and present == set(SEARCH_TRIGGER_NAMES) and rows == 1:
+                return False
+            if not enabled and not present and rows == 0:
                 return False
             for name in present:
                 db.execute(f"DROP TRIGGER {name}")
+            db.execute("DELETE FROM search_index")
             if enabled:
                 for statement in SEARCH_TRIGGERS:
                     db.execute(statement)
                 db.execute(REBUILD_SEARCH)
+                db.execute(START_SEARCH_INDEX)
             else:
                 db.execute(EMPTY_SEARCH)
             return True
 
         return self._write(work)
+
+    def _index_new(self, db):
+        """Add the messages the index does not hold yet (this transaction's), when search
+        is on: the store runs this just before committing a transaction that inserted."""
+        for statement in INDEX_NEW:
+            db.execute(statement)
 
     def search(self, terms, channel=None, before=None, limit=50, visible=None):
         expression = match_expression(terms)
