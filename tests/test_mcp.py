@@ -472,3 +472,32 @@ def test_the_readmes_warp_stdio_config_runs(broker, channel):
             assert sent["sender"] == config["env"]["AGENT_COMMS_AGENT_ID"]
 
     run(scenario)
+
+
+def test_the_http_server_sends_small_replies_without_waiting_for_an_ack():
+    """The listening socket says it is TCP, so asyncio turns Nagle's algorithm off on each
+    connection it accepts (as for its own sockets). With protocol 0 it did not: a reply's
+    body waited for the client's delayed ACK of its head, 40 ms a call on a kept-alive
+    connection."""
+    import asyncio
+
+    from agent_comms_chat.mcp import _listening
+
+    listener = _listening("127.0.0.1", 0)
+    listener.listen()
+
+    async def accept_one():
+        seen = asyncio.get_running_loop().create_future()
+
+        class Note(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Note, sock=listener)
+        with socket.create_connection(listener.getsockname()[:2], timeout=5):
+            nodelay = await asyncio.wait_for(seen, 5)
+        server.close()
+        return nodelay
+
+    assert asyncio.run(accept_one()) != 0
