@@ -5,9 +5,10 @@ AGENT_COMMS_* environment (see config.py); gunicorn's own flags still override t
 import gc
 import logging
 import math
+import os
 
 from agent_comms_broker import accesslog as accesslog_format
-from agent_comms_broker import limits, metrics, notify_rules, preflight
+from agent_comms_broker import balance, limits, metrics, notify_rules, preflight
 from agent_comms_broker.config import ConfigError, Settings
 
 try:
@@ -23,8 +24,10 @@ wsgi_app = "agent_comms_broker.wsgi:app"
 # pre_fork). A reload (SIGHUP) starts new workers from the same code: a new version needs
 # a restart, which is what the Ansible role and the unit do on an upgrade.
 preload_app = True
-# Made here, in the master, so every forked worker shares the rate and stream counters.
+# Made here, in the master, so every forked worker shares the rate and stream counters,
+# and the table of how many connections each worker holds.
 limits.shared()
+balance.shared()
 # The workers' metric files, in a directory of this master's (before the app, and with it
 # prometheus_client, is imported).
 _metrics_directory = metrics.prepare_directory() if _settings.metrics_access != "off" else None
@@ -74,6 +77,7 @@ def on_starting(server):
 def child_exit(server, worker):
     """A worker is gone, even one killed outright: its open streams no longer count."""
     limits.shared().forget_worker(worker.pid)
+    balance.shared().free_row(getattr(worker, "balance_row", None))
     if _metrics_directory is not None:
         metrics.worker_gone(worker.pid)
 
@@ -98,12 +102,15 @@ def post_worker_init(worker):
     runtime.alive = lambda: worker.alive
     runtime.connections = lambda: len(worker.connections)
     runtime.max_connections = worker.worker_connections
+    worker.streams_parked = lambda: len(runtime.hub.parked) if runtime.pid == os.getpid() else 0
 
 
 def pre_fork(server, worker):
     """What the master holds now (the app, imported once) stays shared with the workers:
     frozen, its objects are never touched by a worker's garbage collector, which would
-    otherwise copy every page holding one into each worker."""
+    otherwise copy every page holding one into each worker. The worker's row in the table
+    of connections held (balance.py)."""
+    worker.balance_row = balance.shared().give_row()
     gc.freeze()
 
 

@@ -15,7 +15,9 @@ gunicorn's gevent worker:
 - a reserve of connections is kept free: when a worker nears AGENT_COMMS_WORKER_CONNECTIONS,
   the connections that have waited longest on their client (for a head or a body) are
   closed, so a flood of slow clients never locks out /healthz or clients that send at a
-  normal pace.
+  normal pace;
+- a worker that holds more connections than the others lets them accept a burst of new
+  ones (balance.py).
 """
 
 import contextlib
@@ -30,13 +32,16 @@ import time
 
 import gevent
 from gevent.hub import Hub
+from gevent.server import StreamServer
 from gunicorn import util
+from gunicorn.workers import ggevent
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
 # gunicorn's master imports this before a worker forks and gevent patches the threading
 # module: nothing here may import Bottle, whose request and response objects would then
 # be one per thread, not one per greenlet.
+from . import balance
 from .accesslog import AccessLogger, keep_flushing
 from .config import Settings
 from .headers import security_headers
@@ -168,6 +173,26 @@ class LazyHandshake:
         return getattr(self._context, name)
 
 
+class BalancedServer(StreamServer):
+    """gevent's server, asking the worker before each accept whether to let the other
+    workers take this connection (balance.py)."""
+
+    worker = None  # set by BrokerWorker.run
+
+    def do_read(self):
+        worker = self.worker
+        if worker is not None and worker.balance.should_defer(worker.held()):
+            self.stop_accepting()
+            self._timer = self.loop.timer(balance.DEFER)
+            self._timer.start(self._accept_again)
+            return None
+        return super().do_read()
+
+    def _accept_again(self):
+        if not self.closed:
+            self.start_accepting()
+
+
 class BrokerWorker(GeventWorker):
     def init_process(self):
         global _refusal_headers
@@ -184,13 +209,27 @@ class BrokerWorker(GeventWorker):
         self.connections = {}  # greenlet -> Connection
         self.waiting = {}  # Connection -> None, longest waiting first
         self.reserve = max(RESERVE_MIN, self.worker_connections // RESERVE_SHARE)
+        self.balance = balance.shared()
+        self.balance.join(getattr(self, "balance_row", None))  # given by the master (pre_fork)
+        self.streams_parked = lambda: 0  # set by post_worker_init
         super().init_process()
 
+    def held(self):
+        """The connections this worker holds: served, and event streams parked on its hub."""
+        return len(self.connections) + self.streams_parked()
+
     def run(self):
+        # gunicorn's gevent worker makes its servers from the module's StreamServer.
+        ggevent.StreamServer = BalancedServer
+        BalancedServer.worker = self
         gevent.spawn(self._keep_reserve)
         if isinstance(self.log, AccessLogger):
             gevent.spawn(keep_flushing, self.log, lambda: self.alive, gevent.sleep)
         super().run()
+
+    def handle_exit(self, sig, frame):
+        self.balance.stopping()
+        super().handle_exit(sig, frame)
 
     def handle_quit(self, sig, frame):
         """A quick stop. Ctrl-C on a terminal sends SIGINT to the whole process group and
@@ -210,6 +249,7 @@ class BrokerWorker(GeventWorker):
         connection = Connection(client)
         current = gevent.getcurrent()
         self.connections[current] = connection
+        self.balance.holding(self.held())
         if len(self.connections) > self.worker_connections - self.reserve:
             self._evict_waiting()
         try:
@@ -225,6 +265,7 @@ class BrokerWorker(GeventWorker):
         finally:
             self.waiting.pop(connection, None)
             del self.connections[current]
+            self.balance.holding(self.held())
 
     def _handshake(self, connection):
         """The TLS handshake, within the request timeout; False if it failed (a client
