@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from agent_comms_broker.store import SCHEMA_VERSION, Store
+from agent_comms_broker.store import SCHEMA_VERSION, Filter, Post, Store
 from legacy_broker import legacy_database
 
 
@@ -25,6 +25,27 @@ def test_ids_and_timestamps_rise_even_when_the_clock_goes_back(store):
     stamps = [m.timestamp for m in stored]
     assert all(later > earlier for earlier, later in itertools.pairwise(stamps))
     assert stamps[0] == 2000.0
+
+
+def test_one_append_of_many_kinds_of_posts_answers_what_was_stored(store):
+    """Plain posts go in several to a statement, a keyed post or a reply on its own after
+    the rows before it: every Message answered is the row stored, ids in order."""
+    earlier = store.append([Post("c", "a", "keyed earlier", key="k0")])[0]
+    posts = [Post("c", "a", f"plain {n}", tags=("t",) if n % 3 == 0 else ()) for n in range(70)]
+    posts[10] = Post("c", "a", "keyed", key="k1")
+    posts[11] = Post("c", "a", "keyed again", key="k1")  # the same key in the same append
+    posts[12] = Post("c", "a", "keyed before", key="k0")
+    posts[13] = Post("c", "b", "a reply to plain 5", reply_to=earlier.id + 6)
+    answered = store.append(posts)
+    assert [m.duplicate for m in answered[10:13]] == [False, True, True]
+    assert answered[11].id == answered[10].id and answered[12].id == earlier.id
+    new = [m for m in answered if not m.duplicate]
+    assert [m.id for m in new] == list(range(earlier.id + 1, earlier.id + 1 + len(new)))
+    assert answered[13].thread == earlier.id + 6 and answered[13].reply_to == earlier.id + 6
+    for message in new:
+        assert store.message("c", message.id) == message
+    tagged = store.latest("c", 100, only=Filter(tag="t")).messages
+    assert [m.id for m in tagged] == [m.id for m in new if m.tags == ("t",)]
 
 
 def test_latest_is_oldest_first_and_limited(store):
