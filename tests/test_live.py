@@ -205,3 +205,35 @@ def test_streams_park_and_each_gets_every_message_in_order(own_broker):
     for stream in streams:
         assert [m["message"] for m in stream.messages(len(texts))] == texts
         stream.close()
+
+
+def test_posts_that_arrive_while_the_writer_waits_for_the_lock_share_its_commit(tmp_path):
+    """The group committer takes its posts once it holds the write lock: while another
+    writer holds it, the posts that come in join the waiting transaction, one commit."""
+    import fcntl
+
+    import gevent
+    from gevent.threadpool import ThreadPool
+
+    from agent_comms_broker.live import GroupCommitter
+    from agent_comms_broker.store import Post, Store
+
+    path = str(tmp_path / "m.db")
+    writer = Store(path, writers_queue=True)
+    commits = []
+    committer = GroupCommitter(writer, commits.append, call=ThreadPool(1).apply)
+    other = open(path + "-writers", "rb")  # another worker, committing
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        first = gevent.spawn(committer.append, [Post("c", "a", "first")])
+        gevent.sleep(0.2)  # the committer's thread now waits for the lock
+        later = [gevent.spawn(committer.append, [Post("c", "a", f"later {n}")]) for n in range(3)]
+        gevent.sleep(0.2)
+        assert not first.ready()
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        other.close()
+    gevent.joinall([first, *later], timeout=10, raise_error=True)
+    ids = [greenlet.value[0].id for greenlet in (first, *later)]
+    assert ids == [1, 2, 3, 4] and commits == [4]
+    writer.close()

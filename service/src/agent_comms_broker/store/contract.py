@@ -23,6 +23,12 @@ class StoreContract(abc.ABC):
         AgentLimit, DatabaseFull; a full disk StoreFull; a lock held too long StoreBusy."""
 
     @abc.abstractmethod
+    def append_gathered(self, gather, now=None, max_channels=0, max_agents=0, max_database=0):
+        """append() of the posts gather() returns, as (entries, capped), called once the
+        write lock is held (and only once, whatever is retried): posts that arrive while a
+        writer waits for the lock go into its transaction."""
+
+    @abc.abstractmethod
     def write_batch(self, works):
         """Run each work(db) (from the *_work methods) in one transaction, each isolated
         from the others' refusals (KeyConflict, NoSuchMessage, TaskRefused): [(result,

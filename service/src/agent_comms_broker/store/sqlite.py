@@ -372,11 +372,20 @@ class Store(Coordination, Search, NotifyRecords, StoreContract):
         create a channel or register an agent past the cap stores nothing; `capped`
         (default: all of `entries`) are the entries the caps hold. With max_database,
         nothing is stored once the database's pages in use hold that many bytes."""
-        posts = [Post.of(entry) for entry in entries]
-        capped = posts if capped is None else [Post.of(entry) for entry in capped]
+        return self.append_gathered(
+            lambda: (entries, entries if capped is None else capped), now, max_channels, max_agents, max_database
+        )
+
+    def append_gathered(self, gather, now=None, max_channels=0, max_agents=0, max_database=0):
         self._check_free_space()
+        gathered = []
 
         def work(db):
+            if not gathered:  # a retried transaction stores the same posts
+                entries, capped = gather()
+                posts = [Post.of(entry) for entry in entries]
+                gathered.append((posts, posts if capped is entries else [Post.of(entry) for entry in capped]))
+            posts, capped = gathered[0]
             if max_database:
                 self._check_database_size(db, max_database)
             if max_channels and capped:
