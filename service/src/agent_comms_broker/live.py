@@ -301,11 +301,13 @@ class GroupCommitter:
             self._commit([item])
 
     def _committed(self, group, stored):
-        self.on_commit(max((message.id for message in stored), default=None))
+        # The posters first, then the hub: greenlets run in the order they were woken, and
+        # the hub's fan-out (to hundreds of streams) must not hold up the posts' replies.
         start = 0
         for _, entries, result, _ in group:
             result.set(stored[start : start + len(entries)])
             start += len(entries)
+        self.on_commit(max((message.id for message in stored), default=None))
 
     def _commit(self, group):
         """Commit this group of posts (one post, when a group was refused)."""
@@ -349,12 +351,12 @@ class GroupCommitter:
             for _, _, result, _ in group:
                 result.set_exception(error)
             return
-        self.on_commit()
         for (_, _, result, _), (value, error) in zip(group, outcomes, strict=True):
             if error is not None:
                 result.set_exception(error)
             else:
                 result.set(value)
+        self.on_commit()
 
 
 def run_retention(store, settings, alive=lambda: True, clock=time.time):
