@@ -168,11 +168,14 @@ def test_keys_in_a_batch_are_per_item(url, channel):
     assert repeat["duplicates"] == 1
     same_twice = [{"sender": "a", "message": "x", "key": "k"}, {"sender": "a", "message": "y", "key": "k"}]
     assert requests.post(f"{url}/messages/{channel}", json=same_twice).status_code == 400
+    # Keys are the sender's own: two senders may use the same one in a batch.
+    two_senders = [{"sender": "c", "message": "three", "key": "k"}, {"sender": "d", "message": "three", "key": "k"}]
+    assert send(url, channel, two_senders)["duplicates"] == 0
     header_batch = requests.post(
         f"{url}/messages/{channel}", json=[{"sender": "a", "message": "x"}], headers={"Idempotency-Key": "h"}
     )
     assert header_batch.status_code == 400
-    assert [m["message"] for m in read(url, channel)["messages"]] == ["one", "two", "three"]
+    assert [m["message"] for m in read(url, channel)["messages"]] == ["one", "two", "three", "three", "three"]
 
 
 def test_the_same_key_posted_at_once_on_both_workers_is_stored_once(url, channel):

@@ -250,6 +250,37 @@ def test_rows_another_program_adds_are_indexed_by_the_next_write(tmp_path):
     integrity_check(path)
 
 
+def test_a_tasks_reply_posted_with_done_is_found_at_once(url, channel):
+    """`done` builds its work with one Store and runs it in the group committer's: the
+    reply it inserts is indexed in that transaction too."""
+    task = post(url, channel, "boss", "build the thing")["id"]
+    taken = requests.post(f"{url}/queue/{channel}/take", json={}, headers={"X-Agent-ID": "w1"}, timeout=10)
+    assert taken.status_code == 200, taken.text
+    done = requests.post(
+        f"{url}/messages/{channel}/{task}/done", json={"message": "zebracorn finished"}, headers={"X-Agent-ID": "w1"}
+    )
+    assert done.status_code == 200, done.text
+    assert [m["message"] for m in search(url, "zebracorn", channel=channel)["messages"]] == ["zebracorn finished"]
+
+
+def test_a_removed_id_put_back_by_hand_is_indexed_and_can_be_pruned(tmp_path):
+    """A row inserted by hand below what the index holds (a removed id put back) is
+    indexed by its trigger, so a later prune finds it in the index."""
+    path = str(tmp_path / "m.db")
+    store = Store(path)
+    store.append([Post("a", "s", f"message {n}") for n in range(3)])
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DELETE FROM messages WHERE id = 2")
+    db.execute("INSERT INTO messages (id, channel, sender, message, timestamp) VALUES (2, 'a', 's', 'okapi', 1.5)")
+    db.close()
+    assert [m.id for m in store.search([SearchTerm("okapi")]).messages] == [2]
+    integrity_check(path)
+    store.prune(max_messages=1)
+    assert store.search([SearchTerm("okapi")]).messages == []
+    store.close()
+    integrity_check(path)
+
+
 def test_a_group_commit_indexes_the_posts_kept_not_the_refused(tmp_path):
     from agent_comms_broker.store.model import KeyConflict
 

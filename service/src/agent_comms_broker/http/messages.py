@@ -65,9 +65,9 @@ def store_post(broker, channel, body):
         if key is not None:
             raise bad_request('an Idempotency-Key header names one post: give each batch item its own "key"')
         posts = [validate_post(item, settings.max_message, channel, who, f"item {i}: ") for i, item in enumerate(body)]
-        keys = [post.key for post in posts if post.key is not None]
+        keys = [(post.sender, post.key) for post in posts if post.key is not None]
         if len(keys) != len(set(keys)):
-            raise bad_request("two items of the batch have the same key")
+            raise bad_request("two items of the batch have the same sender and key")
     else:
         posts = [validate_post(body, settings.max_message, channel, who)]
         if key is not None:

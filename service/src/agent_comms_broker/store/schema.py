@@ -261,23 +261,29 @@ def _migrate_4_to_5(db):
 # per message, merged again and again (a batch of 100 posts took 2.5 times as long). The
 # one row of search_index says search is on and up to which id the index holds the
 # messages; what is above it (posts of this transaction, or rows another program added)
-# the next write adds. Deletes and edits still go through triggers, for indexed rows only.
+# the next write adds. Deletes and edits still go through triggers, for indexed rows only,
+# and so does a row inserted below that id (by hand), which INDEX_NEW would never see.
 CREATE_SEARCH_INDEX = "CREATE TABLE search_index (indexed_through INTEGER NOT NULL)"
 START_SEARCH_INDEX = "INSERT INTO search_index (indexed_through) SELECT coalesce(max(id), 0) FROM messages"
-INDEXED = "old.id <= (SELECT indexed_through FROM search_index)"
+INDEXED = "{row}.id <= (SELECT indexed_through FROM search_index)"
 SEARCH_TRIGGERS = [
-    f"""CREATE TRIGGER message_text_delete AFTER DELETE ON messages WHEN {INDEXED} BEGIN
+    # Only a row inserted below what the index holds (by hand: a removed id put back);
+    # posts get ids above it and go in with INDEX_NEW.
+    f"""CREATE TRIGGER message_text_insert AFTER INSERT ON messages WHEN {INDEXED.format(row="new")} BEGIN
+        INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
+    END""",
+    f"""CREATE TRIGGER message_text_delete AFTER DELETE ON messages WHEN {INDEXED.format(row="old")} BEGIN
         INSERT INTO message_text (message_text, rowid, message)
         VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
     END""",
     # Messages are never edited; should one be (by hand), the index follows.
-    f"""CREATE TRIGGER message_text_update AFTER UPDATE OF message ON messages WHEN {INDEXED} BEGIN
+    f"""CREATE TRIGGER message_text_update AFTER UPDATE OF message ON messages WHEN {INDEXED.format(row="old")} BEGIN
         INSERT INTO message_text (message_text, rowid, message)
         VALUES ('delete', old.id, substr(old.message, 1, {SEARCH_CHARS}));
         INSERT INTO message_text (rowid, message) VALUES (new.id, substr(new.message, 1, {SEARCH_CHARS}));
     END""",
 ]
-SEARCH_TRIGGER_NAMES = ("message_text_delete", "message_text_update")
+SEARCH_TRIGGER_NAMES = ("message_text_insert", "message_text_delete", "message_text_update")
 # Run before each commit of a transaction that inserted messages (nothing when search is off).
 INDEX_NEW = [
     f"""INSERT INTO message_text (rowid, message)
@@ -291,7 +297,7 @@ def _migrate_5_to_6(db):
     """The search index takes a transaction's new messages in one statement, not by trigger."""
     insert_trigger = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'message_text_insert'"
     was_on = db.execute(insert_trigger).fetchone()
-    for name in ("message_text_insert", *SEARCH_TRIGGER_NAMES):
+    for name in SEARCH_TRIGGER_NAMES:
         db.execute(f"DROP TRIGGER IF EXISTS {name}")
     db.execute(CREATE_SEARCH_INDEX)
     if was_on:  # the triggers kept the index in step with every message until now

@@ -163,7 +163,7 @@ DELETE_EXCESS = """
 DELETE FROM messages WHERE id IN
     (SELECT id FROM messages WHERE channel = ? AND id <= ? ORDER BY id LIMIT ?)"""
 RECORD_PRUNED = """
-UPDATE channels SET message_count = message_count - ?,
+UPDATE channels SET message_count = max(0, message_count - ?),
     pruned_id = max(pruned_id, ?), pruned_timestamp = max(pruned_timestamp, ?)
 WHERE name = ?"""
 
@@ -249,6 +249,13 @@ def _is_full(error):
     return "full" in str(error) or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
+class _Connection(sqlite3.Connection):
+    """A connection that knows whether its write transaction under way inserted messages
+    (which the search index then takes in before the commit)."""
+
+    inserted = False
+
+
 class Store(Coordination, Search, NotifyRecords, StoreContract):
     def __init__(
         self,
@@ -265,12 +272,11 @@ class Store(Coordination, Search, NotifyRecords, StoreContract):
             self._writers = os.open(path + "-writers", os.O_RDWR | os.O_CREAT, 0o600)
         self.max_attempts = max_attempts
         self.busy_deadline = busy_deadline
-        self._inserted = False  # whether the write transaction under way inserted messages
         # Waiting for the write lock sleeps through `sleep` (cooperative under gevent),
         # not through SQLite's busy handler, which would block the whole worker.
         self._sleep = sleep
         _create_private(path)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False, factory=_Connection)
         self._db.execute("PRAGMA busy_timeout = 0")
         self._retry(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
         self._db.execute(f"PRAGMA synchronous = {synchronous}")
@@ -315,10 +321,10 @@ class Store(Coordination, Search, NotifyRecords, StoreContract):
 
         def locked():
             self._db.execute("BEGIN IMMEDIATE")
-            self._inserted = False
+            self._db.inserted = False
             try:
                 result = work(self._db)
-                if self._inserted:  # the search index takes them in one statement
+                if self._db.inserted:  # the search index takes them in one statement
                     self._index_new(self._db)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -496,7 +502,7 @@ class Store(Coordination, Search, NotifyRecords, StoreContract):
             )
             done += count
         if rows:
-            self._inserted = True
+            db.inserted = True  # on the connection: the work may be another Store's (done_work)
             rows.clear()
 
     def _keyed(self, db, post, now):

@@ -60,9 +60,7 @@ def visible_sql(visible):
     return condition, [*visible.channels, *visible.inboxes, *visible.own]
 
 
-# The triggers of every version: schema 4's insert trigger is never left behind.
-PRESENT_TRIGGERS = """
-SELECT name FROM sqlite_master WHERE type = 'trigger' AND name IN ('message_text_insert', ?, ?)"""
+PRESENT_TRIGGERS = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name IN (?, ?, ?)"
 SEARCH_IS_ON = "SELECT count(*) FROM search_index"
 
 
