@@ -16,7 +16,7 @@ import gevent
 import orjson
 from gevent.event import AsyncResult, Event
 
-from .store import AgentLimit, ChannelLimit, KeyConflict
+from .store import AgentLimit, ChannelLimit, KeyConflict, Unstorable
 
 log = logging.getLogger("agent_comms_broker.live")
 
@@ -32,6 +32,8 @@ GROUP_COMMIT_LIMIT = 1000
 PARKED_TICK = 0.25
 # What a group commit merges: posts, or coordination writes; a group holds one kind.
 POSTS, WORK = "posts", "work"
+# What refuses one post of a group: the others are then committed one by one.
+REFUSED = (ChannelLimit, AgentLimit, KeyConflict, Unstorable)
 
 
 def sse_frame(message):
@@ -275,7 +277,7 @@ class GroupCommitter:
 
         try:
             stored = self._call(append, ())
-        except (ChannelLimit, AgentLimit, KeyConflict) as error:
+        except REFUSED as error:
             self._refused(group, error)
             return
         except BaseException as error:
@@ -313,7 +315,7 @@ class GroupCommitter:
         """Commit this group of posts (one post, when a group was refused)."""
         try:
             stored = self._call(self._append, self._batch(group))
-        except (ChannelLimit, AgentLimit, KeyConflict) as error:
+        except REFUSED as error:
             self._refused(group, error)
             return
         except BaseException as error:

@@ -6,7 +6,16 @@ import json
 
 from bottle import HTTPError, request, response
 
-from ..store import AgentLimit, ChannelLimit, DatabaseFull, KeyConflict, NoSuchMessage, StoreBusy, StoreFull
+from ..store import (
+    AgentLimit,
+    ChannelLimit,
+    DatabaseFull,
+    KeyConflict,
+    NoSuchMessage,
+    StoreBusy,
+    StoreFull,
+    Unstorable,
+)
 
 
 def json_error(res):
@@ -41,6 +50,8 @@ class StoreErrorsPlugin:
                 raise HTTPError(409, f"{error}: nothing was stored") from None
             except NoSuchMessage as error:
                 raise HTTPError(404, str(error)) from None
+            except Unstorable as error:
+                raise HTTPError(400, f"{error}: nothing was stored") from None
             except StoreBusy:
                 raise HTTPError(
                     503, "the database is busy: nothing was stored; retry later", **{"Retry-After": "1"}

@@ -1,6 +1,7 @@
 """The message store. contract.py says what a backend must provide and promise; `Store` is
-the SQLite backend (sqlite.py and sqlite_coordination.py; its schema and migrations in
-schema.py); model.py holds what every backend hands out and refuses with."""
+the SQLite backend (sqlite.py, its statements in sqlite_sql.py, its schema and migrations
+in schema.py), over the logic shared.py, coordination.py and notify_records.py share
+between backends; model.py holds what every backend hands out and refuses with."""
 
 from .model import (
     AgentLimit,
@@ -18,12 +19,14 @@ from .model import (
     Task,
     TaskRefused,
     Token,
+    Unstorable,
     Visible,
     stored_size,
     text_size,
 )
 from .schema import SCHEMA_VERSION
-from .sqlite import EVERYTHING, GRANTED_WINDOW, Filter, Store
+from .shared import EVERYTHING, GRANTED_WINDOW, Filter
+from .sqlite import Store
 
 __all__ = [
     "EVERYTHING",
@@ -46,6 +49,7 @@ __all__ = [
     "Task",
     "TaskRefused",
     "Token",
+    "Unstorable",
     "Visible",
     "stored_size",
     "text_size",

@@ -1,7 +1,7 @@
 """What a store backend must provide, and the guarantees of each method. The HTTP layer,
 live delivery and access control use a store through these methods only; the SQLite
-backend (sqlite.py, sqlite_coordination.py) implements them, and a second backend
-(PostgreSQL) must keep the same promises.
+backend (sqlite.py) implements them, and a second backend (PostgreSQL) keeps the same
+promises. Both build on shared.py's logic over statements of their own.
 
 Every `now` parameter is unix seconds and defaults to the clock: tests pass it to control
 time. Pages are model.Page, messages model.Message (with model.Task when ever claimed).

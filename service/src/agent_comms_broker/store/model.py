@@ -33,6 +33,10 @@ class KeyConflict(Exception):
     """An idempotency key the sender already used for a post to another channel."""
 
 
+class Unstorable(Exception):
+    """A post the backend cannot store as it is: PostgreSQL's text cannot hold U+0000."""
+
+
 class NoSuchMessage(Exception):
     """No message with that id in that channel."""
 

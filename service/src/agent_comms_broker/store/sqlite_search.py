@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 from .model import Found
+from .rows import messages_of
 from .schema import (
     EMPTY_SEARCH,
     INDEX_NEW,
@@ -15,7 +16,7 @@ from .schema import (
     SEARCH_TRIGGERS,
     START_SEARCH_INDEX,
 )
-from .sqlite_rows import PAGE_COLUMNS, messages_of
+from .sqlite_sql import PAGE_COLUMNS
 
 # Matches of a MATCH expression, newest first, below an id; {where} narrows them: to one
 # channel, or to the channels a caller may read.
@@ -124,7 +125,7 @@ class Search:
                 cut = True  # the search took its time: what it found so far
             finally:
                 db.set_progress_handler(None, 0)
-            return Found(messages_of(db, rows, time.time(), self.max_attempts), cut)
+            return Found(messages_of(db, self.sql, rows, time.time(), self.max_attempts), cut)
 
         return self._read(work)
 

@@ -1,90 +1,16 @@
-"""Coordination on SQLite: task claims and leases, read positions and receipts. Part of
-the Store (a mixin of it); every statement here.
+"""Coordination, on either backend: task claims and leases, read positions and receipts.
+Part of the store (a mixin of it); its statements are the backend's (`self.sql`).
 
-Claims stay correct without leaning on SQLite's single writer: each change of a task is a
+Claims stay correct without leaning on a single writer: each change of a task is a
 conditional UPDATE (or an INSERT that a primary key refuses) whose row count says whether
-it won, so two takers on another backend, each in its own transaction, cannot both get a
-task; a take that loses looks again.
+it won, so two takers each in its own transaction cannot both get a task; a take that
+loses looks again.
 """
 
 import time
 
 from .model import KeyConflict, NoSuchMessage, TaskRefused
-from .sqlite_rows import MESSAGE_COLUMNS, MESSAGES, SELECT_ONE, message_of
-
-# The oldest task a take can have, three ways: released back to pending; claimed with a
-# lease that ended; never claimed (after the channel's floor: every task up to it has a row).
-SELECT_PENDING = "SELECT id FROM tasks WHERE channel = ? AND state = 'pending' ORDER BY id LIMIT 1"
-SELECT_LAPSED = """
-SELECT id, failures FROM tasks WHERE channel = ? AND state = 'claimed' AND expires <= ? ORDER BY id LIMIT 1"""
-SELECT_FLOOR = "SELECT floor FROM queues WHERE channel = ?"
-SELECT_UNCLAIMED = """
-SELECT m.id FROM messages AS m WHERE m.channel = ? AND m.reply_to IS NULL AND m.id > ?
-  AND NOT EXISTS (SELECT 1 FROM tasks AS t WHERE t.id = m.id)
-ORDER BY m.id LIMIT 1"""
-SET_FLOOR = """
-INSERT INTO queues (channel, floor) VALUES (?, ?)
-ON CONFLICT (channel) DO UPDATE SET floor = max(floor, excluded.floor)"""
-# (id, channel, agent, expires, now)
-INSERT_CLAIM = """
-INSERT INTO tasks (id, channel, state, agent, expires, attempt, failures, reply, updated)
-VALUES (?, ?, 'claimed', ?, ?, 1, 0, NULL, ?) ON CONFLICT (id) DO NOTHING"""
-# (agent, expires, now, id)
-CLAIM_PENDING = """
-UPDATE tasks SET state = 'claimed', agent = ?, expires = ?, attempt = attempt + 1, updated = ?
-WHERE id = ? AND state = 'pending'"""
-# (agent, expires, now, id, now): the lease that ended counts as a failure.
-CLAIM_LAPSED = """
-UPDATE tasks SET state = 'claimed', agent = ?, expires = ?, attempt = attempt + 1, failures = failures + 1,
-    updated = ?
-WHERE id = ? AND state = 'claimed' AND expires <= ?"""
-# (now, id, now): a lapsed claim that was the task's last attempt.
-BURY_LAPSED = """
-UPDATE tasks SET state = 'dead', expires = NULL, failures = failures + 1, updated = ?
-WHERE id = ? AND state = 'claimed' AND expires <= ?"""
-# (expires, now, id, agent): the holder extends its lease.
-EXTEND_CLAIM = """
-UPDATE tasks SET expires = ?, updated = ? WHERE id = ? AND state = 'claimed' AND agent = ?"""
-# (reply, now, id, agent)
-FINISH = """
-UPDATE tasks SET state = 'done', expires = NULL, reply = ?, updated = ?
-WHERE id = ? AND state = 'claimed' AND agent = ?"""
-# (state, agent kept, now, id, agent)
-RELEASE = """
-UPDATE tasks SET state = ?, agent = ?, expires = NULL, failures = failures + 1, updated = ?
-WHERE id = ? AND state = 'claimed' AND agent = ?"""
-SELECT_TASK_ROW = f"SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id = ? AND m.channel = ?"
-
-# The queue view: tasks of a channel, rows by state as they stand now (a lapsed claim is
-# pending, or dead on its last attempt).
-SELECT_QUEUES = "SELECT channel FROM queues ORDER BY channel"
-COUNT_TASKS = "SELECT count(*) FROM messages WHERE channel = ? AND reply_to IS NULL"
-COUNT_BY_STATE = """
-SELECT CASE WHEN state = 'claimed' AND expires <= :now
-            THEN CASE WHEN failures + 1 >= :max THEN 'dead' ELSE 'pending' END
-            ELSE state END AS current, count(*)
-FROM tasks WHERE channel = :channel GROUP BY current"""
-SELECT_CLAIMED = """
-SELECT id, agent, expires, attempt FROM tasks
-WHERE channel = ? AND state = 'claimed' AND expires > ? ORDER BY id LIMIT ?"""
-SELECT_DEAD = """
-SELECT id, agent, attempt FROM tasks
-WHERE channel = ? AND (state = 'dead' OR (state = 'claimed' AND expires <= ? AND failures + 1 >= ?))
-ORDER BY id LIMIT ?"""
-
-# Read positions: forward only. (agent, channel, read, now)
-MOVE_CURSOR = """
-INSERT INTO cursors (agent, channel, read_id, updated) VALUES (?, ?, ?, ?)
-ON CONFLICT (agent, channel) DO UPDATE SET read_id = excluded.read_id, updated = excluded.updated
-WHERE excluded.read_id > cursors.read_id"""
-RECORD_MOVE = "INSERT OR IGNORE INTO cursor_moves (channel, read_id, agent, at) VALUES (?, ?, ?, ?)"
-SELECT_CURSOR = "SELECT read_id FROM cursors WHERE agent = ? AND channel = ?"
-SELECT_CURSORS = "SELECT channel, read_id FROM cursors WHERE agent = ?"
-COUNT_AFTER = "SELECT count(*) FROM messages WHERE channel = ? AND id > ?"
-# A message's receipts: each agent's first move to its id or past it.
-SELECT_RECEIPTS = """
-SELECT agent, min(at) AS read_at FROM cursor_moves WHERE channel = ? AND read_id >= ?
-GROUP BY agent ORDER BY read_at, agent"""
+from .rows import message_of
 
 DEFAULT_LEASE = 300.0
 # Where a task's raw columns are in a row of MESSAGE_COLUMNS.
@@ -110,10 +36,10 @@ class Coordination:
 
     def _take_one(self, db, channel, agent, lease, now):
         while True:
-            pending = db.execute(SELECT_PENDING, (channel,)).fetchone()
-            lapsed = db.execute(SELECT_LAPSED, (channel, now)).fetchone()
-            floor = db.execute(SELECT_FLOOR, (channel,)).fetchone()
-            fresh = db.execute(SELECT_UNCLAIMED, (channel, floor[0] if floor else 0)).fetchone()
+            pending = db.execute(self.sql.SELECT_PENDING, (channel,)).fetchone()
+            lapsed = db.execute(self.sql.SELECT_LAPSED, (channel, now)).fetchone()
+            floor = db.execute(self.sql.SELECT_FLOOR, (channel,)).fetchone()
+            fresh = db.execute(self.sql.SELECT_UNCLAIMED, (channel, floor[0] if floor else 0)).fetchone()
             choices = [
                 (row[0], way) for row, way in ((pending, "pending"), (lapsed, "lapsed"), (fresh, "fresh")) if row
             ]
@@ -122,16 +48,16 @@ class Coordination:
             task_id, way = min(choices)
             expires = now + lease
             if way == "fresh":
-                won = db.execute(INSERT_CLAIM, (task_id, channel, agent, expires, now)).rowcount
+                won = db.execute(self.sql.INSERT_CLAIM, (task_id, channel, agent, expires, now)).rowcount
                 # Every task up to this one has a row now: the next take looks after it.
-                db.execute(SET_FLOOR, (channel, task_id))
+                db.execute(self.sql.SET_FLOOR, (channel, task_id))
             elif way == "pending":
-                won = db.execute(CLAIM_PENDING, (agent, expires, now, task_id)).rowcount
+                won = db.execute(self.sql.CLAIM_PENDING, (agent, expires, now, task_id)).rowcount
             elif lapsed[1] + 1 >= self.max_attempts:
-                db.execute(BURY_LAPSED, (now, task_id, now))
+                db.execute(self.sql.BURY_LAPSED, (now, task_id, now))
                 continue
             else:
-                won = db.execute(CLAIM_LAPSED, (agent, expires, now, task_id, now)).rowcount
+                won = db.execute(self.sql.CLAIM_LAPSED, (agent, expires, now, task_id, now)).rowcount
             if won:
                 return self._task_message(db, channel, task_id, now)
 
@@ -148,14 +74,14 @@ class Coordination:
             task = message_of(row, stamp, self.max_attempts).task
             expires = stamp + lease
             if task is None:
-                won = db.execute(INSERT_CLAIM, (message_id, channel, agent, expires, stamp)).rowcount
+                won = db.execute(self.sql.INSERT_CLAIM, (message_id, channel, agent, expires, stamp)).rowcount
             elif self._holds(row, agent, stamp):
-                won = db.execute(EXTEND_CLAIM, (expires, stamp, message_id, agent)).rowcount
+                won = db.execute(self.sql.EXTEND_CLAIM, (expires, stamp, message_id, agent)).rowcount
             elif task.state == "claimed":
                 raise TaskRefused(f"task {message_id} is held by agent {task.agent!r} until {task.expires}", task)
             elif task.state == "pending":
-                won = db.execute(CLAIM_PENDING, (agent, expires, stamp, message_id)).rowcount
-                won = won or db.execute(CLAIM_LAPSED, (agent, expires, stamp, message_id, stamp)).rowcount
+                won = db.execute(self.sql.CLAIM_PENDING, (agent, expires, stamp, message_id)).rowcount
+                won = won or db.execute(self.sql.CLAIM_LAPSED, (agent, expires, stamp, message_id, stamp)).rowcount
             else:
                 raise TaskRefused(f"task {message_id} is {task.state}", task)
             if not won:
@@ -179,7 +105,7 @@ class Coordination:
             message = message_of(row, stamp, self.max_attempts)
             task = message.task
             if task is not None and task.state == "done" and task.agent == agent:
-                answer = db.execute(SELECT_ONE, (task.reply, channel)).fetchone() if task.reply else None
+                answer = db.execute(self.sql.SELECT_ONE, (task.reply, channel)).fetchone() if task.reply else None
                 return message, None if answer is None else message_of(answer, stamp, self.max_attempts)
             self._check_holder(row, message, agent, stamp, "finish")
             stored = None
@@ -194,7 +120,7 @@ class Coordination:
                         f"idempotency key {reply.key!r} was used for message {stored.id}, not a reply to "
                         f"task {message_id}; use a new key"
                     )
-            db.execute(FINISH, (stored.id if stored else None, stamp, message_id, agent))
+            db.execute(self.sql.FINISH, (stored.id if stored else None, stamp, message_id, agent))
             return self._task_message(db, channel, message_id, stamp), stored
 
         return work
@@ -212,7 +138,7 @@ class Coordination:
             self._check_holder(row, message_of(row, stamp, self.max_attempts), agent, stamp, "release")
             buried = dead or row[FAILURES] + 1 >= self.max_attempts
             state, kept = ("dead", agent) if buried else ("pending", None)
-            db.execute(RELEASE, (state, kept, stamp, message_id, agent))
+            db.execute(self.sql.RELEASE, (state, kept, stamp, message_id, agent))
             return self._task_message(db, channel, message_id, stamp)
 
         return work
@@ -220,10 +146,9 @@ class Coordination:
     def _task_message(self, db, channel, message_id, now):
         return message_of(self._task_row(db, channel, message_id), now, self.max_attempts)
 
-    @staticmethod
-    def _task_row(db, channel, message_id):
+    def _task_row(self, db, channel, message_id):
         """The row (MESSAGE_COLUMNS) of a task: NoSuchMessage, or TaskRefused for a reply."""
-        row = db.execute(SELECT_TASK_ROW, (message_id, channel)).fetchone()
+        row = db.execute(self.sql.SELECT_TASK_ROW, (message_id, channel)).fetchone()
         if row is None:
             raise NoSuchMessage(f"no message {message_id} in channel {channel!r}")
         if row[5] is not None:
@@ -256,8 +181,8 @@ class Coordination:
 
         def work(db):
             counts = self._task_counts(db, channel, stamp)
-            claimed = db.execute(SELECT_CLAIMED, (channel, stamp, limit)).fetchall()
-            dead = db.execute(SELECT_DEAD, (channel, stamp, self.max_attempts, limit)).fetchall()
+            claimed = db.execute(self.sql.SELECT_CLAIMED, (channel, stamp, limit)).fetchall()
+            dead = db.execute(self.sql.SELECT_DEAD, (channel, stamp, self.max_attempts, limit)).fetchall()
             return counts, claimed, dead
 
         return self._read(work)
@@ -267,14 +192,14 @@ class Coordination:
         stamp = time.time() if now is None else now
 
         def work(db):
-            channels = [row[0] for row in db.execute(SELECT_QUEUES)]
+            channels = [row[0] for row in db.execute(self.sql.SELECT_QUEUES)]
             return [(channel, self._task_counts(db, channel, stamp)) for channel in channels]
 
         return self._read(work)
 
     def _task_counts(self, db, channel, stamp):
-        total = db.execute(COUNT_TASKS, (channel,)).fetchone()[0]
-        rows = dict(db.execute(COUNT_BY_STATE, {"now": stamp, "max": self.max_attempts, "channel": channel}))
+        total = db.execute(self.sql.COUNT_TASKS, (channel,)).fetchone()[0]
+        rows = dict(db.execute(self.sql.COUNT_BY_STATE, {"now": stamp, "max": self.max_attempts, "channel": channel}))
         pending = total - sum(rows.values()) + rows.get("pending", 0)
         return {"pending": pending} | {state: rows.get(state, 0) for state in ("claimed", "done", "dead")}
 
@@ -289,24 +214,24 @@ class Coordination:
         stamp = time.time() if now is None else now
 
         def work(db):
-            moved = db.execute(MOVE_CURSOR, (agent, channel, read_id, stamp)).rowcount > 0
+            moved = db.execute(self.sql.MOVE_CURSOR, (agent, channel, read_id, stamp)).rowcount > 0
             if moved:
-                db.execute(RECORD_MOVE, (channel, read_id, agent, stamp))
-            return db.execute(SELECT_CURSOR, (agent, channel)).fetchone()[0], moved
+                db.execute(self.sql.RECORD_MOVE, (channel, read_id, agent, stamp))
+            return db.execute(self.sql.SELECT_CURSOR, (agent, channel)).fetchone()[0], moved
 
         return work
 
     def cursor(self, agent, channel):
         """An agent's read position in a channel (0: it has read nothing)."""
-        row = self._read(lambda db: db.execute(SELECT_CURSOR, (agent, channel)).fetchone())
+        row = self._read(lambda db: db.execute(self.sql.SELECT_CURSOR, (agent, channel)).fetchone())
         return 0 if row is None else row[0]
 
     def unread(self, agent, channel):
         """How many messages of a channel follow the agent's read position."""
 
         def work(db):
-            row = db.execute(SELECT_CURSOR, (agent, channel)).fetchone()
-            return db.execute(COUNT_AFTER, (channel, row[0] if row else 0)).fetchone()[0]
+            row = db.execute(self.sql.SELECT_CURSOR, (agent, channel)).fetchone()
+            return db.execute(self.sql.COUNT_AFTER, (channel, row[0] if row else 0)).fetchone()[0]
 
         return self._read(work)
 
@@ -315,11 +240,11 @@ class Coordination:
         position in each (all of it where it has none)."""
 
         def work(db):
-            positions = dict(db.execute(SELECT_CURSORS, (agent,)))
+            positions = dict(db.execute(self.sql.SELECT_CURSORS, (agent,)))
             return {
                 channel: count
                 if channel not in positions
-                else db.execute(COUNT_AFTER, (channel, positions[channel])).fetchone()[0]
+                else db.execute(self.sql.COUNT_AFTER, (channel, positions[channel])).fetchone()[0]
                 for channel, count in listed
             }
 
@@ -330,8 +255,8 @@ class Coordination:
         first. Raises NoSuchMessage."""
 
         def work(db):
-            if db.execute(SELECT_ONE, (message_id, channel)).fetchone() is None:
+            if db.execute(self.sql.SELECT_ONE, (message_id, channel)).fetchone() is None:
                 raise NoSuchMessage(f"no message {message_id} in channel {channel!r}")
-            return db.execute(SELECT_RECEIPTS, (channel, message_id)).fetchall()
+            return db.execute(self.sql.SELECT_RECEIPTS, (channel, message_id)).fetchall()
 
         return self._read(work)
