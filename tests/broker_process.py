@@ -1,5 +1,5 @@
 """A real broker for tests: `agent-comms-broker serve` (gunicorn, gevent workers) on a
-free loopback port with its own SQLite file."""
+free loopback port with its own SQLite file, or on a PostgreSQL database (database_url)."""
 
 import os
 import signal
@@ -27,8 +27,9 @@ def free_port():
 
 
 class BrokerProcess:
-    def __init__(self, db_path, workers=2, env=None, port=None, ca=None):
+    def __init__(self, db_path, workers=2, env=None, port=None, ca=None, database_url=None):
         self.db_path = str(db_path)
+        self.database_url = database_url
         self.workers = workers
         self.extra_env = dict(env or {})
         self.port = port or free_port()
@@ -45,11 +46,15 @@ class BrokerProcess:
             "serve",
             "--bind",
             f"127.0.0.1:{self.port}",
-            "--db",
-            self.db_path,
+            *self.store_args,
             "--workers",
             str(self.workers),
         ]
+
+    @property
+    def store_args(self):
+        """The options that name this broker's database, for agent-comms-broker commands."""
+        return ["--database-url", self.database_url] if self.database_url else ["--db", self.db_path]
 
     def start(self, timeout=20):
         # Every test posts from 127.0.0.1: the per-address limits (requests, bytes, streams)

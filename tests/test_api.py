@@ -10,6 +10,12 @@ import requests
 from conftest import post
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def broker_backend(request):
+    """Every test here runs on both store backends."""
+    return request.param
+
+
 def test_post_answers_201_with_the_stored_message(url, channel):
     reply = requests.post(f"{url}/messages/{channel}", json={"sender": "warp-ct200", "message": "hi"})
     assert reply.status_code == 201
@@ -283,13 +289,40 @@ def test_agents_and_channels_come_in_pages(own_broker):
     assert requests.get(f"{broker.url}/agents", params={"limit": 1001}, timeout=10).status_code == 400
 
 
-def test_status_shows_the_durability_the_connection_runs(own_broker):
-    """README: synchronous=FULL by default, read back from the worker's SQLite connection."""
+def test_status_shows_the_durability_the_connection_runs(own_broker, request):
+    """README: synchronous=FULL by default, read back from the worker's SQLite connection;
+    on PostgreSQL, the server's synchronous_commit (the test server runs it off)."""
     default = own_broker().start()
+    if default.database_url:
+        shown = requests.get(f"{default.url}/status", timeout=10).json()
+        server = request.getfixturevalue("postgres_server").psql("SHOW synchronous_commit").strip()
+        assert (shown["database"], shown["synchronous"]) == ("postgresql", server.upper())
+        return
     assert requests.get(f"{default.url}/status", timeout=10).json()["synchronous"] == "FULL"
     default.stop()
     normal = own_broker(env={"AGENT_COMMS_SYNCHRONOUS": "NORMAL"}).start()
     assert requests.get(f"{normal.url}/status", timeout=10).json()["synchronous"] == "NORMAL"
+
+
+def hold_the_write_lock(broker):
+    """A connection holding the broker's write lock (roll it back to let go), and a
+    function that counts the transactions that stored messages so far."""
+    if broker.database_url:
+        import psycopg
+
+        def count():
+            with psycopg.connect(broker.database_url) as db:
+                return db.execute("SELECT count(DISTINCT xmin::text) FROM messages").fetchone()[0]
+
+        lock = psycopg.connect(broker.database_url, autocommit=True)
+        lock.execute("BEGIN")
+        lock.execute("SELECT last_id FROM writer FOR UPDATE")
+        return lock, count
+    import sqlite3
+
+    lock = sqlite3.connect(broker.db_path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    return lock, lambda: wal_commits(broker.db_path + "-wal")
 
 
 def wal_commits(path):
@@ -312,17 +345,16 @@ def wal_commits(path):
 def test_a_group_commit_serves_many_posts_with_one_transaction(own_broker):
     """README: posts that arrive while a commit runs share the next one. The test holds the
     database's write lock while 100 posts arrive, so they all wait on one commit; then
-    lets go and counts the transactions they took."""
-    import sqlite3
+    lets go and counts the transactions they took (SQLite: commit frames in the write-ahead
+    log; PostgreSQL: the transaction ids that inserted the rows)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     broker = own_broker(workers=1).start()
     url = f"{broker.url}/messages/grouped"
     requests.post(url, json={"sender": "s", "message": "first"}, timeout=10)
-    before = wal_commits(broker.db_path + "-wal")
-    lock = sqlite3.connect(broker.db_path, isolation_level=None)
-    lock.execute("BEGIN IMMEDIATE")  # the broker's next commit waits for this
+    lock, count_commits = hold_the_write_lock(broker)  # the broker's next commit waits for this
+    before = count_commits()
     sent = threading.Semaphore(0)
 
     def post(n):
@@ -341,6 +373,6 @@ def test_a_group_commit_serves_many_posts_with_one_transaction(own_broker):
             assert list(statuses) == [201] * 100
     finally:
         lock.close()
-    commits = wal_commits(broker.db_path + "-wal") - before
+    commits = count_commits() - before
     assert 1 <= commits <= 5, commits
     assert requests.get(url, params={"limit": 1000}, timeout=10).json()["count"] == 101

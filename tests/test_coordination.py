@@ -11,6 +11,12 @@ import requests
 from broker_process import BIN, sessions_on_two_workers
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def broker_backend(request):
+    """Every test here runs on both store backends."""
+    return request.param
+
+
 def send(url, channel, body, status=201, **kwargs):
     reply = requests.post(f"{url}/messages/{channel}", json=body, timeout=10, **kwargs)
     assert reply.status_code == status, reply.text
@@ -255,9 +261,9 @@ def test_read_positions_and_receipts_survive_a_restart(own_broker, channel):
 # -- inboxes -----------------------------------------------------------------------------------
 
 
-def admin(db, *args):
+def admin(broker, *args):
     done = subprocess.run(
-        [str(BIN / "agent-comms-broker"), *args, "--db", db], capture_output=True, text=True, timeout=30
+        [str(BIN / "agent-comms-broker"), *args, *broker.store_args], capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
@@ -271,10 +277,10 @@ def bearer(token):
 def test_an_inbox_is_read_only_by_its_agent_or_an_inbox_grant(own_broker, mode):
     broker = own_broker(env={"AGENT_COMMS_AUTH": mode}).start()
     url = broker.url
-    bob = admin(broker.db_path, "token", "add", "bob")
-    alice = admin(broker.db_path, "token", "add", "alice")  # read and write '*'
-    auditor = admin(broker.db_path, "token", "add", "auditor", "--read", "@*", "--write", "")
-    narrow = admin(broker.db_path, "token", "add", "narrow", "--write", "tasks")
+    bob = admin(broker, "token", "add", "bob")
+    alice = admin(broker, "token", "add", "alice")  # read and write '*'
+    auditor = admin(broker, "token", "add", "auditor", "--read", "@*", "--write", "")
+    narrow = admin(broker, "token", "add", "narrow", "--write", "tasks")
     sent = send(url, "@bob", {"message": "for bob only"}, headers=bearer(alice))
     assert sent["sender"] == "alice"
     assert requests.post(f"{url}/messages/@bob", json={"message": "x"}, headers=bearer(narrow)).status_code == 403
@@ -318,11 +324,21 @@ def test_in_open_mode_inboxes_are_private_by_convention_only(url):
 
 
 def test_a_broker_py_database_upgrades_in_place_and_works_as_a_queue(own_broker, tmp_path):
+    """On SQLite in place; on PostgreSQL after `migrate-to-postgres`."""
     from legacy_broker import legacy_database
 
     db = tmp_path / "messages.db"
     legacy_database(str(db), [("tasks", "warp-ct200", "Download movie.mkv", "2025-08-03 18:42:28")])
-    broker = own_broker().start()
+    broker = own_broker()
+    if broker.database_url:
+        moved = subprocess.run(
+            [str(BIN / "agent-comms-broker"), "migrate-to-postgres", "--from", str(db), "--to", broker.database_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert moved.returncode == 0, moved.stderr
+    broker.start()
     assert broker.db_path == str(db)
     old = read(broker.url, "tasks")["messages"][0]
     assert (old["id"], old["message"], old["priority"], old["tags"], old["thread"]) == (
@@ -346,7 +362,10 @@ def test_backups_hold_tasks_positions_and_keys(own_broker, tmp_path):
     requests.put(f"{url}/cursors/jobs", json={"read": task}, headers=agent("reader"), timeout=10)
     copy = tmp_path / "copy.db"
     admin_bin = str(BIN / "agent-comms-broker")
-    done = subprocess.run([admin_bin, "backup", str(copy), "--db", broker.db_path], capture_output=True, text=True)
+    done = subprocess.run([admin_bin, "backup", str(copy), *broker.store_args], capture_output=True, text=True)
+    if broker.database_url:  # PostgreSQL has pg_dump: the command says so, in one line
+        assert done.returncode == 1 and "pg_dump" in done.stderr and len(done.stderr.splitlines()) == 1
+        return
     assert done.returncode == 0, done.stderr
     requests.post(f"{url}/messages/jobs/{task}/release", json={}, headers=agent("w"), timeout=10)
     broker.stop()

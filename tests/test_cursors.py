@@ -6,7 +6,15 @@ import itertools
 import threading
 import time
 
+import pytest
 import requests
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def broker_backend(request):
+    """Every test here runs on both store backends."""
+    return request.param
+
 
 WRITERS = 8
 PER_WRITER = 60

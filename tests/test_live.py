@@ -4,11 +4,18 @@ and a post to one gunicorn worker waking watchers in the other."""
 import threading
 import time
 
+import pytest
 import requests
 
 from broker_process import sessions_on_two_workers
 from conftest import post
 from sse_client import EventStream
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def broker_backend(request):
+    """Every test here runs on both store backends."""
+    return request.param
 
 
 def post_later(url, channel, text, delay, session=None):

@@ -7,9 +7,17 @@ import signal
 import threading
 import time
 
+import pytest
 import requests
 
 from broker_process import sessions_on_two_workers
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def broker_backend(request):
+    """Every test here runs on both store backends."""
+    return request.param
+
 
 DEADLINE = 120
 

@@ -143,7 +143,7 @@ def test_make_run_takes_the_brokers_own_variables(tmp_path):
 
 
 def test_usage_and_version():
-    assert "serve [--bind HOST:PORT] [--db PATH] [--workers N]" in run_serve("--help").stdout
+    assert "serve [--bind HOST:PORT] [--db PATH | --database-url URL] [--workers N]" in run_serve("--help").stdout
     assert run_serve("--version").stdout.strip() == "0.2.0"
     wrong = run_serve("serve", "--no-such-flag")
     assert wrong.returncode == 1 and "Usage:" in wrong.stdout + wrong.stderr

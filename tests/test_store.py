@@ -11,10 +11,9 @@ from legacy_broker import legacy_database
 
 
 @pytest.fixture
-def store(tmp_path):
-    opened = Store(str(tmp_path / "store.db"))
-    yield opened
-    opened.close()
+def store(new_store):
+    """A store on each backend."""
+    return new_store()
 
 
 def test_ids_and_timestamps_rise_even_when_the_clock_goes_back(store):
@@ -154,14 +153,13 @@ def test_ids_never_reused_after_retention_empties_a_channel(store):
     assert store.append([("general", "a", "y")])[0].id > last.id
 
 
-def test_concurrent_writers_commit_in_id_and_timestamp_order(tmp_path):
+def test_concurrent_writers_commit_in_id_and_timestamp_order(new_store):
     """Eight connections (as eight workers would) writing at once: no id or time inversions."""
-    path = str(tmp_path / "store.db")
-    Store(path).close()
+    new_store().close()
     errors = []
 
     def write(n):
-        own = Store(path)
+        own = new_store()
         try:
             for i in range(100):
                 own.append([("general", f"writer-{n}", f"{n}-{i}")])
@@ -176,7 +174,7 @@ def test_concurrent_writers_commit_in_id_and_timestamp_order(tmp_path):
     for thread in threads:
         thread.join()
     assert not errors
-    reader = Store(path)
+    reader = new_store()
     messages = reader.after_id("general", 0, 1000).messages
     assert len(messages) == 800
     stamps = [m.timestamp for m in messages]

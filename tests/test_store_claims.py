@@ -8,7 +8,6 @@ PROPERTY_EXAMPLES (default 200) sequences of up to 40 steps, derandomized like
 test_store_properties.py.
 """
 
-import itertools
 import os
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from agent_comms_broker.store import Post, Store, TaskRefused
+from agent_comms_broker.store import Post, TaskRefused
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None, derandomize=True, database=None)
@@ -25,8 +24,6 @@ CHANNEL = "tasks"
 AGENTS = st.sampled_from(["a", "b", "c"])
 LEASES = st.sampled_from([1.0, 5.0, 30.0])
 START = 1_750_000_000.0
-
-_databases = itertools.count(1)
 
 
 @dataclass
@@ -55,20 +52,18 @@ class Modelled:
 
 
 class ClaimMachine(RuleBasedStateMachine):
-    directory = None
+    # Opens a store on a new database (the new_store fixture's).
+    open_store = None
 
     def __init__(self):
         super().__init__()
-        self.path = self.directory / f"claims-{next(_databases)}.db"
-        self.store = Store(str(self.path), synchronous="NORMAL", max_attempts=MAX_ATTEMPTS)
+        self.store = type(self).open_store(fresh=True, synchronous="NORMAL", max_attempts=MAX_ATTEMPTS)
         self.clock = START
         self.tasks = {}  # id -> Modelled, tasks retention has not removed
         self.replies = set()
 
     def teardown(self):
         self.store.close()
-        for suffix in ("", "-wal", "-shm"):
-            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
 
     def claimed_by(self, task, agent, lease):
         if task.lapsed(self.clock):
@@ -204,6 +199,6 @@ class ClaimMachine(RuleBasedStateMachine):
         assert [row[0] for row in dead] == sorted(i for i, t in self.tasks.items() if t.now_state(self.clock) == "dead")
 
 
-def test_claims_keep_their_promises(tmp_path):
-    ClaimMachine.directory = tmp_path
+def test_claims_keep_their_promises(new_store):
+    ClaimMachine.open_store = new_store
     run_state_machine_as_test(ClaimMachine, settings=SETTINGS)

@@ -2,14 +2,15 @@
 its tokens and backups.
 
 Usage:
-  agent-comms-broker serve [--bind HOST:PORT] [--db PATH] [--workers N]
+  agent-comms-broker serve [--bind HOST:PORT] [--db PATH | --database-url URL] [--workers N]
   agent-comms-broker token add AGENT [--read PATTERNS] [--write PATTERNS] [--expires WHEN]
-                                     [--note TEXT] [--secret-stdin] [--db PATH]
-  agent-comms-broker token list [--json] [--db PATH]
-  agent-comms-broker token revoke ID... [--db PATH]
-  agent-comms-broker backup DEST [--db PATH]
-  agent-comms-broker restore SRC [--db PATH]
+                                     [--note TEXT] [--secret-stdin] [--db PATH | --database-url URL]
+  agent-comms-broker token list [--json] [--db PATH | --database-url URL]
+  agent-comms-broker token revoke ID... [--db PATH | --database-url URL]
+  agent-comms-broker backup DEST [--db PATH | --database-url URL]
+  agent-comms-broker restore SRC [--db PATH | --database-url URL]
   agent-comms-broker check FILE
+  agent-comms-broker migrate-to-postgres --from PATH --to URL
   agent-comms-broker config-path
   agent-comms-broker (-h | --help | --version)
 
@@ -27,6 +28,11 @@ Commands:
                  one beside it. Stop the broker first.
   check          Is FILE a sound agent-comms database (a backup to restore)? Prints how
                  many messages it holds; exit 1 if it is not.
+  migrate-to-postgres
+                 Copy a SQLite database (the broker's, or broker.py's) into an empty
+                 PostgreSQL database, every id kept, in one transaction. PATH is not
+                 changed; a broker may run on it meanwhile (what it stores after the
+                 copy began is not copied: stop it first to move for good).
   config-path    Print the path of the shared gunicorn.conf.py, for a plain
                  `gunicorn -c "$(agent-comms-broker config-path)"` invocation.
 
@@ -34,6 +40,10 @@ Options:
   --bind HOST:PORT      Address to listen on [env AGENT_COMMS_BIND; default 0.0.0.0:8080].
   --db PATH             SQLite database file [env AGENT_COMMS_DB;
                         default /opt/agent-comms/messages.db].
+  --database-url URL    PostgreSQL instead of SQLite: postgresql://USER:PASSWORD@HOST/DB
+                        [env AGENT_COMMS_DATABASE_URL]. Several brokers may share one.
+  --from PATH           The SQLite database migrate-to-postgres copies.
+  --to URL              The empty PostgreSQL database it copies into.
   --workers N           gunicorn worker processes [env AGENT_COMMS_WORKERS; default 2].
   --read PATTERNS       Channels the token may read: comma-separated names or patterns
                         such as tasks,team-*; * is every channel, '' none [default: *].
@@ -65,10 +75,15 @@ from importlib import resources
 from docopt import docopt
 
 from . import __version__, auth, preflight
-from .config import ConfigError, Settings, duration
-from .store import Store
+from .config import ConfigError, Settings, duration, one_line, redacted
+from .store import Store, StoreBusy
 
-FLAGS = {"--bind": "AGENT_COMMS_BIND", "--db": "AGENT_COMMS_DB", "--workers": "AGENT_COMMS_WORKERS"}
+FLAGS = {
+    "--bind": "AGENT_COMMS_BIND",
+    "--db": "AGENT_COMMS_DB",
+    "--database-url": "AGENT_COMMS_DATABASE_URL",
+    "--workers": "AGENT_COMMS_WORKERS",
+}
 
 
 class CommandError(Exception):
@@ -84,7 +99,9 @@ def main(argv=None):
     if args["config-path"]:
         print(config_path())
         return 0
-    given = {variable: flag for flag, variable in FLAGS.items() if args[flag] is not None}
+    given = {variable: flag for flag, variable in FLAGS.items() if args.get(flag) is not None}
+    if args.get("--db") is not None:  # the file given wins over a URL of the environment
+        os.environ.pop("AGENT_COMMS_DATABASE_URL", None)
     for variable, flag in given.items():
         os.environ[variable] = args[flag]
     try:
@@ -93,8 +110,14 @@ def main(argv=None):
         except ConfigError as error:
             variable = str(error).partition(":")[0]
             raise ConfigError(f"{given[variable]} ({error})" if variable in given else str(error)) from None
+        if args["migrate-to-postgres"]:
+            return migrate_command(args["--from"], args["--to"])
         if args["token"]:
-            return token_command(args, settings.db)
+            return token_command(args, settings)
+        if (args["backup"] or args["restore"]) and settings.database_url:
+            raise CommandError(
+                "backup and restore copy SQLite files; for PostgreSQL use pg_dump and pg_restore (see the README)"
+            )
         if args["backup"] or args["restore"] or args["check"]:
             return backup_command(args, settings.db)
     except (ConfigError, CommandError) as error:
@@ -121,8 +144,11 @@ def require_database(db_path):
         )
 
 
-def open_store(db_path):
+def open_store(settings):
     """The broker's store, for admin commands."""
+    if settings.database_url:
+        return open_postgres(settings.database_url)
+    db_path = settings.db
     require_database(db_path)
     try:
         return Store(db_path)
@@ -130,8 +156,20 @@ def open_store(db_path):
         raise CommandError(f"cannot open the database {db_path}: {error}") from None
 
 
-def token_command(args, db_path):
-    store = open_store(db_path)
+def open_postgres(url):
+    import psycopg
+
+    from .store.postgres import PostgresStore
+
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+        return PostgresStore(url, pool_size=1)
+    except (psycopg.Error, StoreBusy, RuntimeError) as error:
+        raise CommandError(f"cannot use the database {redacted(url)}: {one_line(error)}") from None
+
+
+def token_command(args, settings):
+    store = open_store(settings)
     try:
         if args["add"]:
             return add_token(store, args)
@@ -247,6 +285,26 @@ def revoke_tokens(store, ids):
             print(f"revoked {token_id}" if outcome else f"{token_id} was already revoked")
     if unknown:
         raise CommandError(f"no token with id {', '.join(unknown)} (see `agent-comms-broker token list`)")
+    return 0
+
+
+# -- moving to PostgreSQL --------------------------------------------------------------
+
+
+def migrate_command(source, url):
+    from .config import database_url
+    from .migrate_pg import MigrationError, migrate
+
+    try:
+        database_url(url)
+    except ValueError as error:
+        raise CommandError(f"--to: {error}") from None
+    try:
+        copied = migrate(source, url)
+    except MigrationError as error:
+        raise CommandError(str(error)) from None
+    rows = ", ".join(f"{count} {table}" for table, count in copied.items() if count)
+    print(f"copied {source} to {redacted(url)}: {rows or 'nothing (an empty database)'}")
     return 0
 
 

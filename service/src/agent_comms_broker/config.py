@@ -124,6 +124,24 @@ def positive_duration(text):
     return value
 
 
+def database_url(text):
+    """A PostgreSQL URL (postgresql://user:password@host:port/database?options)."""
+    text = str(text).strip()
+    if not re.match(r"postgres(ql)?://", text):
+        raise ValueError("give a PostgreSQL URL such as postgresql://agent_comms:PASSWORD@db.lan/agent_comms")
+    return text
+
+
+def redacted(url):
+    """A database URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def one_line(error):
+    """An error's text on one line (psycopg's span several)."""
+    return " ".join(str(error).split())
+
+
 def setting(default, parse=str):
     """A field of Settings: its default, and how to read it from the environment."""
     return field(default=default, metadata={"parse": parse})
@@ -135,6 +153,8 @@ class Settings:
 
     bind: str = setting("0.0.0.0:8080")
     db: str = setting("/opt/agent-comms/messages.db")
+    # PostgreSQL instead of the SQLite file `db`: several broker nodes share one database.
+    database_url: str = setting("", database_url)
     workers: int = setting(2, positive_int)
     # gevent connections one worker holds at once: watchers plus requests in flight.
     worker_connections: int = setting(4096, positive_int)

@@ -16,7 +16,7 @@ import gevent
 import orjson
 from gevent.event import AsyncResult, Event
 
-from .store import AgentLimit, ChannelLimit, KeyConflict, Unstorable
+from .store import AgentLimit, ChannelLimit, KeyConflict, StoreUnavailable, Unstorable
 
 log = logging.getLogger("agent_comms_broker.live")
 
@@ -155,6 +155,11 @@ class Hub:
                 if version != self.data_version:
                     self.data_version = version
                     self._deliver_new()
+            except StoreUnavailable as error:
+                # This node lost its database: its streams end, so that their clients
+                # reconnect (through a load balancer, to a node that has it).
+                log.warning("live delivery stopped, ending %d streams: %s", self._close_watchers(), error)
+                gevent.sleep(1)
             except Exception:  # keep delivering after a transient database error
                 log.exception("live delivery failed; retrying")
                 gevent.sleep(1)
@@ -195,11 +200,14 @@ class Hub:
 
     def _close_all(self):
         """The worker is stopping: end every stream so clients reconnect elsewhere."""
-        for watcher in list(self.everything):
+        self._close_watchers()
+
+    def _close_watchers(self):
+        """End every stream and long-poll; how many there were."""
+        watchers = [*self.everything, *(watcher for group in self.by_channel.values() for watcher in group)]
+        for watcher in watchers:
             watcher.close()
-        for watchers in list(self.by_channel.values()):
-            for watcher in list(watchers):
-                watcher.close()
+        return len(watchers)
 
 
 class GroupCommitter:

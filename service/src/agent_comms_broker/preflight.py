@@ -7,8 +7,10 @@ import socket
 import sqlite3
 import ssl
 import sys
+import traceback
 
-from .store import Store
+from .config import one_line, redacted
+from .store import Store, StoreBusy
 
 
 def fail(text):
@@ -17,9 +19,13 @@ def fail(text):
 
 
 def check(db_path, binds, settings=None):
-    check_database(db_path)
-    if settings is not None:
-        prepare_store(db_path, settings)
+    if settings is not None and settings.database_url:
+        # psycopg must not be imported in the master (store/postgres.py): a child does it.
+        in_child(lambda: prepare_postgres(settings))
+    else:
+        check_database(db_path)
+        if settings is not None:
+            prepare_store(Store(db_path), settings)
     if settings is not None and settings.tls:
         check_tls(settings.tls_cert, settings.tls_key)
     if not os.environ.get("LISTEN_FDS"):  # systemd socket activation hands us the sockets
@@ -44,7 +50,51 @@ def check_database(db_path):
         fail(f"cannot use the database {db_path}: {error}")
 
 
-def prepare_store(db_path, settings):
+def in_child(work):
+    """Run work() in a child process (which exits with it); fail here if it failed (the
+    child has said why)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        except SystemExit as error:
+            code = error.code if isinstance(error.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(1)
+
+
+def prepare_postgres(settings):
+    """The PostgreSQL database answers, is migrated (once, by whichever node gets there
+    first), and is prepared as prepare_store does."""
+    import psycopg
+
+    from .store.postgres import PostgresStore
+
+    where = redacted(settings.database_url)
+    try:
+        psycopg.connect(settings.database_url, connect_timeout=10).close()
+    except psycopg.Error as error:
+        fail(f"cannot connect to the database {where}: {one_line(error)}")
+    try:
+        store = PostgresStore(settings.database_url, pool_size=1)
+    except (psycopg.Error, StoreBusy) as error:
+        fail(f"cannot use the database {where}: {one_line(error)}")
+    except RuntimeError as error:
+        fail(f"cannot use the database {where}: {error}")
+    prepare_store(store, settings)
+
+
+def prepare_store(store, settings):
     """Before anything is served, on one connection: the search index as AGENT_COMMS_SEARCH
     wants it, and the notification rules recorded at the newest message (so none of what
     is posted once the broker serves goes unnoticed)."""
@@ -56,7 +106,6 @@ def prepare_store(db_path, settings):
             rules = load(settings.notify_file)
         except NotifyConfigError as error:
             fail(str(error))
-    store = Store(db_path)
     try:
         if store.set_search(settings.search):
             done = "rebuilt from the messages" if settings.search else "dropped (AGENT_COMMS_SEARCH=off)"

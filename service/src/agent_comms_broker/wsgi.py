@@ -71,19 +71,37 @@ class Runtime:
 
     def _start(self):
         settings = self.settings
-        self.store = Store(settings.db, settings.synchronous, sleep=gevent.sleep, max_attempts=settings.max_attempts)
+        if settings.database_url:
+            # Imported here, in the worker, after gevent has patched it (store/postgres.py).
+            from .store.postgres import PostgresStore
+
+            # A pool of connections, whose waits for the server yield to the other
+            # greenlets: the group committer runs on the event loop, on the same pool.
+            self.store = PostgresStore(
+                settings.database_url, sleep=gevent.sleep, max_attempts=settings.max_attempts, migrate_schema=False
+            )
+            self.writer, call = self.store, None
+        else:
+            self.store = Store(
+                settings.db, settings.synchronous, sleep=gevent.sleep, max_attempts=settings.max_attempts
+            )
+            # The group committer writes on a connection of its own, in a thread of its own.
+            self.writer = Store(
+                settings.db,
+                settings.synchronous,
+                sleep=time.sleep,
+                max_attempts=settings.max_attempts,
+                writers_queue=True,
+            )
+            call = gevent.threadpool.ThreadPool(1).apply
         self.hub = Hub(self.store, settings.wakeup_interval, settings.page_bytes, alive=lambda: self.alive())
-        # The group committer writes on a connection of its own, in a thread of its own.
-        self.writer = Store(
-            settings.db, settings.synchronous, sleep=time.sleep, max_attempts=settings.max_attempts, writers_queue=True
-        )
         self.committer = GroupCommitter(
             self.writer,
             self.hub.committed,
             settings.max_channels,
             settings.max_agents,
             settings.max_database,
-            call=gevent.threadpool.ThreadPool(1).apply,
+            call=call,
         )
         self.retention = run_retention(self.store, settings, alive=lambda: self.alive())
         self.notifier = None

@@ -59,6 +59,7 @@ def status(broker):
         "channels": channel_count,
         "agents": agent_count,
         "active_agents": active,
+        "database": store.database,
         "database_size": store.size_bytes(),
         "synchronous": store.synchronous(),
         "search": settings.search,

@@ -13,6 +13,10 @@ class StoreBusy(Exception):
     """The database stayed locked by other writers past the deadline."""
 
 
+class StoreUnavailable(StoreBusy):
+    """The database cannot be reached (PostgreSQL down, or the connection to it lost)."""
+
+
 class StoreFull(Exception):
     """The disk or filesystem holding the database is full."""
 

@@ -392,6 +392,21 @@ class SQLStore(Coordination, NotifyRecords, StoreContract):
 
         return self._read(work)
 
+    def activity(self, since, slot, now=None):
+        """{channel: [count of messages in each `slot` seconds from `since` to now]}."""
+        end = time.time() if now is None else now
+        slots = max(1, int((end - since) // slot) + (1 if (end - since) % slot else 0))
+
+        def work(db):
+            row = db.execute(self.sql.LAST_ID_AT, (since,)).fetchone()
+            return db.execute(self.sql.COUNT_BY_SLOT, (since, slot, row[0] if row else 0)).fetchall()
+
+        counts = {}
+        for channel, index, count in self._read(work):
+            if 0 <= index < slots:
+                counts.setdefault(channel, [0] * slots)[index] = count
+        return counts
+
     def pruned_after(self, after, channel=None):
         """Whether retention removed any message with id > after (in one channel, or any)."""
         if channel is None:

@@ -1,7 +1,5 @@
-"""Search on SQLite, and recent activity: message text through the FTS5 index schema.py
-keeps in step with the messages table; how many messages each channel got in each minute
-of the last hour (the dashboard's sparklines). Part of the Store (a mixin of it); every
-statement here."""
+"""Search on SQLite: message text through the FTS5 index schema.py keeps in step with the
+messages table. Part of the Store (a mixin of it); every statement here."""
 
 import sqlite3
 import time
@@ -28,13 +26,6 @@ IN_CHANNEL = " AND m.channel = ?"
 # A search stops once SQLite has run this many thousand steps of its program (the
 # progress handler's count), so that no search holds a worker for long: about 0.1 s.
 SEARCH_STEPS = 4000
-# Timestamps rise with ids: the newest message at or before a time is found by walking
-# back from the newest id, over the messages since (no index on time alone needed).
-LAST_ID_AT = "SELECT id FROM messages WHERE timestamp <= ? ORDER BY id DESC LIMIT 1"
-# (start, slot seconds, after id)
-COUNT_BY_SLOT = """
-SELECT channel, CAST((timestamp - ?) / ? AS INTEGER) AS slot, count(*) FROM messages
-WHERE id > ? GROUP BY channel, slot"""
 # No id is this large: the first page of a search starts below it.
 NEWEST = 1 << 62
 
@@ -128,18 +119,3 @@ class Search:
             return Found(messages_of(db, self.sql, rows, time.time(), self.max_attempts), cut)
 
         return self._read(work)
-
-    def activity(self, since, slot, now=None):
-        """{channel: [count of messages in each `slot` seconds from `since` to now]}."""
-        end = time.time() if now is None else now
-        slots = max(1, int((end - since) // slot) + (1 if (end - since) % slot else 0))
-
-        def work(db):
-            row = db.execute(LAST_ID_AT, (since,)).fetchone()
-            return db.execute(COUNT_BY_SLOT, (since, slot, row[0] if row else 0)).fetchall()
-
-        counts = {}
-        for channel, index, count in self._read(work):
-            if 0 <= index < slots:
-                counts.setdefault(channel, [0] * slots)[index] = count
-        return counts

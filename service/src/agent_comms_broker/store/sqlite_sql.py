@@ -157,6 +157,15 @@ UPDATE channels SET message_count = max(0, message_count - ?),
     pruned_id = max(pruned_id, ?), pruned_timestamp = max(pruned_timestamp, ?)
 WHERE name = ?"""
 
+# Recent activity (the dashboard's sparklines). Timestamps rise with ids: the newest
+# message at or before a time is found by walking back from the newest id, over the
+# messages since (no index on time alone needed).
+LAST_ID_AT = "SELECT id FROM messages WHERE timestamp <= ? ORDER BY id DESC LIMIT 1"
+# (start, slot seconds, after id)
+COUNT_BY_SLOT = """
+SELECT channel, CAST((timestamp - ?) / ? AS INTEGER) AS slot, count(*) FROM messages
+WHERE id > ? GROUP BY channel, slot"""
+
 TOKEN_COLUMNS = "id, hash, agent, read, write, note, created, expires, revoked, last_used"
 INSERT_TOKEN = f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)"
 SELECT_TOKEN_BY_HASH = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?"

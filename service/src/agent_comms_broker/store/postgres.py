@@ -1,0 +1,262 @@
+"""The PostgreSQL store: a pool of connections and the transactions on them; its
+statements are in postgres_sql.py, its schema in postgres_schema.py, search in
+postgres_search.py, and the logic over them, shared with SQLite, in shared.py.
+
+psycopg and psycopg_pool are imported when a store is made, never before: they choose
+how to wait for the server (gevent's cooperative wait, once gevent has patched the
+process) and what locks to use when they are first imported, and the gunicorn master,
+which imports the app before its workers patch, must not make that choice for them.
+
+Write transactions take turns on the `writer` row (postgres_sql.WRITE_LOCK), which also
+gives the ids: a transaction's ids are all above every id committed before it, and a
+reader that sees one id sees every smaller one. Reads run at REPEATABLE READ, so the
+statements of one read see one snapshot, as SQLite's do.
+"""
+
+import threading
+import time
+
+from ..config import one_line
+from . import postgres_sql
+from .model import DatabaseFull, Message, StoreBusy, StoreFull, StoreUnavailable
+from .postgres_schema import SCHEMA_VERSION, migrate, schema_version
+from .postgres_search import PostgresSearch
+from .shared import DEFAULT_MAX_ATTEMPTS, SQLStore
+
+BEGIN_WRITE = "BEGIN"
+BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# Connections each worker keeps open at most; one at least, for the hub's reads.
+DEFAULT_POOL_SIZE = 8
+# The libpq settings every connection gets, unless the URL says otherwise: a server that
+# went away without a word is noticed within about half a minute.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+# The listener reads the last id given at least this often (seconds), so a lost
+# notification or a silently dead connection is noticed.
+PROBE_INTERVAL = 2.0
+# SQLSTATEs a transaction is tried again after: serialization failure, deadlock.
+RETRIED = {"40001", "40P01"}
+# A server that cannot take the connection, or dropped it (classes 08 and 57).
+UNAVAILABLE_CLASSES = ("08", "57")
+
+
+class _Transaction:
+    """A connection inside one of the store's transactions, as shared.py's logic uses it:
+    `execute`, and for a write the last id given so far (new rows' ids follow it)."""
+
+    __slots__ = ("execute", "given", "last_id")
+
+    def __init__(self, connection, last_id=None):
+        self.execute = connection.execute
+        self.given = self.last_id = last_id
+
+
+class PostgresStore(PostgresSearch, SQLStore):
+    sql = postgres_sql
+    database = "postgresql"
+    stores_nul = False
+
+    def __init__(
+        self,
+        url,
+        busy_deadline=10.0,
+        sleep=time.sleep,
+        max_attempts=DEFAULT_MAX_ATTEMPTS,
+        pool_size=DEFAULT_POOL_SIZE,
+        migrate_schema=True,
+    ):
+        import psycopg
+        import psycopg_pool
+
+        self._psycopg = psycopg
+        self._pool_timeout = psycopg_pool.PoolTimeout
+        self.url = url
+        self.max_attempts = max_attempts
+        self.busy_deadline = busy_deadline
+        self._sleep = sleep
+        self.pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(1, pool_size),
+            kwargs={**KEEPALIVES, "autocommit": True},
+            open=False,
+            timeout=busy_deadline,
+            name="agent-comms",
+        )
+        self.pool.open(wait=False)
+        # data_version's listener, its count of commits seen, and what it last failed with.
+        self._listener = None
+        self._version = 0
+        self._listen_error = None
+        self._closed = False
+        if migrate_schema:
+            self._retry(lambda: self._on_connection(self._migrate))
+
+    def close(self):
+        self._closed = True
+        self.pool.close()
+
+    # -- transactions -------------------------------------------------------------------
+
+    def _on_connection(self, work, timeout=None):
+        with self.pool.connection(timeout=timeout) as connection:
+            return work(connection)
+
+    def _retry(self, attempt, busy_deadline=None):
+        """Run attempt() (a whole transaction) again while it fails before its commit for
+        a reason that a new try can get past: a lost connection (a server restarted, a
+        pooled connection gone stale), a deadlock, a serialization failure; until the
+        deadline, then StoreBusy. A full disk raises StoreFull; a lock wait past
+        lock_timeout, StoreBusy."""
+        deadline = time.monotonic() + (self.busy_deadline if busy_deadline is None else busy_deadline)
+        pause = 0.005
+        while True:
+            try:
+                return attempt()
+            except self._pool_timeout as error:
+                raise StoreBusy(f"no database connection within the deadline: {error}") from error
+            except self._psycopg.Error as error:
+                state = error.sqlstate or ""
+                if state == "53100":
+                    raise StoreFull(str(error)) from error
+                if state == "55P03":
+                    raise StoreBusy(str(error)) from error
+                passing = state in RETRIED or state.startswith(UNAVAILABLE_CLASSES) or not state
+                if not (passing and isinstance(error, self._psycopg.OperationalError)):
+                    raise
+                if getattr(error, "agent_comms_committing", False):
+                    # The commit was sent: it may have taken effect. Not tried again.
+                    raise StoreUnavailable(f"the database connection was lost during a commit: {error}") from error
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"the database is unavailable: {error}") from error
+                self._sleep(pause)
+                pause = min(pause * 2, 0.25)
+
+    def _write(self, work, busy_deadline=None):
+        lock_timeout = int(1000 * (self.busy_deadline if busy_deadline is None else busy_deadline))
+
+        def transaction(connection):
+            connection.execute(BEGIN_WRITE)
+            try:
+                connection.execute(f"SET LOCAL lock_timeout = {lock_timeout}")
+                tx = _Transaction(connection, connection.execute(self.sql.WRITE_LOCK).fetchone()[0])
+                result = work(tx)
+                if tx.last_id != tx.given:
+                    connection.execute(self.sql.SET_LAST_ID_AND_NOTIFY, (tx.last_id,))
+            except BaseException:
+                _rollback(connection)
+                raise
+            try:
+                connection.execute("COMMIT")
+            except self._psycopg.Error as error:
+                error.agent_comms_committing = True
+                raise
+            return result
+
+        return self._retry(lambda: self._on_connection(transaction), busy_deadline)
+
+    def _read(self, work):
+        def transaction(connection):
+            connection.execute(BEGIN_READ)
+            try:
+                result = work(_Transaction(connection))
+            except BaseException:
+                _rollback(connection)
+                raise
+            connection.execute("COMMIT")
+            return result
+
+        return self._retry(lambda: self._on_connection(transaction))
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _migrate(self, connection):
+        if schema_version(connection) == SCHEMA_VERSION:
+            return
+        with connection.transaction():
+            migrate(connection)
+
+    def schema_version(self):
+        return self._on_connection(schema_version)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _insert_rows(self, db, rows, stored):
+        """Insert the waiting rows in one statement (a column of values each), with the ids
+        after the last given, and put their Messages in their places in `stored`."""
+        if not rows:
+            return
+        ids = list(range(db.last_id + 1, db.last_id + 1 + len(rows)))
+        columns = [list(column) for column in zip(*(row for _, row, _ in rows), strict=True)]
+        db.execute(self.sql.INSERT_MESSAGES, (ids, *columns))
+        tagged = ([], [], [])
+        for message_id, (place, row, tags) in zip(ids, rows, strict=True):
+            stored[place] = Message(message_id, *row[:6], row[6], tuple(tags), row[8])
+            for tag in tags:
+                tagged[0].append(message_id)
+                tagged[1].append(tag)
+                tagged[2].append(row[0])
+        if tagged[0]:
+            db.execute(self.sql.INSERT_TAGS, tagged)
+        db.last_id = ids[-1]
+        rows.clear()
+
+    def _check_free_space(self):
+        """The server's disk is the server's: a full one answers 53100 (StoreFull)."""
+
+    def _check_database_size(self, db, max_database):
+        used = db.execute(self.sql.USED_BYTES).fetchone()[0]
+        if used >= max_database:
+            raise DatabaseFull(f"the database holds {used} bytes, at its limit (AGENT_COMMS_MAX_DATABASE)")
+
+    # -- state ----------------------------------------------------------------------------
+
+    def data_version(self):
+        """Changes whenever any node commits new messages. A listener (started by the first
+        call, in the worker) counts the notifications each commit of new messages sends;
+        while it has no connection to the database this raises StoreUnavailable."""
+        if self._listener is None:
+            self._listener = threading.Thread(target=self._listen, name="agent-comms-listen", daemon=True)
+            self._listener.start()
+        if self._listen_error is not None:
+            raise StoreUnavailable(f"the database is unavailable: {self._listen_error}")
+        return self._version
+
+    def _listen(self):
+        """LISTEN for commits of new messages, forever; every PROBE_INTERVAL without one,
+        read the last id given too (a notification is lost when the connection is: the
+        probe notices both). On a lost connection, connect again every second."""
+        last_id = None
+        while not self._closed:
+            try:
+                with self._psycopg.connect(self.url, autocommit=True, connect_timeout=5, **KEEPALIVES) as connection:
+                    connection.execute(self.sql.LISTEN)
+                    while not self._closed:
+                        probed = connection.execute(self.sql.LAST_GIVEN_ID).fetchone()[0]
+                        if probed != last_id or self._listen_error is not None:
+                            last_id, self._listen_error = probed, None
+                            self._version += 1
+                        for _ in connection.notifies(timeout=PROBE_INTERVAL):
+                            self._version += 1
+            except self._psycopg.Error as error:
+                self._listen_error = one_line(error)
+                self._sleep(1)
+
+    def synchronous(self):
+        """The server's durability of commits (synchronous_commit: on, remote_apply...)."""
+        return self._on_connection(lambda c: c.execute("SHOW synchronous_commit").fetchone()[0]).upper()
+
+    def size_bytes(self):
+        return self._on_connection(lambda c: c.execute(self.sql.USED_BYTES).fetchone()[0])
+
+    def healthy(self):
+        """The database answers, with this broker's schema."""
+        return self._on_connection(schema_version, timeout=2) == SCHEMA_VERSION
+
+
+def _rollback(connection):
+    """Roll back the transaction under way, if the connection still has one."""
+    if not connection.closed and connection.info.transaction_status != 0:  # 0: idle
+        try:
+            connection.execute("ROLLBACK")
+        except Exception:  # a broken connection: the pool discards it
+            pass

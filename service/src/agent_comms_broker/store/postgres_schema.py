@@ -1,0 +1,162 @@
+"""The PostgreSQL schema, and its migrations: the tables of SQLite's schema 6 (schema.py),
+column for column, so that a database moves between the backends with every id kept.
+
+`broker_schema` holds the schema number; MIGRATIONS[n] takes schema n to n + 1. They run
+in one transaction under an advisory lock, so of several nodes starting together one
+migrates and the others find nothing left to do.
+
+Names and channels sort as bytes (COLLATE "C"), as SQLite's do, so listings page in the
+same order on both backends whatever the database's locale.
+"""
+
+SCHEMA_VERSION = 1
+# pg_advisory_xact_lock's key for migrations: any number no other program uses.
+MIGRATION_LOCK = 0x61676E74
+SEARCH_CHARS = 16384
+
+SCHEMA_1 = [
+    """CREATE TABLE broker_schema (version integer NOT NULL)""",
+    # The write lock and the id counter (postgres_sql.WRITE_LOCK): one row.
+    """CREATE TABLE writer (
+        one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+        last_id bigint NOT NULL
+    )""",
+    "INSERT INTO writer (last_id) VALUES (0)",
+    """CREATE TABLE messages (
+        id        bigint PRIMARY KEY,
+        channel   text COLLATE "C" NOT NULL,
+        sender    text COLLATE "C" NOT NULL,
+        message   text NOT NULL,
+        timestamp double precision NOT NULL,
+        reply_to  bigint,
+        thread    bigint,
+        priority  integer NOT NULL DEFAULT 3,
+        tags      text,
+        meta      text
+    )""",
+    "CREATE INDEX messages_by_channel ON messages (channel, id)",
+    "CREATE INDEX messages_by_channel_time ON messages (channel, timestamp)",
+    "CREATE INDEX messages_by_thread ON messages (thread, id) WHERE thread IS NOT NULL",
+    "CREATE INDEX messages_tasks ON messages (channel, id) WHERE reply_to IS NULL",
+    """CREATE TABLE channels (
+        name             text COLLATE "C" PRIMARY KEY,
+        message_count    bigint NOT NULL DEFAULT 0,
+        last_activity    double precision,
+        pruned_id        bigint NOT NULL DEFAULT 0,
+        pruned_timestamp double precision NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE agents (
+        id            text COLLATE "C" PRIMARY KEY,
+        first_seen    double precision NOT NULL,
+        last_seen     double precision NOT NULL,
+        message_count bigint NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE tokens (
+        id        text COLLATE "C" PRIMARY KEY,
+        hash      text NOT NULL UNIQUE,
+        agent     text COLLATE "C" NOT NULL,
+        read      text NOT NULL,
+        write     text NOT NULL,
+        note      text NOT NULL DEFAULT '',
+        created   double precision NOT NULL,
+        expires   double precision,
+        revoked   double precision,
+        last_used double precision
+    )""",
+    """CREATE TABLE message_tags (
+        id      bigint NOT NULL,
+        tag     text COLLATE "C" NOT NULL,
+        channel text COLLATE "C" NOT NULL,
+        PRIMARY KEY (id, tag)
+    )""",
+    "CREATE INDEX message_tags_by_channel ON message_tags (channel, tag, id)",
+    """CREATE TABLE tasks (
+        id       bigint PRIMARY KEY,
+        channel  text COLLATE "C" NOT NULL,
+        state    text NOT NULL,
+        agent    text COLLATE "C",
+        expires  double precision,
+        attempt  integer NOT NULL,
+        failures integer NOT NULL DEFAULT 0,
+        reply    bigint,
+        updated  double precision NOT NULL
+    )""",
+    "CREATE INDEX tasks_by_state ON tasks (channel, state, id)",
+    """CREATE TABLE queues (
+        channel text COLLATE "C" PRIMARY KEY,
+        floor   bigint NOT NULL
+    )""",
+    """CREATE TABLE cursors (
+        agent   text COLLATE "C" NOT NULL,
+        channel text COLLATE "C" NOT NULL,
+        read_id bigint NOT NULL,
+        updated double precision NOT NULL,
+        PRIMARY KEY (agent, channel)
+    )""",
+    """CREATE TABLE cursor_moves (
+        channel text COLLATE "C" NOT NULL,
+        read_id bigint NOT NULL,
+        agent   text COLLATE "C" NOT NULL,
+        at      double precision NOT NULL,
+        PRIMARY KEY (channel, read_id, agent)
+    )""",
+    """CREATE TABLE idempotency (
+        sender  text COLLATE "C" NOT NULL,
+        key     text NOT NULL,
+        id      bigint NOT NULL,
+        channel text COLLATE "C" NOT NULL,
+        created double precision NOT NULL,
+        PRIMARY KEY (sender, key)
+    )""",
+    "CREATE INDEX idempotency_by_age ON idempotency (created)",
+    """CREATE TABLE notify_rules (
+        rule       text COLLATE "C" PRIMARY KEY,
+        cursor     bigint NOT NULL,
+        delivered  bigint NOT NULL DEFAULT 0,
+        failures   integer NOT NULL DEFAULT 0,
+        last_error text,
+        next_try   double precision NOT NULL DEFAULT 0,
+        updated    double precision NOT NULL
+    )""",
+    """CREATE TABLE leases (
+        name    text COLLATE "C" PRIMARY KEY,
+        owner   text NOT NULL,
+        expires double precision NOT NULL
+    )""",
+    # Search (postgres_search.py): whether it is kept; its index is made and dropped there.
+    "CREATE TABLE search_index (kept boolean NOT NULL)",
+    "INSERT INTO broker_schema (version) VALUES (0)",
+]
+
+
+def _create(db):
+    for statement in SCHEMA_1:
+        db.execute(statement)
+
+
+# MIGRATIONS[n] takes schema n to n + 1.
+MIGRATIONS = [_create]
+
+SCHEMA_EXISTS = "SELECT to_regclass('broker_schema') IS NOT NULL"
+SELECT_VERSION = "SELECT version FROM broker_schema"
+SET_VERSION = "UPDATE broker_schema SET version = %s"
+LOCK_MIGRATIONS = f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"
+
+
+def schema_version(db):
+    """The schema number of the database (0: none of ours)."""
+    if not db.execute(SCHEMA_EXISTS).fetchone()[0]:
+        return 0
+    return db.execute(SELECT_VERSION).fetchone()[0]
+
+
+def migrate(db):
+    """Bring the database to SCHEMA_VERSION, inside the caller's transaction."""
+    db.execute(LOCK_MIGRATIONS)
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema {version} is newer than this broker's ({SCHEMA_VERSION})")
+    for step in range(version, SCHEMA_VERSION):
+        MIGRATIONS[step](db)
+    if version != SCHEMA_VERSION:
+        db.execute(SET_VERSION, (SCHEMA_VERSION,))

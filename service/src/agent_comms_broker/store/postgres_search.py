@@ -1,0 +1,105 @@
+"""Search on PostgreSQL: a GIN index of each message's words (the
+'simple' text search configuration: lower case, no stemming, no stop words, as SQLite's
+unicode61 tokenizer), kept by PostgreSQL itself in every transaction that inserts or
+deletes. Part of the PostgresStore (a mixin of it); every statement here.
+
+A query is built from each term with PostgreSQL's own parsing, never from text pasted
+into tsquery syntax: a phrase is phraseto_tsquery of its words, and a prefix term
+matches its last word as a prefix (`word:*`, the word a quoted tsquery literal).
+"""
+
+import time
+
+from .model import Found
+from .postgres_schema import SEARCH_CHARS
+from .postgres_sql import PAGE_COLUMNS, like
+from .rows import messages_of
+
+CONFIG = "simple"
+DOCUMENT = f"to_tsvector('{CONFIG}', left(message, {SEARCH_CHARS}))"
+CREATE_INDEX = f"CREATE INDEX IF NOT EXISTS message_text ON messages USING gin ({DOCUMENT})"
+DROP_INDEX = "DROP INDEX IF EXISTS message_text"
+SEARCH_KEPT = "SELECT kept FROM search_index"
+SET_SEARCH_KEPT = "INSERT INTO search_index (kept) VALUES (%s)"
+CLEAR_SEARCH_KEPT = "DELETE FROM search_index"
+INDEX_EXISTS = "SELECT to_regclass('message_text') IS NOT NULL"
+# One term: the words before a prefix as a phrase, followed by the prefix.
+PHRASE = f"phraseto_tsquery('{CONFIG}', %s)"
+PREFIX = f"to_tsquery('{CONFIG}', %s)"
+FOLLOWED_BY = "tsquery_phrase({}, {})"
+# Matches, newest first, below an id; {query} is the terms' tsquery, {where} narrows them.
+SELECT_MATCHES = f"""
+SELECT {PAGE_COLUMNS} FROM messages AS m
+WHERE to_tsvector('{CONFIG}', left(m.message, {SEARCH_CHARS})) @@ ({{query}}) AND m.id < %s{{where}}
+ORDER BY m.id DESC LIMIT %s"""
+IN_CHANNEL = " AND m.channel = %s"
+# A search stops after this long (statement_timeout), so that none holds a connection
+# for long; it then answers what it found: nothing, marked cut.
+SEARCH_MILLISECONDS = 100
+NEWEST = 1 << 62
+
+
+def term_query(term):
+    """A term's tsquery expression and its parameters."""
+    words = term.text.split()
+    if not term.prefix or not words:
+        return PHRASE, [term.text]
+    last = "'" + words[-1].replace("\\", "\\\\").replace("'", "''") + "':*"
+    if len(words) == 1:
+        return PREFIX, [last]
+    return FOLLOWED_BY.format(PHRASE, PREFIX), [" ".join(words[:-1]), last]
+
+
+def visible_sql(visible):
+    """The SQL condition (and its parameters) that keeps the channels of a model.Visible:
+    channels by pattern (never an inbox), inboxes by pattern or by name."""
+    condition = """ AND ((left(m.channel, 1) != '@' AND m.channel LIKE ANY(%s))
+        OR (left(m.channel, 1) = '@' AND (m.channel LIKE ANY(%s) OR m.channel = ANY(%s))))"""
+    return condition, [
+        [like(pattern) for pattern in visible.channels],
+        [like(pattern) for pattern in visible.inboxes],
+        list(visible.own),
+    ]
+
+
+class PostgresSearch:
+    def set_search(self, enabled):
+        """Keep the search index (made from the messages when it was not), or drop it.
+        Whether anything changed."""
+
+        def work(db):
+            kept = db.execute(SEARCH_KEPT).fetchone()
+            exists = db.execute(INDEX_EXISTS).fetchone()[0]
+            if kept is not None and kept[0] == enabled and exists == enabled:
+                return False
+            db.execute(CREATE_INDEX if enabled else DROP_INDEX)
+            db.execute(CLEAR_SEARCH_KEPT)
+            db.execute(SET_SEARCH_KEPT, (enabled,))
+            return True
+
+        return self._write(work)
+
+    def search(self, terms, channel=None, before=None, limit=50, visible=None):
+        parts, params = [], []
+        for term in terms:
+            expression, values = term_query(term)
+            parts.append(f"({expression})")
+            params += values
+        where, extra = (IN_CHANNEL, [channel]) if channel is not None else ("", [])
+        if visible is not None:
+            condition, more_params = visible_sql(visible)
+            where, extra = where + condition, extra + more_params
+        statement = SELECT_MATCHES.format(query=" && ".join(parts), where=where)
+        params += [NEWEST if before is None else before, *extra, limit]
+
+        def work(db):
+            db.execute(f"SET LOCAL statement_timeout = {SEARCH_MILLISECONDS}")
+            db.execute("SAVEPOINT search")
+            try:
+                rows = db.execute(statement, params).fetchall()
+            except self._psycopg.errors.QueryCanceled:
+                db.execute("ROLLBACK TO search")
+                return Found([], True)
+            return Found(messages_of(db, self.sql, rows, time.time(), self.max_attempts), False)
+
+        return self._read(work)
