@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+import test_reliability
 from broker_process import BIN, BrokerProcess, free_port, sessions_on_two_workers
 from conftest import until
 from legacy_broker import legacy_database
@@ -378,3 +379,50 @@ def test_postgresql_restarted_under_load_answers_503_loses_nothing_and_the_nodes
         for node in started:
             node.stop()
         server.stop()
+
+
+# -- the reliability suite on PostgreSQL ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broker_backend():
+    """The shared and own brokers of this module are on PostgreSQL."""
+    return "postgres"
+
+
+def test_acknowledged_posts_survive_sigkill_of_every_process(own_broker):
+    test_reliability.test_acknowledged_posts_survive_sigkill_of_every_process(own_broker)
+
+
+def test_watchers_resume_across_a_restart_and_a_reload_with_every_message_once(own_broker):
+    test_reliability.test_watchers_resume_across_a_restart_and_a_reload_with_every_message_once(own_broker)
+
+
+def test_agent_chat_watch_prints_every_message_once_across_a_restart_and_a_reload(own_broker):
+    test_reliability.test_agent_chat_watch_prints_every_message_once_across_a_restart_and_a_reload(own_broker)
+
+
+def test_nodes_starting_together_make_the_schema_once(database):
+    """Six stores opened at once on a new database (as nodes starting together): one makes
+    the schema, the others wait for it and find nothing left to do."""
+    from agent_comms_broker.store.postgres import PostgresStore
+
+    errors = []
+
+    def start():
+        try:
+            PostgresStore(database, pool_size=1).close()
+        except Exception as error:
+            errors.append(repr(error))
+
+    starting = [threading.Thread(target=start) for _ in range(6)]
+    for thread in starting:
+        thread.start()
+    for thread in starting:
+        thread.join(60)
+    assert errors == []
+    store = PostgresStore(database, pool_size=1)
+    try:
+        assert store.healthy() and store.append([("c", "s", "after")])[0].id == 1
+    finally:
+        store.close()

@@ -87,9 +87,11 @@ def migrate(source, url, progress=None):
 def _copy(db, target, url, progress):
     import psycopg
 
+    from .store.postgres import CONNECTION_OPTIONS
+
     copied = {}
     try:
-        with psycopg.connect(url) as connection, connection.transaction():
+        with psycopg.connect(url, **CONNECTION_OPTIONS) as connection, connection.transaction():
             if not connection.execute(TARGET_IS_EMPTY).fetchone()[0]:
                 where = redacted(url)
                 raise MigrationError(f"the database {where} already holds messages or tokens: give an empty one")

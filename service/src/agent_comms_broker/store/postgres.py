@@ -28,11 +28,21 @@ BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 # Connections each worker keeps open at most; one at least, for the hub's reads.
 DEFAULT_POOL_SIZE = 8
 # The libpq settings every connection gets, unless the URL says otherwise: a server that
-# went away without a word is noticed within about half a minute.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+# went away without a word is noticed within about half a minute; text is UTF-8 both ways,
+# even in a database created SQL_ASCII (initdb without a locale), where psycopg would
+# otherwise hand out bytes.
+CONNECTION_OPTIONS = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "client_encoding": "utf8",
+}
 # The listener reads the last id given at least this often (seconds), so a lost
 # notification or a silently dead connection is noticed.
 PROBE_INTERVAL = 2.0
+# How long a request waits for a connection while the database is known to be gone.
+UNAVAILABLE_WAIT = 1.0
 # SQLSTATEs a transaction is tried again after: serialization failure, deadlock.
 RETRIED = {"40001", "40P01"}
 # A server that cannot take the connection, or dropped it (classes 08 and 57).
@@ -77,7 +87,7 @@ class PostgresStore(PostgresSearch, SQLStore):
             url,
             min_size=1,
             max_size=max(1, pool_size),
-            kwargs={**KEEPALIVES, "autocommit": True},
+            kwargs={**CONNECTION_OPTIONS, "autocommit": True},
             open=False,
             timeout=busy_deadline,
             name="agent-comms",
@@ -98,6 +108,10 @@ class PostgresStore(PostgresSearch, SQLStore):
     # -- transactions -------------------------------------------------------------------
 
     def _on_connection(self, work, timeout=None):
+        if self._listen_error is not None:
+            # The listener has lost the database: a request waits a second for a
+            # connection, not the whole deadline, before its 503.
+            timeout = min(timeout or UNAVAILABLE_WAIT, UNAVAILABLE_WAIT)
         with self.pool.connection(timeout=timeout) as connection:
             return work(connection)
 
@@ -113,6 +127,8 @@ class PostgresStore(PostgresSearch, SQLStore):
             try:
                 return attempt()
             except self._pool_timeout as error:
+                if self._listen_error is not None:
+                    raise StoreUnavailable(f"the database is unavailable: {self._listen_error}") from error
                 raise StoreBusy(f"no database connection within the deadline: {error}") from error
             except self._psycopg.Error as error:
                 state = error.sqlstate or ""
@@ -228,7 +244,8 @@ class PostgresStore(PostgresSearch, SQLStore):
         last_id = None
         while not self._closed:
             try:
-                with self._psycopg.connect(self.url, autocommit=True, connect_timeout=5, **KEEPALIVES) as connection:
+                connect = self._psycopg.connect
+                with connect(self.url, autocommit=True, connect_timeout=5, **CONNECTION_OPTIONS) as connection:
                     connection.execute(self.sql.LISTEN)
                     while not self._closed:
                         probed = connection.execute(self.sql.LAST_GIVEN_ID).fetchone()[0]

