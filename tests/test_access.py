@@ -11,21 +11,44 @@ import pytest
 import requests
 
 from broker_process import BIN
+from postgres_server import ensure_installed
 from sse_client import EventStream
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def broker_backend(request):
+    """Every test here runs on both store backends."""
+    return request.param
+
 
 ADMIN = str(BIN / "agent-comms-broker")
 CHAT = str(BIN / "agent-chat")
 
 
-def admin(db_path, *args, stdin=None, check=True):
-    done = subprocess.run([ADMIN, *args, "--db", str(db_path)], input=stdin, capture_output=True, text=True)
+def admin(target, *args, stdin=None, check=True):
+    """The admin command on a broker's database (or a SQLite file's path)."""
+    names = target.store_args if hasattr(target, "store_args") else ["--db", str(target)]
+    done = subprocess.run([ADMIN, *args, *names], input=stdin, capture_output=True, text=True)
     if check:
         assert done.returncode == 0, done.stderr
     return done
 
 
+def dump_database(broker):
+    """Everything the broker's database holds, as text."""
+    if broker.database_url:
+        return subprocess.run(
+            [ensure_installed() / "pg_dump", "--data-only", broker.database_url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    with sqlite3.connect(broker.db_path) as db:
+        return "\n".join(db.iterdump())
+
+
 def add_token(broker, agent, *options):
-    return admin(broker.db_path, "token", "add", agent, *options).stdout.strip()
+    return admin(broker, "token", "add", agent, *options).stdout.strip()
 
 
 def bearer(token):
@@ -58,37 +81,33 @@ def broker_in(own_broker):
 
 def test_token_add_shows_the_secret_once_and_keeps_only_its_hash(own_broker):
     broker = own_broker().start()
-    done = admin(broker.db_path, "token", "add", "warp-ct200", "--write", "tasks, team-*", "--note", "ct200")
+    done = admin(broker, "token", "add", "warp-ct200", "--write", "tasks, team-*", "--note", "ct200")
     secret = done.stdout.strip()
     assert secret.startswith("acm_") and len(secret) >= 40
     assert "shown only now" in done.stderr
-    with sqlite3.connect(broker.db_path) as db:
-        dump = "\n".join(db.iterdump())
-    assert secret not in dump
-    listed = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)
+    assert secret not in dump_database(broker)
+    listed = json.loads(admin(broker, "token", "list", "--json").stdout)
     assert [(t["agent"], t["read"], t["write"], t["note"], t["state"]) for t in listed] == [
         ("warp-ct200", "*", "tasks,team-*", "ct200", "active")
     ]
-    table = admin(broker.db_path, "token", "list").stdout
+    table = admin(broker, "token", "list").stdout
     assert "warp-ct200" in table and secret not in table
 
 
 def test_token_add_from_stdin_is_idempotent(own_broker):
     broker = own_broker().start()
     secret = "s3cret-chosen-by-the-operator-0123456789"
-    assert admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin=secret + "\n").stdout.startswith(
-        "added "
-    )
-    again = admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin=secret)
+    assert admin(broker, "token", "add", "ops", "--secret-stdin", stdin=secret + "\n").stdout.startswith("added ")
+    again = admin(broker, "token", "add", "ops", "--secret-stdin", stdin=secret)
     assert again.stdout.startswith("unchanged ")
-    narrowed = admin(broker.db_path, "token", "add", "ops", "--write", "alerts", "--secret-stdin", stdin=secret)
+    narrowed = admin(broker, "token", "add", "ops", "--write", "alerts", "--secret-stdin", stdin=secret)
     assert narrowed.stdout.startswith("updated ")
     assert (
         requests.post(f"{broker.url}/messages/tasks", json={"message": "x"}, headers=bearer(secret)).status_code == 403
     )
-    other = admin(broker.db_path, "token", "add", "mallory", "--secret-stdin", stdin=secret, check=False)
+    other = admin(broker, "token", "add", "mallory", "--secret-stdin", stdin=secret, check=False)
     assert other.returncode == 1 and "already registered to agent ops" in other.stderr
-    short = admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin="short", check=False)
+    short = admin(broker, "token", "add", "ops", "--secret-stdin", stdin="short", check=False)
     assert short.returncode == 1 and "32 to 512" in short.stderr
 
 
@@ -103,7 +122,7 @@ def test_token_add_from_stdin_is_idempotent(own_broker):
 )
 def test_admin_mistakes_get_one_line_and_exit_1(own_broker, args, expected):
     broker = own_broker().start()
-    done = admin(broker.db_path, *args, check=False)
+    done = admin(broker, *args, check=False)
     assert done.returncode == 1
     assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
@@ -122,15 +141,15 @@ def test_revoked_and_expired_tokens_are_refused_at_once(broker_in):
     token = add_token(broker, "bot")
     brief = add_token(broker, "brief", "--expires", "1s")
     assert requests.get(f"{broker.url}/channels", headers=bearer(token)).status_code == 200
-    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
-    assert admin(broker.db_path, "token", "revoke", token_id).stdout.strip() == f"revoked {token_id}"
+    token_id = json.loads(admin(broker, "token", "list", "--json").stdout)[0]["id"]
+    assert admin(broker, "token", "revoke", token_id).stdout.strip() == f"revoked {token_id}"
     for _ in range(4):  # every worker refuses it from the next request
         reply = requests.get(f"{broker.url}/channels", headers=bearer(token))
         assert reply.status_code == 401 and "was revoked" in reply.json()["error"]
     time.sleep(1.2)
     reply = requests.get(f"{broker.url}/channels", headers=bearer(brief))
     assert reply.status_code == 401 and "has expired" in reply.json()["error"]
-    states = {t["agent"]: t["state"] for t in json.loads(admin(broker.db_path, "token", "list", "--json").stdout)}
+    states = {t["agent"]: t["state"] for t in json.loads(admin(broker, "token", "list", "--json").stdout)}
     assert states == {"bot": "revoked", "brief": "expired"}
 
 
@@ -294,18 +313,18 @@ def test_agent_chat_reads_the_token_from_its_config_file(broker_in, tmp_path):
 def test_expiry_by_date_and_a_rerun_does_not_extend_a_duration(own_broker):
     broker = own_broker().start()
     secret = "a-chosen-secret-for-expiry-checks-0123456789"
-    admin(broker.db_path, "token", "add", "dated", "--expires", "2020-01-01")
-    admin(broker.db_path, "token", "add", "ops", "--expires", "30d", "--secret-stdin", stdin=secret)
-    first = {t["agent"]: t for t in json.loads(admin(broker.db_path, "token", "list", "--json").stdout)}
+    admin(broker, "token", "add", "dated", "--expires", "2020-01-01")
+    admin(broker, "token", "add", "ops", "--expires", "30d", "--secret-stdin", stdin=secret)
+    first = {t["agent"]: t for t in json.loads(admin(broker, "token", "list", "--json").stdout)}
     assert first["dated"]["state"] == "expired" and first["dated"]["expires"] == 1577836800
     time.sleep(1.1)
-    rerun = admin(broker.db_path, "token", "add", "ops", "--expires", "30d", "--secret-stdin", stdin=secret)
+    rerun = admin(broker, "token", "add", "ops", "--expires", "30d", "--secret-stdin", stdin=secret)
     assert rerun.stdout.startswith("unchanged ")
-    second = {t["agent"]: t for t in json.loads(admin(broker.db_path, "token", "list", "--json").stdout)}
+    second = {t["agent"]: t for t in json.loads(admin(broker, "token", "list", "--json").stdout)}
     assert second["ops"]["expires"] == first["ops"]["expires"]
-    moved = admin(broker.db_path, "token", "add", "ops", "--expires", "2030-06-01", "--secret-stdin", stdin=secret)
+    moved = admin(broker, "token", "add", "ops", "--expires", "2030-06-01", "--secret-stdin", stdin=secret)
     assert moved.stdout.startswith("updated ")
-    bad = admin(broker.db_path, "token", "add", "x", "--expires", "someday", check=False)
+    bad = admin(broker, "token", "add", "x", "--expires", "someday", check=False)
     assert bad.returncode == 1 and "is not a duration" in bad.stderr
 
 
@@ -313,10 +332,10 @@ def test_an_open_stream_ends_when_its_token_is_revoked(own_broker):
     """At its next keep-alive or message after the token's re-check (every second)."""
     broker = own_broker(env={"AGENT_COMMS_AUTH": "required", "AGENT_COMMS_KEEPALIVE": "0.5"}).start()
     token = add_token(broker, "watcher")
-    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    token_id = json.loads(admin(broker, "token", "list", "--json").stdout)[0]["id"]
     reply = requests.get(f"{broker.url}/stream/tasks", headers=bearer(token), stream=True, timeout=10)
     assert reply.status_code == 200
-    admin(broker.db_path, "token", "revoke", token_id)
+    admin(broker, "token", "revoke", token_id)
     started = time.monotonic()
     with reply:
         for _ in reply.iter_content(chunk_size=None):  # keep-alives until the stream ends
@@ -328,7 +347,7 @@ def test_an_open_stream_ends_when_its_token_is_revoked(own_broker):
 def test_a_narrowed_grant_applies_to_an_open_stream(own_broker):
     broker = own_broker(env={"AGENT_COMMS_AUTH": "required", "AGENT_COMMS_KEEPALIVE": "0.3"}).start()
     secret = "a-chosen-secret-for-the-stream-grant-test-0123"
-    admin(broker.db_path, "token", "add", "reader", "--secret-stdin", stdin=secret)
+    admin(broker, "token", "add", "reader", "--secret-stdin", stdin=secret)
     poster = add_token(broker, "poster")
     session = requests.Session()
     session.headers.update(bearer(secret))
@@ -336,7 +355,7 @@ def test_a_narrowed_grant_applies_to_an_open_stream(own_broker):
     try:
         requests.post(f"{broker.url}/messages/team-a", json={"message": "before"}, headers=bearer(poster))
         assert [m["message"] for m in stream.messages(1)] == ["before"]
-        admin(broker.db_path, "token", "add", "reader", "--read", "ops", "--secret-stdin", stdin=secret)
+        admin(broker, "token", "add", "reader", "--read", "ops", "--secret-stdin", stdin=secret)
         time.sleep(1.5)  # past the stream's token re-check
         for channel, text in (("team-a", "hidden"), ("ops", "shown")):
             requests.post(f"{broker.url}/messages/{channel}", json={"message": text}, headers=bearer(poster))
@@ -348,10 +367,10 @@ def test_a_narrowed_grant_applies_to_an_open_stream(own_broker):
 def test_a_revoked_secret_cannot_be_registered_again(own_broker):
     broker = own_broker().start()
     secret = "a-chosen-secret-that-will-leak-0123456789"
-    admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin=secret)
-    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
-    admin(broker.db_path, "token", "revoke", token_id)
-    again = admin(broker.db_path, "token", "add", "ops", "--secret-stdin", stdin=secret, check=False)
+    admin(broker, "token", "add", "ops", "--secret-stdin", stdin=secret)
+    token_id = json.loads(admin(broker, "token", "list", "--json").stdout)[0]["id"]
+    admin(broker, "token", "revoke", token_id)
+    again = admin(broker, "token", "add", "ops", "--secret-stdin", stdin=secret, check=False)
     assert again.returncode == 1 and "was revoked: choose a new secret" in again.stderr
     assert requests.get(f"{broker.url}/status", headers=bearer(secret)).status_code == 401
 
@@ -382,7 +401,7 @@ def test_the_all_channels_stream_needs_some_read_grant(broker_in):
 def test_the_access_log_names_the_token_and_its_agent(broker_in):
     broker = broker_in("required")
     token = add_token(broker, "logged-agent")
-    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    token_id = json.loads(admin(broker, "token", "list", "--json").stdout)[0]["id"]
     requests.get(f"{broker.url}/channels", headers={**bearer(token), "X-Agent-ID": "claims-to-be-someone"})
     deadline = time.monotonic() + 10
     while f"token={token_id}(logged-agent)" not in broker.log() and time.monotonic() < deadline:
@@ -416,12 +435,12 @@ def test_a_long_poll_answers_401_if_its_token_goes_while_it_waits(broker_in):
 
     broker = broker_in("required")
     token = add_token(broker, "poller")
-    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    token_id = json.loads(admin(broker, "token", "list", "--json").stdout)[0]["id"]
     url = f"{broker.url}/messages/quiet?after=0&wait=20"
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(requests.get, url, headers=bearer(token), timeout=30)
         time.sleep(0.5)
-        admin(broker.db_path, "token", "revoke", token_id)
+        admin(broker, "token", "revoke", token_id)
         revoked = time.monotonic()
         reply = waiting.result()
         answered = time.monotonic() - revoked
@@ -435,12 +454,12 @@ def test_a_long_poll_answers_403_soon_after_its_grant_narrows(broker_in):
 
     broker = broker_in("required")
     secret = "s" * 40
-    admin(broker.db_path, "token", "add", "narrowed", "--secret-stdin", stdin=secret)
+    admin(broker, "token", "add", "narrowed", "--secret-stdin", stdin=secret)
     url = f"{broker.url}/messages/quiet?after=0&wait=20"
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(requests.get, url, headers=bearer(secret), timeout=30)
         time.sleep(0.5)
-        admin(broker.db_path, "token", "add", "narrowed", "--read", "other", "--secret-stdin", stdin=secret)
+        admin(broker, "token", "add", "narrowed", "--read", "other", "--secret-stdin", stdin=secret)
         changed = time.monotonic()
         reply = waiting.result()
     assert reply.status_code == 403 and "may not read channel 'quiet'" in reply.json()["error"]
@@ -451,12 +470,12 @@ def test_an_open_stream_ends_within_seconds_of_its_token_being_revoked(own_broke
     """Not at its next keep-alive (15 s by default): within about a second."""
     broker = own_broker(env={"AGENT_COMMS_AUTH": "required"}).start()
     token = add_token(broker, "watcher")
-    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
+    token_id = json.loads(admin(broker, "token", "list", "--json").stdout)[0]["id"]
     with requests.get(f"{broker.url}/stream/quiet", headers=bearer(token), stream=True, timeout=30) as reply:
         assert reply.status_code == 200
         chunks = reply.iter_content(chunk_size=None)
         assert next(chunks).startswith(b"retry:")
-        admin(broker.db_path, "token", "revoke", token_id)
+        admin(broker, "token", "revoke", token_id)
         revoked = time.monotonic()
         assert list(chunks) == []  # the broker ends the stream
     assert time.monotonic() - revoked < 3
@@ -506,8 +525,8 @@ def test_no_one_posts_as_a_token_holder_without_its_token(broker_in):
         == 201
     )
     # A revoked token gives the name back.
-    token_id = json.loads(admin(broker.db_path, "token", "list", "--json").stdout)[0]["id"]
-    admin(broker.db_path, "token", "revoke", token_id)
+    token_id = json.loads(admin(broker, "token", "list", "--json").stdout)[0]["id"]
+    admin(broker, "token", "revoke", token_id)
     time.sleep(1.2)  # the broker re-reads who holds tokens at most once a second
     assert requests.post(f"{broker.url}/messages/general", json={"sender": "alice", "message": "x"}).status_code == 201
 
