@@ -15,11 +15,12 @@ from broker_process import BrokerProcess
 
 
 @contextlib.contextmanager
-def running_broker(workdir, name, env=None, db_path=None):
-    """A started broker on `db_path` (default: a new database in workdir/name); stopped on exit."""
+def running_broker(workdir, name, env=None, db_path=None, database_url=None):
+    """A started broker on `db_path` (default: a new database in workdir/name), or on the
+    PostgreSQL database at `database_url`; stopped on exit."""
     home = Path(workdir) / name
     home.mkdir(parents=True, exist_ok=True)
-    broker = BrokerProcess(db_path or home / "messages.db", workers=2, env=env)
+    broker = BrokerProcess(db_path or home / "messages.db", workers=2, env=env, database_url=database_url)
     broker.log_path = home / "broker.log"
     try:
         broker.start()

@@ -11,7 +11,8 @@ and the replaced broker.py's design), publish-secured (a token as well), batch (
 messages a post), read, fanout (1,000 SSE watchers: delivery and memory), fanout-10k
 (10,000 watchers), busy-post (posts while watchers receive and a reader pages a
 1M-message channel), big-store, queue (take+done pairs), mcp-send (an MCP send tool call
-over stdio and Streamable HTTP).
+over stdio and Streamable HTTP), postgres (publish, publish on two nodes, read and fan-out
+on PostgreSQL).
 Exit status: 0 when every figure meets its target, 1 when one misses, 2 when a scenario
 could not run.
 """
@@ -33,6 +34,7 @@ import fanout
 import idle
 import latest_read
 import mcp_send
+import postgres
 import publish
 import queue_pairs
 from figures import Report
@@ -58,6 +60,7 @@ def scenarios(args):
         "big-store": lambda report, workdir: big_store.run(report, workdir, args.big_store),
         "queue": lambda report, workdir: queue_pairs.run(report, workdir, args.seconds),
         "mcp-send": lambda report, workdir: mcp_send.run(report, workdir),
+        "postgres": lambda report, workdir: postgres.run(report, workdir, args.seconds, args.wrk_threads),
     }
 
 
@@ -87,7 +90,7 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         raise SystemExit(f"bench: no scenario {', '.join(unknown)}; there are {', '.join(table)}")
-    if {"publish", "publish-secured", "batch", "read"} & set(chosen):
+    if {"publish", "publish-secured", "batch", "read", "postgres"} & set(chosen):
         require_wrk()
     report = Report()
     workdir = Path(tempfile.mkdtemp(prefix="agent-comms-bench-"))

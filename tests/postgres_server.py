@@ -47,7 +47,13 @@ def ensure_installed():
 
 
 class PostgresServer:
-    def __init__(self):
+    def __init__(self, durable=False):
+        """durable: PostgreSQL's own defaults (fsync, synchronous_commit on), for benchmarks."""
+        self.settings = {
+            name: value
+            for name, value in SETTINGS.items()
+            if not durable or name not in ("fsync", "synchronous_commit", "full_page_writes")
+        }
         self.bin = ensure_installed()
         self.root = Path(tempfile.mkdtemp(prefix="agent-comms-pg-"))
         self.data = self.root / "data"
@@ -70,7 +76,7 @@ class PostgresServer:
 
     def start_server(self):
         """Start the server (again, after stop_server)."""
-        options = " ".join(f"-c {name}={value}" for name, value in SETTINGS.items())
+        options = " ".join(f"-c {name}={value}" for name, value in self.settings.items())
         options += f" -c unix_socket_directories={self.socket_dir} -p {self.port}"
         self.pg_ctl("start", "-w", "-o", options, "-l", str(self.root / "server.log"))
 
