@@ -227,3 +227,33 @@ def test_a_granted_read_of_every_channel_steps_through_ids_it_may_not_see(store)
     assert seen == granted and steps <= 5
     assert store.all_after_id(0, 10, None, "").messages == []
     assert len(store.all_after_id(0, 10, None, "*").messages) == 10
+
+
+def test_a_write_that_waits_past_its_deadline_is_refused_busy_and_stores_nothing(new_store, backend):
+    """Another writer holds the write lock (SQLite's, or PostgreSQL's writer row) past the
+    store's busy deadline: StoreBusy (a 503), and nothing stored; once it lets go, posts go in."""
+    import time
+
+    from agent_comms_broker.store import StoreBusy
+
+    store = new_store(busy_deadline=0.5)
+    store.append([("c", "s", "first")])
+    if backend == "postgres":
+        import psycopg
+
+        holder = psycopg.connect(store.url, autocommit=True)
+        holder.execute("BEGIN")
+        holder.execute("SELECT last_id FROM writer FOR UPDATE")
+    else:
+        holder = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+        holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreBusy):
+            store.append([("c", "s", "refused")])
+        assert 0.4 < time.monotonic() - started < 5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [m.message for m in store.latest("c", 10).messages] == ["first"]
+    assert store.append([("c", "s", "after")])[0].message == "after"
