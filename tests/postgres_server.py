@@ -127,3 +127,9 @@ class PostgresServer:
             return (self.root / "server.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def processes(self):
+        """The server's processes: the postmaster and its children."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *map(int, children)]

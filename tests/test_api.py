@@ -376,3 +376,15 @@ def test_a_group_commit_serves_many_posts_with_one_transaction(own_broker):
     commits = count_commits() - before
     assert 1 <= commits <= 5, commits
     assert requests.get(url, params={"limit": 1000}, timeout=10).json()["count"] == 101
+
+
+def test_listings_after_a_name_holding_nul_answer_as_after_the_part_before_it(url, poster):
+    """No name holds U+0000, so after=b<NUL>x lists what after=b lists (PostgreSQL's text
+    cannot hold the character: this was a 500 there)."""
+    for channel in ("nul-a", "nul-b", "nul-c"):
+        poster(url, channel, f"agent-{channel}", "x")
+    for listing, key in (("channels", "name"), ("agents", "id")):
+        cut = requests.get(f"{url}/{listing}", params={"after": "nul-b\x00zz"}, timeout=10)
+        plain = requests.get(f"{url}/{listing}", params={"after": "nul-b"}, timeout=10)
+        assert cut.status_code == 200, cut.text
+        assert [item[key] for item in cut.json()[listing]] == [item[key] for item in plain.json()[listing]]

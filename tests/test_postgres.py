@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -426,3 +427,109 @@ def test_nodes_starting_together_make_the_schema_once(database):
         assert store.healthy() and store.append([("c", "s", "after")])[0].id == 1
     finally:
         store.close()
+
+
+def test_search_finds_an_old_word_among_many_messages_and_a_common_one_newest_first(database):
+    """300,000 messages: a word only the oldest 1,500 hold is found through the index (the
+    planner had walked the ids backwards and timed out), and a word every message holds
+    answers the newest at once."""
+    import psycopg
+
+    from agent_comms_broker.store import SearchTerm
+    from agent_comms_broker.store.postgres import PostgresStore
+
+    store = PostgresStore(database, pool_size=1)
+    try:
+        store.set_search(True)
+        with psycopg.connect(database, autocommit=True) as db:
+            db.execute(
+                "INSERT INTO messages (id, channel, sender, message, timestamp) "
+                "SELECT n, 'bulk' || (n % 5), 's', 'common words number ' || n || "
+                "CASE WHEN n <= 1500 THEN ' oldword' ELSE '' END, n FROM generate_series(1, 300000) AS n"
+            )
+            db.execute("UPDATE writer SET last_id = 300000")
+            db.execute("ANALYZE messages")
+        old = store.search([SearchTerm("oldword")], limit=20)
+        assert [m.id for m in old.messages] == list(range(1500, 1480, -1)) and not old.cut
+        common = store.search([SearchTerm("common")], limit=20)
+        assert [m.id for m in common.messages] == list(range(300000, 299980, -1))
+        paged = store.search([SearchTerm("common")], before=1000, limit=5)
+        assert [m.id for m in paged.messages] == [999, 998, 997, 996, 995]
+    finally:
+        store.close()
+
+
+def test_a_hung_postgresql_costs_a_503_within_the_deadline_not_a_hang(tmp_path):
+    """Its own server, stopped with SIGSTOP (TCP still answers for it, so only a bound on
+    the wait for its answers can notice): posts and /healthz answer 503 within the busy
+    deadline plus a few seconds, not never, and once it runs again the node serves by itself."""
+    server = PostgresServer().start()
+    node = None
+    try:
+        node = BrokerProcess(tmp_path / "n.db", database_url=server.new_database()).start()
+        post(node.url, "hung", "before")
+        frozen = server.processes()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            reply = requests.post(f"{node.url}/messages/hung", json={"sender": "s", "message": "m"}, timeout=60)
+            assert reply.status_code == 503 and time.monotonic() - started < 15, (reply.status_code, reply.text)
+            started = time.monotonic()
+            assert requests.get(f"{node.url}/healthz", timeout=60).status_code == 503
+            assert time.monotonic() - started < 15  # 1-4 s alone; 10 s seen once beside other tests
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        until(lambda: requests.get(f"{node.url}/healthz", timeout=30).status_code == 200, 30, "healthy again")
+        assert post(node.url, "hung", "after")["id"] > 1
+        assert "Traceback" not in node.log()
+    finally:
+        if node is not None:
+            node.stop()
+        server.stop()
+
+
+def test_migrate_to_postgres_refuses_odd_sources_and_targets_in_one_line(tmp_path, database, postgres_server):
+    """Nothing is copied, and the answer is one line with no password, for: an empty file,
+    a SQLite file of another program, text that is not UTF-8, an unreachable target, and
+    a target that once gave ids (its messages removed since)."""
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE recipes (name TEXT)")
+    db.close()
+    latin = tmp_path / "latin.db"
+    legacy_database(str(latin), [("general", "a", "ok", "2025-08-03 18:42:28")])
+    with sqlite3.connect(latin) as db:
+        db.execute("UPDATE messages SET message = CAST(x'e9' AS TEXT)")
+    db.close()
+    good = tmp_path / "good.db"
+    legacy_database(str(good), [("general", "a", "hello", "2025-08-03 18:42:28")])
+    unreachable = f"postgresql://agent:s3cret@127.0.0.1:{free_port()}/x"
+    used = postgres_server.new_database()  # a target whose only message was removed
+    assert admin("migrate-to-postgres", "--from", str(good), "--to", used).returncode == 0
+    with psycopg_connection(used) as db:
+        db.execute("DELETE FROM messages")
+        db.execute("DELETE FROM channels")
+    cases = [
+        (empty, database, "has no messages"),
+        (foreign, database, "has no messages"),
+        (latin, database, "nothing was copied"),
+        (good, unreachable, "cannot use the database postgresql://agent:***@"),
+        (good, used, "already holds"),
+    ]
+    for source, target, expected in cases:
+        done = admin("migrate-to-postgres", "--from", str(source), "--to", target)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and expected in lines[0], (source, target, done.stderr)
+        assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
+    with psycopg_connection(database) as db:
+        assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def psycopg_connection(url):
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True)

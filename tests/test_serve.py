@@ -321,3 +321,16 @@ def test_a_burst_of_connections_is_spread_over_the_workers(own_broker):
             for sock in sockets:
                 sock.close()
         time.sleep(0.3)  # the workers see the connections close
+
+
+def test_database_urls_are_shown_without_their_password():
+    from agent_comms_broker.config import redacted, redacted_error
+
+    assert redacted("postgresql://agent:pw@db.lan/x") == "postgresql://agent:***@db.lan/x"
+    assert redacted("postgresql://agent:p@ss@db.lan/x") == "postgresql://agent:***@db.lan/x"
+    assert redacted("postgresql://agent@db.lan/x?password=pw&sslmode=require") == (
+        "postgresql://agent@db.lan/x?password=***&sslmode=require"
+    )
+    url = "postgresql://agent:pw@[::1/x"
+    error = ValueError(f'invalid URI query parameter: "{url}"\n  password=pw')
+    assert "pw" not in redacted_error(error, url).replace("password=***", "")

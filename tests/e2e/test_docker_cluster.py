@@ -20,7 +20,7 @@ import requests
 from debian_rootfs import CACHE, debootstrap
 from host_commands import run, wait_for
 from steps import setup_takes_up_to
-from test_docker import HEALTH_FORMAT, Stack, base_image, compose, docker_engine, wheelhouse  # noqa: F401
+from test_docker import HEALTH_FORMAT, Stack, base_image, compose, docker_engine  # noqa: F401
 
 from broker_process import free_port
 from debian_packages import require_files
@@ -45,6 +45,27 @@ def cluster_image(docker_engine):  # noqa: F811
             debootstrap(rootfs, CLUSTER_FILES, variant="minbase")
             run("bash", "-o", "pipefail", "-c", f"tar -C {rootfs} -c . | docker import - {CLUSTER_IMAGE}", timeout=300)
     return CLUSTER_IMAGE
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+@setup_takes_up_to(600)
+def wheelhouse():
+    """build/wheelhouse as test_docker.py makes it, made again only when a source file of
+    the broker or agent-chat is newer than its wheels (test_docker.py ran just before)."""
+    wheels = list((ROOT / "build" / "wheelhouse").glob("agent_comms_*.whl"))
+    sources = [path for part in ("service", "client") for path in (ROOT / part / "src").rglob("*")]
+    sources += [ROOT / part / "pyproject.toml" for part in ("service", "client")]
+    kept = [
+        path
+        for path in sources
+        if path.is_file() and not any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts)
+    ]
+    newest = max((path.stat().st_mtime for path in kept), default=0)
+    if len(wheels) < 2 or min(wheel.stat().st_mtime for wheel in wheels) < newest:
+        run("make", "wheelhouse", timeout=600)
 
 
 class Cluster(Stack):

@@ -75,7 +75,7 @@ from importlib import resources
 from docopt import docopt
 
 from . import __version__, auth, preflight
-from .config import ConfigError, Settings, duration, one_line, redacted
+from .config import ConfigError, Settings, duration, redacted, redacted_error
 from .store import Store, StoreBusy
 
 FLAGS = {
@@ -165,7 +165,7 @@ def open_postgres(url):
         psycopg.connect(url, connect_timeout=10).close()
         return PostgresStore(url, pool_size=1)
     except (psycopg.Error, StoreBusy, RuntimeError) as error:
-        raise CommandError(f"cannot use the database {redacted(url)}: {one_line(error)}") from None
+        raise CommandError(f"cannot use the database {redacted(url)}: {redacted_error(error, url)}") from None
 
 
 def token_command(args, settings):

@@ -133,8 +133,21 @@ def database_url(text):
 
 
 def redacted(url):
-    """A database URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """A database URL without its password (user:PASSWORD@, even holding a raw @, or a
+    password= parameter), for messages and logs."""
+    scheme, separator, rest = url.partition("://")
+    if separator and "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        if ":" in credentials:
+            rest = f"{credentials.partition(':')[0]}:***@{host}"
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", scheme + separator + rest)
+
+
+def redacted_error(error, url):
+    """An error about the database at `url` on one line, the password taken out wherever
+    the driver quoted the URL or its parts."""
+    text = one_line(error).replace(url, redacted(url))
+    return re.sub(r"(?i)(password=)\S*", r"\1***", text)
 
 
 def one_line(error):

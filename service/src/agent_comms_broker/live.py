@@ -16,7 +16,7 @@ import gevent
 import orjson
 from gevent.event import AsyncResult, Event
 
-from .store import AgentLimit, ChannelLimit, KeyConflict, StoreUnavailable, Unstorable
+from .store import AgentLimit, ChannelLimit, KeyConflict, StoreBusy, StoreUnavailable, Unstorable
 
 log = logging.getLogger("agent_comms_broker.live")
 
@@ -158,7 +158,12 @@ class Hub:
             except StoreUnavailable as error:
                 # This node lost its database: its streams end, so that their clients
                 # reconnect (through a load balancer, to a node that has it).
-                log.warning("live delivery stopped, ending %d streams: %s", self._close_watchers(), error)
+                ended = self._close_watchers()
+                if ended:
+                    log.warning("the database is gone, ending %d streams: %s", ended, error)
+                gevent.sleep(1)
+            except StoreBusy as error:
+                log.warning("live delivery waits for the database: %s", error)
                 gevent.sleep(1)
             except Exception:  # keep delivering after a transient database error
                 log.exception("live delivery failed; retrying")
@@ -388,6 +393,8 @@ def run_retention(store, settings, alive=lambda: True, clock=time.time):
                     if forgotten:
                         log.info("forgot %d agents idle for %s s", forgotten, f"{settings.agent_expiry:g}")
                 store.forget_old_keys(clock())
+            except StoreBusy as error:  # the database busy or gone: said in one line
+                log.warning("retention skipped, will retry: %s", error)
             except Exception:
                 log.exception("retention failed; will retry")
 

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import tempfile
 
-from .config import one_line, redacted
+from .config import redacted, redacted_error
 
 # Every table the copy fills, with its columns (the same on both backends).
 TABLES = {
@@ -34,7 +34,13 @@ SELECT_NUL_MESSAGES = "SELECT id FROM messages WHERE instr(message, char(0)) > 0
 SELECT_LAST_GIVEN = """
 SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),
            (SELECT coalesce(max(id), 0) FROM messages))"""
-TARGET_IS_EMPTY = "SELECT NOT EXISTS (SELECT 1 FROM messages) AND NOT EXISTS (SELECT 1 FROM tokens)"
+# Empty: no message, no token, and no id ever given (a database whose messages retention
+# removed would give their ids again).
+TARGET_IS_EMPTY = """
+SELECT NOT EXISTS (SELECT 1 FROM messages) AND NOT EXISTS (SELECT 1 FROM tokens)
+   AND (SELECT last_id FROM writer) = 0"""
+# A database of ours or broker.py's has a messages table.
+SOURCE_HAS_MESSAGES = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
 SET_LAST_ID = "UPDATE writer SET last_id = %s"
 
 
@@ -55,6 +61,8 @@ def migrate(source, url, progress=None):
         try:
             origin, copy = sqlite3.connect(f"file:{source}?mode=ro", uri=True), sqlite3.connect(snapshot)
             try:
+                if origin.execute(SOURCE_HAS_MESSAGES).fetchone() is None:
+                    raise MigrationError(f"{source} is not an agent-comms or broker.py database: it has no messages")
                 origin.backup(copy)
             finally:
                 origin.close()
@@ -72,10 +80,14 @@ def migrate(source, url, progress=None):
                 )
             import psycopg
 
+            from .store import StoreBusy
+            from .store.postgres import CONNECTION_OPTIONS
+
             try:
+                psycopg.connect(url, connect_timeout=10, **CONNECTION_OPTIONS).close()
                 target = PostgresStore(url, pool_size=1)  # makes the schema
-            except psycopg.Error as error:
-                raise MigrationError(f"cannot use the database {redacted(url)}: {one_line(error)}") from None
+            except (psycopg.Error, StoreBusy) as error:
+                raise MigrationError(f"cannot use the database {redacted(url)}: {redacted_error(error, url)}") from None
             try:
                 return _copy(db, target, url, progress)
             finally:
@@ -106,5 +118,10 @@ def _copy(db, target, url, progress):
                     progress(table, count)
             connection.execute(SET_LAST_ID, (db.execute(SELECT_LAST_GIVEN).fetchone()[0],))
     except psycopg.Error as error:
-        raise MigrationError(f"the copy into {redacted(url)} failed, nothing was copied: {error}") from None
+        where = redacted(url)
+        raise MigrationError(
+            f"the copy into {where} failed, nothing was copied: {redacted_error(error, url)}"
+        ) from None
+    except sqlite3.Error as error:  # such as text that is not UTF-8
+        raise MigrationError(f"cannot read the source ({error}); nothing was copied") from None
     return copied

@@ -9,7 +9,7 @@ import ssl
 import sys
 import traceback
 
-from .config import one_line, redacted
+from .config import redacted, redacted_error
 from .store import Store, StoreBusy
 
 
@@ -84,11 +84,11 @@ def prepare_postgres(settings):
     try:
         psycopg.connect(settings.database_url, connect_timeout=10).close()
     except psycopg.Error as error:
-        fail(f"cannot connect to the database {where}: {one_line(error)}")
+        fail(f"cannot connect to the database {where}: {redacted_error(error, settings.database_url)}")
     try:
         store = PostgresStore(settings.database_url, pool_size=1)
     except (psycopg.Error, StoreBusy) as error:
-        fail(f"cannot use the database {where}: {one_line(error)}")
+        fail(f"cannot use the database {where}: {redacted_error(error, settings.database_url)}")
     except RuntimeError as error:
         fail(f"cannot use the database {where}: {error}")
     prepare_store(store, settings)

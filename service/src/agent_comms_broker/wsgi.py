@@ -78,7 +78,11 @@ class Runtime:
             # A pool of connections, whose waits for the server yield to the other
             # greenlets: the group committer runs on the event loop, on the same pool.
             self.store = PostgresStore(
-                settings.database_url, sleep=gevent.sleep, max_attempts=settings.max_attempts, migrate_schema=False
+                settings.database_url,
+                sleep=gevent.sleep,
+                max_attempts=settings.max_attempts,
+                migrate_schema=False,
+                bounded=lambda seconds: gevent.Timeout(seconds, TimeoutError),
             )
             self.writer, call = self.store, None
         else:

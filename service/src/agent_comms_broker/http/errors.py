@@ -14,8 +14,20 @@ from ..store import (
     NoSuchMessage,
     StoreBusy,
     StoreFull,
+    StoreUnavailable,
     Unstorable,
 )
+
+
+def busy_answer(error):
+    """What a 503 says: the database busy or out of reach; for a write, whether anything
+    may have been stored (a commit whose answer was lost may have taken effect)."""
+    state = "cannot be reached" if isinstance(error, StoreUnavailable) else "is busy"
+    if request.method in ("GET", "HEAD"):
+        return f"the database {state}; retry later"
+    if "during a commit" in str(error):
+        return f"the database {state}: the write may have been stored; retry with the same idempotency key"
+    return f"the database {state}: nothing was stored; retry later"
 
 
 def json_error(res):
@@ -52,9 +64,7 @@ class StoreErrorsPlugin:
                 raise HTTPError(404, str(error)) from None
             except Unstorable as error:
                 raise HTTPError(400, f"{error}: nothing was stored") from None
-            except StoreBusy:
-                raise HTTPError(
-                    503, "the database is busy: nothing was stored; retry later", **{"Retry-After": "1"}
-                ) from None
+            except StoreBusy as error:
+                raise HTTPError(503, busy_answer(error), **{"Retry-After": "1"}) from None
 
         return wrapper

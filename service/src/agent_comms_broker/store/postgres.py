@@ -43,6 +43,8 @@ CONNECTION_OPTIONS = {
 PROBE_INTERVAL = 2.0
 # How long a request waits for a connection while the database is known to be gone.
 UNAVAILABLE_WAIT = 1.0
+# How much longer than its deadline a transaction may wait for the server's answers.
+ANSWER_MARGIN = 2.0
 # SQLSTATEs a transaction is tried again after: serialization failure, deadlock.
 RETRIED = {"40001", "40P01"}
 # A server that cannot take the connection, or dropped it (classes 08 and 57).
@@ -73,7 +75,10 @@ class PostgresStore(PostgresSearch, SQLStore):
         max_attempts=DEFAULT_MAX_ATTEMPTS,
         pool_size=DEFAULT_POOL_SIZE,
         migrate_schema=True,
+        bounded=None,
     ):
+        """bounded(seconds): a context manager that raises TimeoutError in its block once
+        that long has passed (gevent.Timeout in a worker); None: waits are not bounded."""
         import psycopg
         import psycopg_pool
 
@@ -83,6 +88,7 @@ class PostgresStore(PostgresSearch, SQLStore):
         self.max_attempts = max_attempts
         self.busy_deadline = busy_deadline
         self._sleep = sleep
+        self._bounded = bounded
         self.pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
@@ -108,12 +114,24 @@ class PostgresStore(PostgresSearch, SQLStore):
     # -- transactions -------------------------------------------------------------------
 
     def _on_connection(self, work, timeout=None):
+        """work(connection) on a pooled connection, waiting at most `timeout` (default: the
+        busy deadline) for one, and with a `bounded` store at most that long plus
+        ANSWER_MARGIN for the server's answers: a server that hangs (stopped, or behind a
+        partition that TCP does not notice) costs a 503, and the connection is dropped."""
         if self._listen_error is not None:
             # The listener has lost the database: a request waits a second for a
             # connection, not the whole deadline, before its 503.
             timeout = min(timeout or UNAVAILABLE_WAIT, UNAVAILABLE_WAIT)
         with self.pool.connection(timeout=timeout) as connection:
-            return work(connection)
+            if self._bounded is None:
+                return work(connection)
+            limit = (timeout or self.busy_deadline) + ANSWER_MARGIN
+            try:
+                with self._bounded(limit):
+                    return work(connection)
+            except TimeoutError as error:
+                connection.close()  # mid-conversation: the pool drops it
+                raise StoreUnavailable(f"the database did not answer within {limit:g} s") from error
 
     def _retry(self, attempt, busy_deadline=None):
         """Run attempt() (a whole transaction) again while it fails before its commit for
@@ -248,15 +266,23 @@ class PostgresStore(PostgresSearch, SQLStore):
                 with connect(self.url, autocommit=True, connect_timeout=5, **CONNECTION_OPTIONS) as connection:
                     connection.execute(self.sql.LISTEN)
                     while not self._closed:
-                        probed = connection.execute(self.sql.LAST_GIVEN_ID).fetchone()[0]
+                        probed = self._bounded_probe(connection)
                         if probed != last_id or self._listen_error is not None:
                             last_id, self._listen_error = probed, None
                             self._version += 1
                         for _ in connection.notifies(timeout=PROBE_INTERVAL):
                             self._version += 1
-            except self._psycopg.Error as error:
-                self._listen_error = one_line(error)
+            except (self._psycopg.Error, TimeoutError) as error:
+                self._listen_error = one_line(error) or "the database did not answer"
                 self._sleep(1)
+
+    def _bounded_probe(self, connection):
+        """The last id given, read on the listener's connection (within PROBE_INTERVAL plus
+        ANSWER_MARGIN when bounded: a hung server is noticed too)."""
+        if self._bounded is None:
+            return connection.execute(self.sql.LAST_GIVEN_ID).fetchone()[0]
+        with self._bounded(PROBE_INTERVAL + ANSWER_MARGIN):
+            return connection.execute(self.sql.LAST_GIVEN_ID).fetchone()[0]
 
     def synchronous(self):
         """The server's durability of commits (synchronous_commit: on, remote_apply...)."""

@@ -78,6 +78,12 @@ def _text_size(row):
     return text_size(row[1], row[2], row[3])
 
 
+def _listing_bound(after):
+    """A listing's `after` cut at its first U+0000 (which PostgreSQL's text cannot hold):
+    no name holds one, so the names after both are the same."""
+    return after.partition("\x00")[0]
+
+
 def _take(rows, limit, max_bytes):
     """The first rows that fit in `limit` and in `max_bytes` of text (always one, if there
     is one), read one at a time so no more are held; and whether any row is left."""
@@ -424,12 +430,14 @@ class SQLStore(Coordination, NotifyRecords, StoreContract):
     def channels(self, after="", limit=-1):
         """(name, message count, last activity) of the channels that hold messages, by
         name: those after `after`, at most `limit` (-1: all)."""
-        return self._read(lambda db: db.execute(self.sql.SELECT_CHANNELS, (after, limit)).fetchall())
+        bound = _listing_bound(after)
+        return self._read(lambda db: db.execute(self.sql.SELECT_CHANNELS, (bound, limit)).fetchall())
 
     def agents(self, after="", limit=-1):
         """(id, first seen, last seen, messages sent) of the agents, by id: those after
         `after`, at most `limit` (-1: all)."""
-        return self._read(lambda db: db.execute(self.sql.SELECT_AGENTS, (after, limit)).fetchall())
+        bound = _listing_bound(after)
+        return self._read(lambda db: db.execute(self.sql.SELECT_AGENTS, (bound, limit)).fetchall())
 
     def totals(self, active_since):
         """(messages, channels, agents, active agents)."""
