@@ -56,20 +56,23 @@ def unmount_below(directory):
         run("umount", "--lazy", mount, check=False)
 
 
-def debootstrap_command(target, files, variant=None, suite=SUITE):
+def debootstrap_command(target, files, variant=None, suite=SUITE, cache_name=None):
     """The debootstrap command that installs Debian `suite` with the packages that bring
-    `files` ({path: package})."""
+    `files` ({path: package}). `cache_name`: a download cache of its own (the Docker
+    images are made while the LXC tests make theirs: `make e2e` runs both at once)."""
     packages = ",".join(sorted(set(files.values())))
     variant_option = [f"--variant={variant}"] if variant else []
     cache = DEBOOTSTRAP_CACHE if suite == SUITE else DEBOOTSTRAP_CACHE.with_name(f"debootstrap-{suite}")
+    if cache_name:
+        cache = cache.with_name(f"{cache.name}-{cache_name}")
     return ["debootstrap", *variant_option, f"--include={packages}", f"--cache-dir={cache}", suite, target]
 
 
-def debootstrap(target, files, variant=None, timeout=900, suite=SUITE):
+def debootstrap(target, files, variant=None, timeout=900, suite=SUITE, cache_name=None):
     """Debian `suite` (12 unless said) into the directory `target`, with every file of
     `files` ({path as the system sees it: the package that brings it}); fails saying
     which are missing."""
-    command = debootstrap_command(target, files, variant, suite)
+    command = debootstrap_command(target, files, variant, suite, cache_name)
     Path(command[-3].removeprefix("--cache-dir=")).mkdir(parents=True, exist_ok=True)
     try:
         result = run(*command, timeout=timeout, check=False)

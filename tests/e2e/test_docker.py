@@ -47,7 +47,12 @@ BASE_FILES = {
     "/usr/lib/python3.11/ensurepip/__init__.py": "python3-venv",
 }
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="installs and starts Docker: needs root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="installs and starts Docker: needs root"),
+    # make e2e runs the Docker tests on one pytest worker, one after the other (they start
+    # and stop one dockerd), beside the LXC tests on the other.
+    pytest.mark.xdist_group("docker"),
+]
 
 
 # -- the Docker engine -------------------------------------------------------------------
@@ -122,7 +127,7 @@ def build_base_image():
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="base-image-", dir=CACHE) as work:
         rootfs = Path(work, "rootfs")
-        debootstrap(rootfs, BASE_FILES, variant="minbase")
+        debootstrap(rootfs, BASE_FILES, variant="minbase", cache_name="docker")
         run("bash", "-o", "pipefail", "-c", f"tar -C {rootfs} -c . | docker import - {BASE_IMAGE}", timeout=300)
 
 

@@ -10,6 +10,7 @@ registry, one Debian bookworm image with the postgresql and haproxy packages, ma
 debootstrap (kept as a cache, as the broker's base image is)."""
 
 import json
+import os
 import secrets
 import tempfile
 import time
@@ -25,6 +26,11 @@ from test_docker import HEALTH_FORMAT, Stack, base_image, compose, docker_engine
 from broker_process import free_port
 from debian_packages import require_files
 
+# With test_docker.py, on one pytest worker (it starts and stops the one dockerd).
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="installs and starts Docker: needs root"),
+    pytest.mark.xdist_group("docker"),
+]
 CLUSTER_IMAGE = "agent-comms-test-cluster:bookworm"
 CLUSTER_FILES = {
     "/usr/lib/postgresql/15/bin/postgres": "postgresql-15",
@@ -42,7 +48,7 @@ def cluster_image(docker_engine):  # noqa: F811
         CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="cluster-image-", dir=CACHE) as work:
             rootfs = Path(work, "rootfs")
-            debootstrap(rootfs, CLUSTER_FILES, variant="minbase")
+            debootstrap(rootfs, CLUSTER_FILES, variant="minbase", cache_name="docker")
             run("bash", "-o", "pipefail", "-c", f"tar -C {rootfs} -c . | docker import - {CLUSTER_IMAGE}", timeout=300)
     return CLUSTER_IMAGE
 
