@@ -388,3 +388,30 @@ def test_search_off_drops_a_trigger_left_alone_too(tmp_path):
     assert names.fetchall() == []
     assert store.set_search(True) and not store.set_search(True)
     store.close()
+
+
+def test_words_are_found_alike_on_both_backends(new_store):
+    """The README's promises of search, on SQLite and PostgreSQL alike: case and accents
+    ignored, punctuation only separates words (in URLs, addresses, dotted names too),
+    phrases in order, a prefix on the last word, every term needed."""
+    store = new_store()
+    store.set_search(True)
+    texts = [
+        "Crème Brûlée at café.example.com",
+        "mail bob@example.org, see https://example.com/file.txt",
+        "deploy-log ready",
+        "ready to deploy",
+    ]
+    ids = [m.id for m in store.append([("c", "s", text) for text in texts])]
+
+    def found(*terms):
+        return sorted(ids.index(m.id) for m in store.search([SearchTerm(*term) for term in terms]).messages)
+
+    assert found(("CAFE",)) == [0]
+    assert found(("creme brulee",)) == [0]
+    assert found(("example",)) == [0, 1]
+    assert found(("bob",), ("file",)) == [1]
+    assert found(("log ready",)) == [2]
+    assert found(("ready deploy",)) == []
+    assert found(("dep", True)) == [2, 3]
+    assert found(("exam", True), ("com",)) == [0, 1]

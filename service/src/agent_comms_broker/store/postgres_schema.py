@@ -129,9 +129,36 @@ SCHEMA_1 = [
 ]
 
 
+# What search indexes of a text (postgres_search.py): lower case, accents removed when
+# the unaccent extension can be had, and ASCII punctuation made spaces, so that URLs,
+# e-mail addresses and dotted names are words apart as SQLite's tokenizer makes them
+# (PostgreSQL's parser would keep each whole). IMMUTABLE, as an index expression must
+# be; the dictionary is named with its schema, so no search_path changes what it does.
+WORDS_FUNCTION = """
+CREATE OR REPLACE FUNCTION agent_comms_words(text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT regexp_replace(lower({fold}), '[[:punct:][:space:]]+', ' ', 'g') $$"""
+UNACCENT_SCHEMA = "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'unaccent'"
+
+
 def _create(db):
     for statement in SCHEMA_1:
         db.execute(statement)
+    _create_words_function(db)
+
+
+def _create_words_function(db):
+    """agent_comms_words(), with accents removed if CREATE EXTENSION unaccent is allowed
+    (a trusted extension: the database's owner may; PostgreSQL's contrib has it)."""
+    db.execute("SAVEPOINT unaccent")
+    try:
+        db.execute("CREATE EXTENSION IF NOT EXISTS unaccent")
+        schema = db.execute(UNACCENT_SCHEMA).fetchone()[0]
+        db.execute(WORDS_FUNCTION.format(fold=f"{schema}.unaccent('{schema}.unaccent'::regdictionary, $1)"))
+    except Exception:  # no such extension, or no right to create it: accents then count
+        db.execute("ROLLBACK TO SAVEPOINT unaccent")
+        db.execute(WORDS_FUNCTION.format(fold="$1"))
+    db.execute("RELEASE SAVEPOINT unaccent")
 
 
 # MIGRATIONS[n] takes schema n to n + 1.

@@ -1,11 +1,12 @@
-"""Search on PostgreSQL: a GIN index of each message's words (the
-'simple' text search configuration: lower case, no stemming, no stop words, as SQLite's
-unicode61 tokenizer), kept by PostgreSQL itself in every transaction that inserts or
-deletes. Part of the PostgresStore (a mixin of it); every statement here.
+"""Search on PostgreSQL: a GIN index of each message's words (the 'simple' text search
+configuration over agent_comms_words(): lower case, accents removed, punctuation a
+separator, no stemming, no stop words, as SQLite's unicode61 tokenizer), kept by
+PostgreSQL itself in every transaction that inserts or deletes. Part of the
+PostgresStore (a mixin of it); every statement here.
 
-A query is built from each term with PostgreSQL's own parsing, never from text pasted
-into tsquery syntax: a phrase is phraseto_tsquery of its words, and a prefix term
-matches its last word as a prefix (`word:*`, the word a quoted tsquery literal).
+A query is built from each term by the same functions, never from text pasted into
+tsquery syntax: a phrase is phraseto_tsquery of its words, and a prefix term matches its
+last word as a prefix (`word:*`, the word a literal quoted by quote_literal).
 """
 
 import time
@@ -16,7 +17,7 @@ from .postgres_sql import PAGE_COLUMNS, like
 from .rows import messages_of
 
 CONFIG = "simple"
-DOCUMENT = f"to_tsvector('{CONFIG}', left(message, {SEARCH_CHARS}))"
+DOCUMENT = f"to_tsvector('{CONFIG}', agent_comms_words(left(message, {SEARCH_CHARS})))"
 CREATE_INDEX = f"CREATE INDEX IF NOT EXISTS message_text ON messages USING gin ({DOCUMENT})"
 DROP_INDEX = "DROP INDEX IF EXISTS message_text"
 SEARCH_KEPT = "SELECT kept FROM search_index"
@@ -26,8 +27,8 @@ INDEX_EXISTS = """
 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_indexes
                WHERE schemaname = current_schema() AND indexname = 'message_text')"""
 # One term: the words before a prefix as a phrase, followed by the prefix.
-PHRASE = f"phraseto_tsquery('{CONFIG}', %s)"
-PREFIX = f"to_tsquery('{CONFIG}', %s)"
+PHRASE = f"phraseto_tsquery('{CONFIG}', agent_comms_words(%s))"
+PREFIX = f"to_tsquery('{CONFIG}', quote_literal(agent_comms_words(%s)) || ':*')"
 FOLLOWED_BY = "tsquery_phrase({}, {})"
 # Matches, newest first, with ids from %s up to below %s; {query} is the terms' tsquery,
 # {where} narrows them. The matches are found first, through the GIN index (a
@@ -37,7 +38,8 @@ FOLLOWED_BY = "tsquery_phrase({}, {})"
 SELECT_MATCHES = f"""
 WITH found AS MATERIALIZED (
     SELECT m.id FROM messages AS m
-    WHERE to_tsvector('{CONFIG}', left(m.message, {SEARCH_CHARS})) @@ ({{query}}) AND m.id >= %s AND m.id < %s{{where}}
+    WHERE to_tsvector('{CONFIG}', agent_comms_words(left(m.message, {SEARCH_CHARS}))) @@ ({{query}})
+      AND m.id >= %s AND m.id < %s{{where}}
 )
 SELECT {PAGE_COLUMNS} FROM messages AS m JOIN found ON found.id = m.id ORDER BY m.id DESC LIMIT %s"""
 IN_CHANNEL = " AND m.channel = %s"
@@ -56,10 +58,9 @@ def term_query(term):
     words = term.text.split()
     if not term.prefix or not words:
         return PHRASE, [term.text]
-    last = "'" + words[-1].replace("\\", "\\\\").replace("'", "''") + "':*"
     if len(words) == 1:
-        return PREFIX, [last]
-    return FOLLOWED_BY.format(PHRASE, PREFIX), [" ".join(words[:-1]), last]
+        return PREFIX, [words[-1]]
+    return FOLLOWED_BY.format(PHRASE, PREFIX), [" ".join(words[:-1]), words[-1]]
 
 
 def visible_sql(visible):
