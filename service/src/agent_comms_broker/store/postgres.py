@@ -169,10 +169,15 @@ class PostgresStore(PostgresSearch, SQLStore):
         lock_timeout = int(1000 * (self.busy_deadline if busy_deadline is None else busy_deadline))
 
         def transaction(connection):
-            connection.execute(BEGIN_WRITE)
             try:
-                connection.execute(f"SET LOCAL lock_timeout = {lock_timeout}")
-                tx = _Transaction(connection, connection.execute(self.sql.WRITE_LOCK).fetchone()[0])
+                # One message for the three (no parameters: the simple query protocol),
+                # the lock's row in the last of its results.
+                locked = connection.execute(
+                    f"{BEGIN_WRITE}; SET LOCAL lock_timeout = {lock_timeout}; {self.sql.WRITE_LOCK}"
+                )
+                while locked.nextset():
+                    pass
+                tx = _Transaction(connection, locked.fetchone()[0])
                 result = work(tx)
                 if tx.last_id != tx.given:
                     connection.execute(self.sql.SET_LAST_ID_AND_NOTIFY, (tx.last_id,))
