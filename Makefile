@@ -170,11 +170,8 @@ restore: ansible ## CT-950: put BACKUP (default: the newest in $(BACKUPS)/) in p
 ##@ Tests of the ops bundle, and cleaning up
 
 .PHONY: e2e
-# Two pytest workers: the LXC tests on one, the Docker tests on the other (each group's
-# files one after the other, as they share a bridge or a dockerd): they wait on different
-# things, so together they take about as long as the LXC tests alone.
 e2e: ansible ## End-to-end tests (root, Debian; installs lxc, debootstrap, docker.io, makes bridge acbr0): LXC, Docker
-	$(BIN)/pytest -n 2 --dist loadgroup tests/e2e
+	$(BIN)/pytest tests/e2e
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (keeps ./data)

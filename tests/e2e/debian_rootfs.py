@@ -59,7 +59,7 @@ def unmount_below(directory):
 def debootstrap_command(target, files, variant=None, suite=SUITE, cache_name=None):
     """The debootstrap command that installs Debian `suite` with the packages that bring
     `files` ({path: package}). `cache_name`: a download cache of its own (the Docker
-    images are made while the LXC tests make theirs: `make e2e` runs both at once)."""
+    images' packages apart from the LXC templates')."""
     packages = ",".join(sorted(set(files.values())))
     variant_option = [f"--variant={variant}"] if variant else []
     cache = DEBOOTSTRAP_CACHE if suite == SUITE else DEBOOTSTRAP_CACHE.with_name(f"debootstrap-{suite}")

@@ -49,9 +49,6 @@ BASE_FILES = {
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="installs and starts Docker: needs root"),
-    # make e2e runs the Docker tests on one pytest worker, one after the other (they start
-    # and stop one dockerd), beside the LXC tests on the other.
-    pytest.mark.xdist_group("docker"),
 ]
 
 

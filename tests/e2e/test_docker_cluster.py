@@ -29,7 +29,6 @@ from debian_packages import require_files
 # With test_docker.py, on one pytest worker (it starts and stops the one dockerd).
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="installs and starts Docker: needs root"),
-    pytest.mark.xdist_group("docker"),
 ]
 CLUSTER_IMAGE = "agent-comms-test-cluster:bookworm"
 CLUSTER_FILES = {

@@ -32,8 +32,6 @@ TOKEN_USER, TOKEN_NAME = "ansible@pve", "deploy"
 BUILT_IN_ROLES = {"PVESDNUser": ["SDN.Use"], "PVEAuditor": ["Datastore.Audit", "Sys.Audit", "VM.Audit"]}
 
 pytestmark = [
-    # The LXC tests, one after the other on one pytest worker (one bridge, one stand-in).
-    pytest.mark.xdist_group("lxc"),
     pytest.mark.skipif(os.geteuid() != 0, reason="creates LXC containers and a bridge: needs root"),
     pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs Debian (apt, debootstrap)"),
 ]

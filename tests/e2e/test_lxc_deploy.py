@@ -82,8 +82,6 @@ OLD_BUILD = "debian-12-standard_12.12-1_amd64.tar.zst"
 NEW_BUILD = "debian-12-standard_12.13-1_amd64.tar.zst"
 
 pytestmark = [
-    # The LXC tests, one after the other on one pytest worker (one bridge, one stand-in).
-    pytest.mark.xdist_group("lxc"),
     pytest.mark.skipif(os.geteuid() != 0, reason="creates LXC containers and a bridge: needs root"),
     pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs Debian (apt, debootstrap)"),
 ]

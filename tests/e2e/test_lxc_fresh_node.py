@@ -52,8 +52,6 @@ DATA = Path("/var/lib/agent-comms-e2e-data")  # on the node, mounted in as mp0
 SUDOERS = Path("/etc/sudoers.d/agent-comms-e2e")
 
 pytestmark = [
-    # The LXC tests, one after the other on one pytest worker (one bridge, one stand-in).
-    pytest.mark.xdist_group("lxc"),
     pytest.mark.skipif(os.geteuid() != 0, reason="creates LXC containers, a bridge and a user: needs root"),
     pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs Debian (apt, debootstrap)"),
 ]
