@@ -12,7 +12,7 @@ from pathlib import Path
 
 import fanout
 from brokers import Client, fill_channel, running_broker, stored_messages
-from publish import CHANNEL, CONNECTIONS, MESSAGE_BYTES, RATE_LIMITED
+from publish import CHANNEL, CONNECTIONS, MESSAGE_BYTES, RATE_LIMITED, report_stored
 from wrk_runner import run_wrk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -45,17 +45,6 @@ def _posts(broker_url, seconds, connections, threads=1, sender="bench-publisher"
     )
 
 
-def _stored_check(report, name, accepted, stored):
-    report.add(
-        f"{name}: accepted posts missing from the store",
-        max(accepted - stored, 0),
-        "msgs",
-        0,
-        at_least=False,
-        note=f"stored {stored}, wrk counted {accepted}",
-    )
-
-
 def publish_one_node(report, workdir, url, seconds, threads):
     with running_broker(workdir, "publish-postgresql", env=RATE_LIMITED, database_url=url) as broker:
         _posts(broker.url, 1, CONNECTIONS, sender="bench-warmup")
@@ -72,7 +61,7 @@ def publish_one_node(report, workdir, url, seconds, threads):
         at_least=True,
         note=f"p50 {result.latency_ms['50']:.1f} ms, p99 {result.latency_ms['99']:.1f} ms, {result.failed} errors",
     )
-    _stored_check(report, "publish on PostgreSQL", accepted, stored)
+    report_stored(report, "publish on PostgreSQL", accepted, stored)
 
 
 def publish_two_nodes(report, workdir, url, seconds):
@@ -110,7 +99,7 @@ def publish_two_nodes(report, workdir, url, seconds):
         at_least=True,
         note=f"16 clients on each node; p99 {p99:.1f} ms (the slower node's)",
     )
-    _stored_check(report, "publish on two nodes", accepted, stored)
+    report_stored(report, "publish on two nodes", accepted, stored)
 
 
 def latest_read(report, workdir, url, seconds, threads):

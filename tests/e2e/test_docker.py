@@ -118,21 +118,22 @@ def compose():
 # -- the base image ----------------------------------------------------------------------
 
 
-def build_base_image():
-    """A Debian bookworm image with python3 and venv, from debootstrap instead of a registry."""
-    require_files({"/usr/sbin/debootstrap": "debootstrap"}, "the Docker base image")
+def build_image(image, files, what):
+    """A Debian bookworm image holding `files` ({path: package}), from debootstrap instead
+    of a registry."""
+    require_files({"/usr/sbin/debootstrap": "debootstrap"}, what)
     CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="base-image-", dir=CACHE) as work:
+    with tempfile.TemporaryDirectory(prefix="image-", dir=CACHE) as work:
         rootfs = Path(work, "rootfs")
-        debootstrap(rootfs, BASE_FILES, variant="minbase", cache_name="docker")
-        run("bash", "-o", "pipefail", "-c", f"tar -C {rootfs} -c . | docker import - {BASE_IMAGE}", timeout=300)
+        debootstrap(rootfs, files, variant="minbase", cache_name="docker")
+        run("bash", "-o", "pipefail", "-c", f"tar -C {rootfs} -c . | docker import - {image}", timeout=300)
 
 
 @pytest.fixture(scope="module")
 @setup_takes_up_to(900)
 def base_image(docker_engine):
     if run("docker", "image", "inspect", BASE_IMAGE, check=False).returncode != 0:
-        build_base_image()
+        build_image(BASE_IMAGE, BASE_FILES, "the Docker base image")
     return BASE_IMAGE
 
 

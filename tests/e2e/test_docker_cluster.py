@@ -12,19 +12,16 @@ debootstrap (kept as a cache, as the broker's base image is)."""
 import json
 import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from debian_rootfs import CACHE, debootstrap
 from host_commands import run, wait_for
 from steps import setup_takes_up_to
-from test_docker import HEALTH_FORMAT, Stack, base_image, compose, docker_engine  # noqa: F401
+from test_docker import HEALTH_FORMAT, Stack, base_image, build_image, compose, docker_engine  # noqa: F401
 
 from broker_process import free_port
-from debian_packages import require_files
 
 # With test_docker.py, on one pytest worker (it starts and stops the one dockerd).
 pytestmark = [
@@ -43,12 +40,7 @@ NODES = ("node-a", "node-b")
 @setup_takes_up_to(900)
 def cluster_image(docker_engine):  # noqa: F811
     if run("docker", "image", "inspect", CLUSTER_IMAGE, check=False).returncode != 0:
-        require_files({"/usr/sbin/debootstrap": "debootstrap"}, "the cluster image")
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="cluster-image-", dir=CACHE) as work:
-            rootfs = Path(work, "rootfs")
-            debootstrap(rootfs, CLUSTER_FILES, variant="minbase", cache_name="docker")
-            run("bash", "-o", "pipefail", "-c", f"tar -C {rootfs} -c . | docker import - {CLUSTER_IMAGE}", timeout=300)
+        build_image(CLUSTER_IMAGE, CLUSTER_FILES, "the cluster image")
     return CLUSTER_IMAGE
 
 

@@ -75,8 +75,8 @@ from importlib import resources
 from docopt import docopt
 
 from . import __version__, auth, preflight
-from .config import ConfigError, Settings, duration, redacted, redacted_error
-from .store import Store, StoreBusy
+from .config import ConfigError, Settings, duration, redacted
+from .store import Store
 
 FLAGS = {
     "--bind": "AGENT_COMMS_BIND",
@@ -157,15 +157,12 @@ def open_store(settings):
 
 
 def open_postgres(url):
-    import psycopg
-
-    from .store.postgres import PostgresStore
+    from .store.postgres import DatabaseUnreachable, DatabaseUnusable, open_checked
 
     try:
-        psycopg.connect(url, connect_timeout=10).close()
-        return PostgresStore(url, pool_size=1)
-    except (psycopg.Error, StoreBusy, RuntimeError) as error:
-        raise CommandError(f"cannot use the database {redacted(url)}: {redacted_error(error, url)}") from None
+        return open_checked(url, pool_size=1)
+    except (DatabaseUnreachable, DatabaseUnusable) as error:
+        raise CommandError(f"cannot use the database {redacted(url)}: {error}") from None
 
 
 def token_command(args, settings):

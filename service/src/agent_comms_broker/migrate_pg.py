@@ -52,7 +52,6 @@ def migrate(source, url, progress=None):
     """Copy the SQLite database at `source` into the PostgreSQL database at `url`; returns
     {table: rows copied}."""
     from .store import Store
-    from .store.postgres import PostgresStore
 
     if not os.path.isfile(source):
         raise MigrationError(f"no SQLite database at {source}")
@@ -78,16 +77,12 @@ def migrate(source, url, progress=None):
                 raise MigrationError(
                     f"messages {listed} hold the character U+0000, which PostgreSQL's text cannot; nothing was copied"
                 )
-            import psycopg
-
-            from .store import StoreBusy
-            from .store.postgres import CONNECTION_OPTIONS
+            from .store.postgres import DatabaseUnreachable, DatabaseUnusable, open_checked
 
             try:
-                psycopg.connect(url, connect_timeout=10, **CONNECTION_OPTIONS).close()
-                target = PostgresStore(url, pool_size=1)  # makes the schema
-            except (psycopg.Error, StoreBusy) as error:
-                raise MigrationError(f"cannot use the database {redacted(url)}: {redacted_error(error, url)}") from None
+                target = open_checked(url, pool_size=1)  # makes the schema
+            except (DatabaseUnreachable, DatabaseUnusable) as error:
+                raise MigrationError(f"cannot use the database {redacted(url)}: {error}") from None
             try:
                 return _copy(db, target, url, progress)
             finally:

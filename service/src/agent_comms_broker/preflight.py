@@ -9,8 +9,8 @@ import ssl
 import sys
 import traceback
 
-from .config import redacted, redacted_error
-from .store import Store, StoreBusy
+from .config import redacted
+from .store import Store
 
 
 def fail(text):
@@ -76,20 +76,14 @@ def in_child(work):
 def prepare_postgres(settings):
     """The PostgreSQL database answers, is migrated (once, by whichever node gets there
     first), and is prepared as prepare_store does."""
-    import psycopg
-
-    from .store.postgres import PostgresStore
+    from .store.postgres import DatabaseUnreachable, DatabaseUnusable, open_checked
 
     where = redacted(settings.database_url)
     try:
-        psycopg.connect(settings.database_url, connect_timeout=10).close()
-    except psycopg.Error as error:
-        fail(f"cannot connect to the database {where}: {redacted_error(error, settings.database_url)}")
-    try:
-        store = PostgresStore(settings.database_url, pool_size=1)
-    except (psycopg.Error, StoreBusy) as error:
-        fail(f"cannot use the database {where}: {redacted_error(error, settings.database_url)}")
-    except RuntimeError as error:
+        store = open_checked(settings.database_url, pool_size=1)
+    except DatabaseUnreachable as error:
+        fail(f"cannot connect to the database {where}: {error}")
+    except DatabaseUnusable as error:
         fail(f"cannot use the database {where}: {error}")
     prepare_store(store, settings)
 

@@ -16,7 +16,7 @@ statements of one read see one snapshot, as SQLite's do.
 import threading
 import time
 
-from ..config import one_line
+from ..config import one_line, redacted_error
 from . import postgres_sql
 from .model import DatabaseFull, Message, StoreBusy, StoreFull, StoreUnavailable
 from .postgres_schema import SCHEMA_VERSION, migrate, schema_version
@@ -299,6 +299,34 @@ class PostgresStore(PostgresSearch, SQLStore):
     def healthy(self):
         """The database answers, with this broker's schema."""
         return self._on_connection(schema_version, timeout=2) == SCHEMA_VERSION
+
+
+class DatabaseUnreachable(Exception):
+    """No connection to the database could be made; str() is why, on one line, without
+    the password."""
+
+
+class DatabaseUnusable(Exception):
+    """A connection was made, but the store could not be opened on it (its schema is
+    newer, it cannot be migrated...); str() is why, as DatabaseUnreachable's."""
+
+
+def open_checked(url, **options):
+    """A PostgresStore (migrated) for a command or the master's preflight: first one plain
+    connection (within 10 s), so that an unreachable or refusing server says why at once,
+    rather than the pool's PoolTimeout after its deadline."""
+    import psycopg
+
+    try:
+        psycopg.connect(url, connect_timeout=10, **CONNECTION_OPTIONS).close()
+    except psycopg.Error as error:
+        raise DatabaseUnreachable(redacted_error(error, url)) from None
+    try:
+        return PostgresStore(url, **options)
+    except (psycopg.Error, StoreBusy) as error:
+        raise DatabaseUnusable(redacted_error(error, url)) from None
+    except RuntimeError as error:
+        raise DatabaseUnusable(str(error)) from None
 
 
 def _rollback(connection):
