@@ -1,19 +1,21 @@
 """What /usr/sbin/pct, pveam, pvesm and pvesh run: the tool is the name it is called by.
 Errors go to stderr with exit code 255, as Proxmox's CLI handlers report an uncaught die."""
 
+import importlib
 import os
 import shutil
 import sys
 
-from . import pct, pveam, pvesh, pvesm
 from .node import LXC_COMMON_CONFIG, PveError
 
-TOOLS = {"pct": pct.COMMANDS, "pveam": pveam.COMMANDS, "pvesm": pvesm.COMMANDS, "pvesh": pvesh.COMMANDS}
+TOOLS = ("pct", "pveam", "pvesm", "pvesh")
 
 
 def main(argv):
     tool = os.path.basename(argv[0]).removesuffix(".py")
-    commands = TOOLS.get(tool, pct.COMMANDS)
+    # Only the tool called is imported: Ansible's pct connection runs `pct exec` several
+    # times for each task, and pvesh's API server alone took half of every start.
+    commands = importlib.import_module(f".{tool if tool in TOOLS else 'pct'}", __package__).COMMANDS
     if len(argv) < 2 or argv[1] not in commands:
         sys.stderr.write(f"usage: {tool} {{{'|'.join(commands)}}} ... (stand-in for tests)\n")
         return 2

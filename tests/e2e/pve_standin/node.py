@@ -2,7 +2,9 @@
 them, running a command, command-line options and Proxmox property strings."""
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 LXC_PATH = Path("/var/lib/lxc")
@@ -39,6 +41,25 @@ def run(*argv, check=True, **kwargs):
     if check and result.returncode != 0:
         output = "".join(text[-2000:] for text in (result.stdout, result.stderr) if isinstance(text, str))
         raise PveError(f"command '{' '.join(map(str, argv))}' failed: exit code {result.returncode}\n{output}")
+    return result
+
+
+def attach(vmid, *command, environment="--keep-env", check=True, **kwargs):
+    """A command in a running container with lxc-attach, as pve-container's `pct exec`,
+    push and pull run it. Debian's lxc-attach re-executes itself from a memory file before
+    its main() (LXC's guard against CVE-2019-5736); under load here that step has been seen
+    to die with SIGSEGV ("Device or resource busy - Failed to rexec as memfd"), before
+    anything ran in the container. Only such an attempt is made again, at most twice."""
+    argv = ["lxc-attach", "-n", str(vmid), environment, "--", *command]
+    for attempt in range(3):
+        if attempt and hasattr(kwargs.get("stdin"), "seek"):
+            kwargs["stdin"].seek(0)
+        result = subprocess.run(argv, **kwargs)
+        if result.returncode != -signal.SIGSEGV:
+            break
+        time.sleep(0.2 * (attempt + 1))
+    if check and result.returncode != 0:
+        raise PveError(f"command '{' '.join(argv)}' failed: exit code {result.returncode}")
     return result
 
 

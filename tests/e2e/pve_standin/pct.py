@@ -2,7 +2,6 @@
 with the checks, messages and output formats of pve-container's src/PVE/CLI/pct.pm and
 src/PVE/API2/LXC*.pm."""
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from . import firewall, storage
 from .config import CREATE_ONLY, PctConfig, encode_text, is_mount_point, normalise
 from .container import Container
-from .node import LXC_PATH, NODE, PveError, join_list, options, run, split_list
+from .node import LXC_PATH, NODE, PveError, attach, join_list, options, run, split_list
 
 NEW_VOLUME = re.compile(r"([a-z][a-z0-9\-_.]*):(\d+(?:\.\d+)?)")
 
@@ -169,7 +168,9 @@ def pct_exec(vmid, *command):
         raise PveError("missing command")
     environment = "--keep-env" if keep_env == "1" else "--clear-env"
     sys.stdout.flush()
-    os.execvp("lxc-attach", ["lxc-attach", "-n", ct.vmid, environment, "--", *command])
+    code = attach(ct.vmid, *command, environment=environment, check=False).returncode
+    # A command killed by a signal: the exit status a shell gives it, as lxc-attach does.
+    sys.exit(code if code >= 0 else 128 - code)
 
 
 def pct_push(vmid, source, destination, *args):
@@ -181,13 +182,13 @@ def pct_push(vmid, source, destination, *args):
     if "user" in opts or "group" in opts:
         script += f' && chown {opts.get("user", "root")}:{opts.get("group", "root")} "$1"'
     with open(source, "rb") as data:
-        run("lxc-attach", "-n", ct.vmid, "--", "/bin/sh", "-c", script, "push", destination, stdin=data)
+        attach(ct.vmid, "/bin/sh", "-c", script, "push", destination, stdin=data)
 
 
 def pct_pull(vmid, source, destination, *args):
     ct = Container(vmid).require()
     with open(destination, "wb") as out:
-        run("lxc-attach", "-n", ct.vmid, "--", "/bin/cat", source, stdout=out)
+        attach(ct.vmid, "/bin/cat", source, stdout=out)
 
 
 def pct_destroy(vmid, *args):
