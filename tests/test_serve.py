@@ -354,3 +354,18 @@ def test_a_graceful_stop_closes_idle_connections_instead_of_waiting_for_them(own
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_stop_that_reaches_workers_still_starting_is_not_lost(own_broker):
+    """SIGHUP then SIGTERM at once (a reload, then a stop): the master forks new workers
+    and tells them to stop while they are still starting. gunicorn's worker lost a signal
+    that came before its own handlers were in place, and served on until the master's
+    graceful timeout (60 s here) ran out and killed it."""
+    broker = own_broker(workers=2, env={"AGENT_COMMS_GRACEFUL_TIMEOUT": "60"}).start()
+    for attempt in range(2):
+        broker.process.send_signal(signal.SIGHUP)
+        time.sleep(0.05)  # the master forks the new workers
+        broker.process.send_signal(signal.SIGTERM)
+        assert broker.process.wait(20) == 0
+        if attempt == 0:
+            broker.start()

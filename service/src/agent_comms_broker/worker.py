@@ -26,6 +26,7 @@ import errno
 import itertools
 import json
 import os
+import signal
 import socket
 import ssl
 import time
@@ -210,9 +211,21 @@ class BalancedServer(StreamServer):
             self.start_accepting()
 
 
+# Signals that stop a worker: SIGTERM gracefully, SIGINT and SIGQUIT at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
 class BrokerWorker(GeventWorker):
     def init_process(self):
         global _refusal_headers
+        # Until gunicorn's init_signals(), a stop signal reaching this new worker would go
+        # to the master's handlers, copied by the fork, and be lost: a worker told to stop
+        # while it started (a restart or reload right after a start) served on until the
+        # master's graceful timeout ran out and killed it. It is kept, and acted on as
+        # soon as the worker's own handlers are in place.
+        self.early_stop = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._keep_early_stop)
         _refusal_headers = security_headers(tls=bool(self.cfg.certfile))
         util.write_error = write_json_error
         # A client that gives up on the TLS handshake (wrong CA, plain HTTP to the HTTPS
@@ -243,6 +256,17 @@ class BrokerWorker(GeventWorker):
         if isinstance(self.log, AccessLogger):
             gevent.spawn(keep_flushing, self.log, lambda: self.alive, gevent.sleep)
         super().run()
+
+    def _keep_early_stop(self, sig, frame):
+        if self.early_stop in (None, signal.SIGTERM):  # a quick stop wins over a graceful one
+            self.early_stop = sig
+
+    def init_signals(self):
+        super().init_signals()
+        if self.early_stop == signal.SIGTERM:
+            self.handle_exit(self.early_stop, None)
+        elif self.early_stop is not None:
+            self.handle_quit(self.early_stop, None)
 
     def handle_exit(self, sig, frame):
         """A graceful stop (SIGTERM, and each old worker of a reload): requests being
