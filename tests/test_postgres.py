@@ -6,6 +6,7 @@ node, tasks done once, no acknowledged post lost when a node or the database goe
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -321,14 +322,19 @@ def _post_until_stopped(urls, stop, acknowledged, refused):
             time.sleep(0.01)
 
 
-def _stored_ids(url):
-    ids, cursor = [], 0
+def _stored(url, channel="load"):
+    """{id: text} of every message of the channel, page by page."""
+    stored, cursor = {}, 0
     while True:
-        page = requests.get(f"{url}/messages/load", params={"after": cursor, "limit": 1000}, timeout=30).json()
-        ids += [message["id"] for message in page["messages"]]
+        page = requests.get(f"{url}/messages/{channel}", params={"after": cursor, "limit": 1000}, timeout=30).json()
+        stored.update((message["id"], message["message"]) for message in page["messages"])
         if not page["messages"]:
-            return ids
+            return stored
         cursor = page["cursor"]
+
+
+def _stored_ids(url):
+    return list(_stored(url))
 
 
 def test_a_node_killed_under_load_loses_no_acknowledged_message_and_the_other_serves_on(nodes):
@@ -380,6 +386,44 @@ def test_postgresql_restarted_under_load_answers_503_loses_nothing_and_the_nodes
         for node in started:
             node.stop()
         server.stop()
+
+
+def test_a_full_disk_on_postgresql_answers_507_loses_nothing_and_posting_resumes(tmp_path, postgres_server, database):
+    """The messages table in a tablespace on a small tmpfs: once PostgreSQL cannot extend
+    it (SQLSTATE 53100) posts get 507 with a JSON error, reads go on, every acknowledged
+    message stays, and posting resumes by itself once space is freed."""
+    name = database.rsplit("/", 1)[1]
+    broker = BrokerProcess(tmp_path / "unused.db", database_url=database).start()
+    with test_reliability.small_filesystem(postgres_server.root / f"small-{name}", "4m") as disk:
+        try:
+            shutil.chown(disk, "postgres")
+            (disk / "filler").write_bytes(os.urandom(1024 * 1024))  # deleted later: the space freed
+            (disk / "space").mkdir()
+            shutil.chown(disk / "space", "postgres")
+            postgres_server.psql(f"CREATE TABLESPACE {name} LOCATION '{disk / 'space'}'")
+            postgres_server.psql(f"ALTER TABLE messages SET TABLESPACE {name}", database=name)
+            session, acked, refusals = requests.Session(), {}, []
+            for n in range(2000):
+                text = f"fill {n} " + os.urandom(8000).hex()  # what PostgreSQL cannot compress
+                reply = session.post(f"{broker.url}/messages/fill", json={"sender": "f", "message": text}, timeout=30)
+                if reply.status_code == 201:
+                    acked[reply.json()["id"]] = text
+                elif len(refusals := [*refusals, reply]) == 3:
+                    break
+            assert len(acked) >= 10 and len(refusals) == 3, (len(acked), [r.status_code for r in refusals])
+            for reply in refusals:
+                assert reply.status_code == 507, (reply.status_code, reply.text)
+                test_reliability.assert_refused_cleanly(reply)
+            assert session.get(f"{broker.url}/status", timeout=30).status_code == 200
+            (disk / "filler").unlink()
+            after = post(broker.url, "fill", "after the space was freed", sender="f")
+            stored = _stored(broker.url, "fill")
+            assert {key: stored.get(key) for key in acked} == acked
+            assert stored[after["id"]] == "after the space was freed" and after["id"] > max(acked)
+        finally:
+            broker.stop()
+            postgres_server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            postgres_server.psql(f"DROP TABLESPACE IF EXISTS {name}")
 
 
 # -- the reliability suite on PostgreSQL ---------------------------------------------------------
