@@ -4,6 +4,7 @@ stuck process fails its own test instead of hanging the suite."""
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +21,10 @@ ENTRY_POINTS = {
 CHAT = ENTRY_POINTS["agent-chat"]
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Running:
     """A started agent-chat command. Its stdout lines arrive through a queue filled by a
     thread, so every read waits at most its timeout; stderr is collected the same way."""
@@ -32,6 +37,10 @@ class Running:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            # Ctrl-C as a terminal sends it, even when the tests run in a background job
+            # of a shell without job control, whose commands start with SIGINT ignored
+            # (Python then never raises KeyboardInterrupt).
+            preexec_fn=_default_sigint,
         )
         self._lines = queue.Queue()
         self._stderr = []
