@@ -47,8 +47,11 @@ def ensure_installed():
 
 
 class PostgresServer:
-    def __init__(self, durable=False):
-        """durable: PostgreSQL's own defaults (fsync, synchronous_commit on), for benchmarks."""
+    def __init__(self, durable=False, listen=None, clients=()):
+        """durable: PostgreSQL's own defaults (fsync, synchronous_commit on), for benchmarks.
+        listen: the addresses to listen on (default: localhost); clients: networks (CIDR)
+        whose clients log in with a password (SCRAM), as a database host other machines use."""
+        self.listen, self.clients = listen, clients
         self.settings = {
             name: value
             for name, value in SETTINGS.items()
@@ -71,6 +74,9 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres")
         self._as_owner(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        if self.clients:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.writelines(f"host all all {network} scram-sha-256\n" for network in self.clients)
         self.start_server()
         return self
 
@@ -78,6 +84,8 @@ class PostgresServer:
         """Start the server (again, after stop_server)."""
         options = " ".join(f"-c {name}={value}" for name, value in self.settings.items())
         options += f" -c unix_socket_directories={self.socket_dir} -p {self.port}"
+        if self.listen:
+            options += f" -c listen_addresses={self.listen}"
         self.pg_ctl("start", "-w", "-o", options, "-l", str(self.root / "server.log"))
 
     def stop_server(self, mode="fast"):

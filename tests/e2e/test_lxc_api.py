@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from proxmox_node import BIN, BRIDGE, GATEWAY, PREFIX, STANDIN_STATE, build_temp
 from steps import setup_takes_up_to
 
 from broker_process import free_port
+from postgres_server import PostgresServer
 
 VMID = 9952
 HOST = "broker-api"
@@ -110,9 +112,29 @@ def container_key(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inventory(api, container_key, tmp_path_factory):
-    """The homelab inventory with the api method: no SSH to the node at all."""
+def shared_database(bridge):
+    """A real PostgreSQL server on this host's side of the bridge, standing in for the
+    database host that several broker CTs share: the container's address may log in, with
+    a password. (URL, server)"""
+    server = PostgresServer(listen=f"127.0.0.1,{GATEWAY}", clients=[f"{CT_IP}/32"]).start()
+    password = uuid.uuid4().hex
+    server.psql(f"CREATE ROLE agent_comms LOGIN PASSWORD '{password}'")
+    server.psql("CREATE DATABASE agent_comms OWNER agent_comms TEMPLATE template0")
+    yield password, server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def inventory(api, container_key, shared_database, vault_password_file, tmp_path_factory):
+    """The homelab inventory with the api method: no SSH to the node at all. The broker
+    keeps its messages in the shared PostgreSQL, its password in an ansible-vault file of
+    the host's vars, as the README lays it out."""
     path = tmp_path_factory.mktemp("inventory") / "api.yml"
+    password, server = shared_database
+    host_vars = path.parent / "host_vars" / HOST
+    host_vars.mkdir(parents=True)
+    (host_vars / "vault.yml").write_text(f"vault_agent_comms_db_password: {password}\n")
+    run(BIN / "ansible-vault", "encrypt", "--vault-password-file", vault_password_file, host_vars / "vault.yml")
     container = {
         "proxmox_lxc_node": "pve",
         "proxmox_lxc_method": "api",
@@ -132,6 +154,8 @@ def inventory(api, container_key, tmp_path_factory):
         "proxmox_lxc_tags": ["agent-comms"],
         # The MCP server is test_lxc_deploy.py's and test_docker.py's to test: CI's time.
         "agent_comms_mcp_enabled": False,
+        "agent_comms_broker_database_url": "postgresql://agent_comms:{{ vault_agent_comms_db_password | urlencode }}"
+        f"@{GATEWAY}:{server.port}/agent_comms",
         "proxmox_lxc_ssh_public_keys": container_key.with_suffix(".pub").read_text(),
         "agent_comms_connection": "ssh",
         "ansible_private_key_file": str(container_key),
@@ -207,13 +231,22 @@ def test_a_token_without_a_privilege_is_refused_with_the_one_it_lacks(provisione
 
 
 @pytest.mark.timeout(900)  # a whole deploy
-def test_deploy_over_the_containers_own_ssh(provisioned, make):
+def test_deploy_over_the_containers_own_ssh(provisioned, make, shared_database):
     output = make("deploy", timeout=900)
     assert recap(output)[HOST]["failed"] == 0
     assert requests.get(f"http://{CT_IP}:8080/healthz", timeout=5).json() == {"status": "ok"}
+    assert requests.get(f"http://{CT_IP}:8080/status", timeout=5).json()["database"] == "postgresql"
     env = {**os.environ, "AGENT_COMMS_BROKER": f"http://{CT_IP}:8080", "AGENT_COMMS_CONFIG": os.devnull}
     sent = run(BIN / "agent-chat", "send", "e2e-api", "through the API", env=env, timeout=60)
     assert sent.stdout.strip().isdigit()
+    # In the shared database, not in a SQLite file of the container.
+    stored = shared_database[1].psql(
+        f"SELECT message FROM messages WHERE id = {int(sent.stdout)}", database="agent_comms"
+    )
+    assert stored.strip() == "through the API"
+    password = shared_database[0]
+    unit_environment = pct("exec", VMID, "--", "cat", "/etc/agent-comms/broker.env").stdout
+    assert f"agent_comms:{password}@" in unit_environment and password not in output
 
 
 def test_absent_through_the_api(provisioned, make):
