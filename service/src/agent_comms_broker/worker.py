@@ -87,13 +87,12 @@ class Connection:
     """One client connection, and since when it has been waiting on its client (None
     while the broker is working on its request or writing to it)."""
 
-    __slots__ = ("between_requests", "evicted", "sock", "waiting_since")
+    __slots__ = ("evicted", "sock", "waiting_since")
 
     def __init__(self, sock):
         self.sock = sock
         self.waiting_since = None
         self.evicted = False
-        self.between_requests = False
 
     def evict(self):
         """Close its reading side: a read waiting on the client ends at once, and the
@@ -157,22 +156,6 @@ class WaitingOn:
             # As gevent.Timeout(seconds, False) does: its own expiry ends the block quietly.
             return error is self.timeout
         return False
-
-
-class AwaitingRequest(WaitingOn):
-    """Waiting for the head of the connection's next request (its first, or the next on
-    a kept-alive connection): no request of it is being served, so a stopping worker
-    closes it rather than wait for its keep-alive to run out."""
-
-    __slots__ = ()
-
-    def __enter__(self):
-        self.connection.between_requests = True
-        return super().__enter__()
-
-    def __exit__(self, kind, error, trace):
-        self.connection.between_requests = False
-        return super().__exit__(kind, error, trace)
 
 
 class LazyHandshake:
@@ -269,16 +252,8 @@ class BrokerWorker(GeventWorker):
             self.handle_quit(self.early_stop, None)
 
     def handle_exit(self, sig, frame):
-        """A graceful stop (SIGTERM, and each old worker of a reload): requests being
-        served finish, and gunicorn closes their connections after the reply. Connections
-        idle between requests are closed now; else each would hold the stop until its
-        keep-alive ran out, up to the request timeout. (A client whose next request had
-        begun to arrive sees its connection close unanswered, as at any restart.)"""
         self.balance.stopping()
         super().handle_exit(sig, frame)
-        for connection in list(self.waiting):
-            if connection.between_requests:
-                connection.evict()
 
     def handle_quit(self, sig, frame):
         """A quick stop. Ctrl-C on a terminal sends SIGINT to the whole process group and
@@ -338,7 +313,7 @@ class BrokerWorker(GeventWorker):
         connection = self.connections.get(gevent.getcurrent())
         if connection is None:
             return gevent.Timeout(self.cfg.keepalive, False)
-        return AwaitingRequest(self.waiting, connection, self.cfg.keepalive)
+        return self.waiting_on(connection, self.cfg.keepalive)
 
     def _evict_waiting(self, excess=None):
         """Close the connections that have waited longest on their clients: `excess` of
