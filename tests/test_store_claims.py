@@ -20,7 +20,7 @@ from agent_comms_broker.store import Post, TaskRefused
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None, derandomize=True, database=None)
 # Fewer on PostgreSQL, whose steps are round trips to a server (test_store_properties.py).
-POSTGRES_SETTINGS = settings(SETTINGS, max_examples=int(os.environ.get("PROPERTY_EXAMPLES_POSTGRES", "25")))
+POSTGRES_SETTINGS = settings(SETTINGS, max_examples=int(os.environ.get("PROPERTY_EXAMPLES_POSTGRES", "10")))
 MAX_ATTEMPTS = 3
 CHANNEL = "tasks"
 AGENTS = st.sampled_from(["a", "b", "c"])

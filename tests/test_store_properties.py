@@ -24,7 +24,7 @@ EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=50, deadline=None, derandomize=True, database=None)
 # On PostgreSQL each step is several round trips to a server: fewer sequences (the same
 # derandomized ones, first), PROPERTY_EXAMPLES_POSTGRES of them.
-POSTGRES_SETTINGS = settings(SETTINGS, max_examples=int(os.environ.get("PROPERTY_EXAMPLES_POSTGRES", "25")))
+POSTGRES_SETTINGS = settings(SETTINGS, max_examples=int(os.environ.get("PROPERTY_EXAMPLES_POSTGRES", "10")))
 
 CHANNELS = ["general", "tasks", "ops.alerts"]
 SENDERS = ["planner-1", "worker-2", "monitor"]

@@ -367,12 +367,6 @@ def test_a_jump_host_in_the_ssh_config_serves_both_paths(deployed, make, sshd):
     assert "status: running" in status and "active (running)" in status
 
 
-@pytest.mark.timeout(600)  # a whole deploy
-def test_a_second_deploy_changes_nothing(deployed, make):
-    counts = recap(make("deploy", timeout=900))
-    assert {host: c["changed"] for host, c in counts.items()} == {host: 0 for host in counts}, counts
-
-
 def test_a_mount_point_added_to_the_protected_running_container(deployed, make, ct, tmp_path):
     """Proxmox refuses a disk change of a protected container: the role lifts protection
     for it and sets it again; the new volume is hot-plugged into the running container."""
