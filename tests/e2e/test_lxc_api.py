@@ -115,7 +115,7 @@ def container_key(tmp_path_factory):
 def shared_database(bridge):
     """A real PostgreSQL server on this host's side of the bridge, standing in for the
     database host that several broker CTs share: the container's address may log in, with
-    a password. (URL, server)"""
+    a password. Yields (the password, the server)."""
     server = PostgresServer(listen=f"127.0.0.1,{GATEWAY}", clients=[f"{CT_IP}/32"]).start()
     password = uuid.uuid4().hex
     server.psql(f"CREATE ROLE agent_comms LOGIN PASSWORD '{password}'")
