@@ -7,7 +7,7 @@ import subprocess
 
 import requests
 
-from agent_comms_broker.store import Post, SearchTerm, Store
+from agent_comms_broker.store import SCHEMA_VERSION, Post, SearchTerm, Store
 from broker_process import BIN
 from cli_process import CHAT
 from conftest import post
@@ -210,7 +210,7 @@ def test_a_schema_5_database_keeps_its_index_and_its_switch(tmp_path):
     db.execute("INSERT INTO message_text (message_text) VALUES ('delete-all')")
     db.close()
     store = Store(on)
-    assert store.schema_version() == 6
+    assert store.schema_version() == SCHEMA_VERSION
     store.append([Post("new", "b", "indexed before its commit")])
     assert [m.message for m in store.search([SearchTerm("indexed")]).messages] == [
         "indexed before its commit",

@@ -5,9 +5,10 @@ Usage:
   agent-chat [options] send CHANNEL MESSAGE [--reply-to ID] [--priority N] [--tag T]...
                                             [--meta JSON] [--wait-reply [--timeout SECONDS]]
   agent-chat [options] read CHANNEL [--limit N] [--since TIMESTAMP | --after ID]
-                                    [--thread ID] [--unread]
+                                    [--thread ID] [--unread] [--require-signed]
   agent-chat [options] watch CHANNEL [--interval SECONDS] [--after ID] [--count N]
                                      [--until REGEX] [--timeout SECONDS] [--resume]
+                                     [--require-signed]
   agent-chat [options] search QUERY [--channel C] [--limit N]
   agent-chat [options] channels
   agent-chat [options] agents
@@ -16,7 +17,8 @@ Usage:
   agent-chat [options] done CHANNEL ID [MESSAGE]
   agent-chat [options] release CHANNEL ID [--dead]
   agent-chat [options] queue CHANNEL
-  agent-chat [options] inbox [--unread] [--watch]
+  agent-chat [options] inbox [--unread] [--watch] [--require-signed]
+  agent-chat [options] keys (init [--passphrase] [--force] | publish | show [AGENT] | trust AGENT)
   agent-chat [options] work CHANNEL [--lease D] [--count N] -- COMMAND [ARG...]
   agent-chat [options] mcp [--http HOST:PORT [--tls-cert FILE --tls-key FILE]]
   agent-chat (-h | --help | --version)
@@ -24,7 +26,9 @@ Usage:
 Commands:
   send       Post MESSAGE to CHANNEL and print the stored message's id.
              MESSAGE - reads the message from standard input (any UTF-8, many lines).
-             CHANNEL @AGENT is that agent's inbox: a direct message.
+             CHANNEL @AGENT is that agent's inbox: a direct message, sealed so only
+             AGENT can read it if AGENT published an encryption key (keys publish).
+             With your keys (keys init) the message is signed.
              With --wait-reply it prints the first reply to it instead, once it comes.
   read       Print the latest messages of CHANNEL, oldest first; or the messages
              that follow a time (--since), a message id (--after) or your read
@@ -49,6 +53,16 @@ Commands:
   queue      Show how many of CHANNEL's tasks are pending, claimed, done and dead, and
              who holds which until when.
   inbox      Print your inbox, the channel @<your agent id> (--watch: follow it).
+             Messages sealed to you are opened.
+  keys       init: make your signing (Ed25519) and encryption (X25519) keys, in
+             $AGENT_COMMS_KEY_DIR, else ~/.config/agent-comms/keys (0600; sealed
+             under a passphrase with the option of that name, the passphrase from
+             $AGENT_COMMS_KEY_PASSPHRASE or asked). publish: give the broker their public halves (with your token
+             where tokens are used). show: an agent's keys, current and replaced, and
+             which you pinned. trust: pin AGENT's current key after it changed.
+             Messages you read are checked against the keys you pinned the first time
+             you met their sender: [verified], [BAD SIGNATURE], [KEY CHANGED];
+             unsigned ones show no mark (with --json: "verification").
   work       Take CHANNEL's tasks one at a time and run COMMAND for each, with the
              message on its standard input and AGENT_COMMS_TASK_ID,
              AGENT_COMMS_TASK_CHANNEL and AGENT_COMMS_TASK_SENDER in its environment.
@@ -106,6 +120,10 @@ Options:
   --wait SECONDS        take: wait this long for a task to come [default: 0].
   --dead                release: the task is given up on: never handed out again.
   --watch               inbox: follow it live.
+  --require-signed      read, watch, inbox: print only verified messages; each one
+                        dropped is reported on stderr.
+  --passphrase          keys init: seal the keys under a passphrase.
+  --force               keys init: replace the keys you have.
   --http HOST:PORT      mcp: serve Streamable HTTP on this address (0.0.0.0:8081 for
                         every address) instead of stdio.
   --tls-cert FILE       mcp --http: serve HTTPS with this certificate (PEM, its chain)...
@@ -127,7 +145,8 @@ Exit status:
        the output stops early (agent-chat read tasks | head -1)
   1    usage error: the command line, the broker URL, the agent id or a config file
   2    the broker is unreachable or answered with an error (one line on stderr)
-  3    the broker refused: no token, a bad token, or no permission (401, 403)
+  3    the broker refused: no token, a bad token, or no permission (401, 403);
+       or your keys cannot be read or used
   124  a time-out: watch --timeout ran out, send --wait-reply got no reply in time,
        take found no task
   130  interrupted (Ctrl-C)
@@ -291,11 +310,20 @@ def run(args):
         return serve_mcp(args, settings)
 
     from .client import BrokerClient, BrokerError
+    from .keys import KeysError
     from .output import Printer
+    from .signed import Reading, keys_command
 
     broker = BrokerClient(settings["broker"], settings["agent_id"], settings["token"], settings["ca"])
-    out = Printer(as_json=args["--json"])
+    reading = Reading(broker, settings["agent_id"], say, require_signed=args["--require-signed"])
+    out = Printer(as_json=args["--json"], reading=reading)
     try:
+        if args["keys"]:
+            return keys_command(args, settings["agent_id"], broker, out, say)
+        if args["send"] or args["done"] or args["work"]:
+            from .signed import own_keys
+
+            broker.keys = own_keys(settings["agent_id"])
         if args["send"]:
             return send(broker, out, channel, _message(args["MESSAGE"]), args, timeout)
         elif args["read"] or (args["inbox"] and not args["--watch"]):
@@ -330,6 +358,9 @@ def run(args):
     except BrokerError as error:
         say(str(error))
         return EXIT_REFUSED if error.status in (401, 403) else EXIT_BROKER
+    except KeysError as error:
+        say(str(error))
+        return EXIT_REFUSED
     return 0
 
 
@@ -436,6 +467,9 @@ def _send_options(args):
 def send(broker, out, channel, message, args, timeout):
     """Post; with --wait-reply, print the first reply to it instead of its id."""
     options = _send_options(args)
+    from .signed import sealed_post
+
+    message, options["meta"] = sealed_post(broker, channel, message, options["meta"], say)
     stored = broker.send(channel, message, **options)
     if not args["--wait-reply"]:
         out.sent(stored)

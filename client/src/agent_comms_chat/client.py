@@ -25,17 +25,21 @@ LONG_POLL = 60
 
 
 class BrokerClient(Transport):
+    # This agent's keys (keys.AgentKeys): with them, what it posts is signed.
+    keys = None
+
     # -- messages -------------------------------------------------------------------------
 
     def send(self, channel, message, sender=None, reply_to=None, priority=None, tags=None, meta=None, key=None):
         """Post one message; returns the stored message (with its id). It carries an
         idempotency key (a new uuid4 unless `key` is given): the broker stores a repeat
         of it once and answers it with the first message, so a post whose answer was lost
-        is safely sent again."""
+        is safely sent again. With `keys`, it is signed."""
         post = {"message": message}
-        if sender or self.agent_id:
-            post["sender"] = sender or self.agent_id
+        if sender or self.agent_id or self.keys is not None:
+            post["sender"] = sender or self.agent_id or self.keys.agent
         post.update(_optional(reply_to=reply_to, priority=priority, tags=tags or None, meta=meta))
+        self._sign(post, channel)
         post["key"] = key or _new_key()
         path = route("messages", channel)
         answer = self.write("POST", path, post, retry_lost=True)
@@ -155,7 +159,10 @@ class BrokerClient(Transport):
         lost answer asked again may leave the task it took claimed to its lease's end)."""
         post = _optional(priority=priority, tags=tags or None, meta=meta)
         if message is not None:
-            post.update(message=message, key=_new_key())
+            post.update(message=message)
+            if self.keys is not None:  # the reply the broker stores: from this agent, to the task
+                self._sign({**post, "sender": self.keys.agent, "reply_to": task_id}, channel, into=post)
+            post["key"] = _new_key()
         if next_lease is not None:
             post["next"] = {"lease": next_lease}
         path = route("messages", channel, task_id, "done")
@@ -229,6 +236,33 @@ class BrokerClient(Transport):
 
     def status(self):
         return self.call("GET", "/status")
+
+    # -- agents' public keys --------------------------------------------------------------
+
+    def _sign(self, post, channel, into=None):
+        if self.keys is not None and post.get("sender", self.keys.agent) == self.keys.agent:
+            (post if into is None else into)["signature"] = self.keys.sign(post, channel)
+
+    def agent_keys(self, agent):
+        """{"agent", "current", "keys": [...], "changes"}: the keys `agent` published, the
+        current one first; None if it has published none."""
+        path = route("agents", agent, "keys")
+        try:
+            answer = self.call("GET", path)
+        except BrokerError as error:
+            if error.status == 404:
+                return None
+            raise
+        self.expect(answer, path, "keys", list)
+        return answer
+
+    def publish_keys(self, agent, sign, box):
+        """Give the broker this agent's public keys: {"status": "added" | "changed" |
+        "unchanged", ...} as agent_keys."""
+        path = route("agents", agent, "keys")
+        answer = self.write("PUT", path, {"sign": sign, "box": box}, retry_lost=True)
+        self.expect(answer or {}, path, "status", str)
+        return answer
 
 
 def _optional(**fields):

@@ -114,10 +114,18 @@ def _utf8(stream):
     return (getattr(stream, "encoding", None) or "").lower().replace("-", "") in ("utf8", "utf8sig")
 
 
+# What a message's line shows after its sender: its signature's mark (signed.py), and
+# whether it was sealed. An unsigned message shows none, as before signatures.
+MARKS = {"verified": " [verified]", "bad": " [BAD SIGNATURE]", "key-changed": " [KEY CHANGED]"}
+SEALED_MARKS = {"opened": " [sealed]"}
+
+
 class Printer:
-    def __init__(self, as_json=False, stream=None):
+    def __init__(self, as_json=False, stream=None, reading=None):
         self.as_json = as_json
         self.stream = stream or sys.stdout
+        # Applied to each message before it prints: marks, opens, or drops it (None).
+        self.reading = reading
         # A message is folded to the terminal's width only on a terminal.
         self.width = None
         if not as_json and self.stream.isatty():
@@ -146,14 +154,22 @@ class Printer:
 
     def message(self, message, where=False):
         """A message; with `where`, its channel and id after the time."""
+        if self.reading is not None:
+            message = self.reading(message)
+            if message is None:
+                return
         if self.as_json:
             self._json(message)
             return
         header = f"[{_when(message.get('timestamp'))}] "
         if where:
             header += f"{visible(message.get('channel'))} #{visible(message.get('id'))} "
-        header += f"{visible(message.get('sender'))}: "
-        lines = _LINE_BREAK.split(str(message.get("message")))
+        marks = MARKS.get(message.get("verification"), "") + SEALED_MARKS.get(message.get("sealed"), "")
+        header += f"{visible(message.get('sender'))}{marks}: "
+        text = message.get("message")
+        if message.get("sealed") == "locked":
+            text = f"(sealed for {(message.get('meta') or {}).get('sealed', {}).get('to')}: it does not open here)"
+        lines = _LINE_BREAK.split(str(text))
         shown = [header + visible(lines[0], MESSAGE_KEEPS)]
         shown += [INDENT + visible(line, MESSAGE_KEEPS) for line in lines[1:]]
         if self.width is not None:
@@ -168,6 +184,30 @@ class Printer:
         """Search results, newest first, each with where it was said."""
         for message in messages:
             self.message(message, where=True)
+
+    def line(self, text):
+        """A line of a command's own (keys), in JSON as {"note": text}."""
+        if self.as_json:
+            return self._json({"note": text})
+        self._print(visible(text))
+
+    def keys(self, reply, line=None, pinned=None):
+        """An agent's keys: the current one and those it replaced; `pinned`: the keys this
+        reader pinned for it."""
+        if self.as_json:
+            return self._json(reply if pinned is None else {**reply, "pinned": pinned})
+        if line:
+            self._print(visible(line))
+        rows = []
+        for key in reply.get("keys") or []:
+            state = "current" if key.get("replaced") is None else f"replaced {_when(key.get('replaced'))}"
+            trusted = "-" if pinned is None else ("yes" if key.get("sign") in pinned else "NO")
+            rows.append(
+                (key.get("sign"), key.get("box") or "-", key.get("source"), _when(key.get("added")), state, trusted)
+            )
+        self._table(("SIGN KEY", "BOX KEY", "FROM", "ADDED", "STATE", "PINNED"), rows)
+        if reply.get("changes"):
+            self._print(visible(f"{reply.get('agent')}'s keys changed {reply['changes']} time(s)"))
 
     def channels(self, reply):
         if self.as_json:

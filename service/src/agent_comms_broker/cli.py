@@ -7,6 +7,8 @@ Usage:
                                      [--note TEXT] [--secret-stdin] [--db PATH | --database-url URL]
   agent-comms-broker token list [--json] [--db PATH | --database-url URL]
   agent-comms-broker token revoke ID... [--db PATH | --database-url URL]
+  agent-comms-broker key add AGENT --sign KEY [--box KEY] [--db PATH | --database-url URL]
+  agent-comms-broker key list AGENT [--json] [--db PATH | --database-url URL]
   agent-comms-broker backup DEST [--db PATH | --database-url URL]
   agent-comms-broker restore SRC [--db PATH | --database-url URL]
   agent-comms-broker check FILE
@@ -22,6 +24,12 @@ Commands:
                  the command prints `added|updated|unchanged ID AGENT`.
   token list     The tokens: id, agent, grants, expiry, last use, state. Never secrets.
   token revoke   Revoke tokens by id; the broker refuses them from the next request.
+  key add        Pin AGENT's public keys (base64, as `agent-chat keys show --own`
+                 prints them): posts signed by it must check against --sign, and its
+                 direct messages are sealed to --box. Keys the operator pinned are
+                 replaced only by the operator; the keys before stay listed.
+  key list       AGENT's keys, the current one first, with when each was added and
+                 replaced, and who gave it (agent or operator).
   backup         Copy the database to DEST while the broker runs (SQLite's online
                  backup), check the copy and print how many messages it holds.
   restore        Put the backup SRC in place of the database, keeping the replaced
@@ -55,6 +63,8 @@ Options:
                         [default: never].
   --note TEXT           A note shown by `token list` [default: ].
   --secret-stdin        Read the token from stdin instead of making one.
+  --sign KEY            key add: the agent's Ed25519 public key, base64 (32 bytes).
+  --box KEY             key add: the agent's X25519 public key, base64 (32 bytes).
   --json                One JSON array instead of a table.
   -h --help             Show this text.
   --version             Show the version.
@@ -114,6 +124,8 @@ def main(argv=None):
             return migrate_command(args["--from"], args["--to"])
         if args["token"]:
             return token_command(args, settings)
+        if args["key"]:
+            return key_command(args, settings)
         if (args["backup"] or args["restore"]) and settings.database_url:
             raise CommandError(
                 "backup and restore copy SQLite files; for PostgreSQL use pg_dump and pg_restore (see the README)"
@@ -177,16 +189,20 @@ def token_command(args, settings):
         store.close()
 
 
-def token_grants(args):
+def checked_agent(agent):
+    """AGENT, by the same rule as a post's sender."""
     from bottle import HTTPError
 
-    from .http.validate import validate_agent_id  # the same rule as a post's sender
+    from .http.validate import validate_agent_id
 
-    agent = args["AGENT"]
     try:
-        validate_agent_id(agent, "AGENT")
+        return validate_agent_id(agent, "AGENT")
     except HTTPError as error:
         raise CommandError(error.body) from None
+
+
+def token_grants(args):
+    agent = checked_agent(args["AGENT"])
     try:
         read = auth.parse_patterns(args["--read"])
         write = auth.parse_patterns(args["--write"])
@@ -283,6 +299,38 @@ def revoke_tokens(store, ids):
     if unknown:
         raise CommandError(f"no token with id {', '.join(unknown)} (see `agent-comms-broker token list`)")
     return 0
+
+
+# -- agents' public keys ---------------------------------------------------------------
+
+
+def key_command(args, settings):
+    from .signing import public_key
+
+    agent = checked_agent(args["AGENT"])
+    store = open_store(settings)
+    try:
+        if args["list"]:
+            keys = store.agent_keys(agent)
+            if args["--json"]:
+                print(json.dumps([key.as_dict() for key in keys]))
+            elif not keys:
+                print(f"agent {agent} has no keys")
+            for key in [] if args["--json"] else keys:
+                state = "current" if key.replaced is None else f"replaced {_when(key.replaced)}"
+                print(f"{key.sign}  box {key.box or '-'}  {key.source}  added {_when(key.added)}  {state}")
+            return 0
+        try:
+            public_key(args["--sign"], "--sign")
+            if args["--box"] is not None:
+                public_key(args["--box"], "--box")
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        outcome, _ = store.publish_keys(agent, args["--sign"], args["--box"], "operator", may_replace=True)
+        print(f"{outcome} {agent}")
+        return 0
+    finally:
+        store.close()
 
 
 # -- moving to PostgreSQL --------------------------------------------------------------

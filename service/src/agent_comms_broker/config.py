@@ -110,6 +110,16 @@ def origins(text):
     return values
 
 
+def channel_patterns(text):
+    """Comma-separated channel names or patterns, as a token's grants take them."""
+    from .auth import TokenError, parse_patterns
+
+    try:
+        return parse_patterns(str(text))
+    except TokenError as error:
+        raise ValueError(str(error)) from None
+
+
 def rate(text):
     value = float(text)
     if not value >= 0 or value == float("inf"):
@@ -222,6 +232,8 @@ class Settings:
     max_headers: int = setting(50, positive_int)
     # Browser origins allowed to call the API (CORS); none by default.
     cors_origins: tuple = setting((), origins)
+    # Channels (names or patterns, as grants: tasks,ops-*,@*) that take signed posts only.
+    require_signed: str = setting("", channel_patterns)
     max_wait: float = setting(60.0, duration)
     # A task released or whose lease ended this many times is dead (handed out no more).
     max_attempts: int = setting(5, positive_int)

@@ -16,7 +16,7 @@ from .config import redacted, redacted_error
 
 # Every table the copy fills, with its columns (the same on both backends).
 TABLES = {
-    "messages": "id, channel, sender, message, timestamp, reply_to, thread, priority, tags, meta",
+    "messages": "id, channel, sender, message, timestamp, reply_to, thread, priority, tags, meta, signature",
     "channels": "name, message_count, last_activity, pruned_id, pruned_timestamp",
     "agents": "id, first_seen, last_seen, message_count",
     "tokens": "id, hash, agent, read, write, note, created, expires, revoked, last_used",
@@ -28,6 +28,7 @@ TABLES = {
     "idempotency": "sender, key, id, channel, created",
     "notify_rules": "rule, cursor, delivered, failures, last_error, next_try, updated",
     "leases": "name, owner, expires",
+    "agent_keys": "agent, sign_key, box_key, source, added, replaced",
 }
 # Rows that PostgreSQL's text cannot hold (U+0000): the copy stops before it starts.
 SELECT_NUL_MESSAGES = "SELECT id FROM messages WHERE instr(message, char(0)) > 0 ORDER BY id LIMIT 5"

@@ -4,7 +4,7 @@ access control) and the route modules. No route of its own."""
 import bottle
 
 from ..access import AccessPlugin
-from . import admin, cursors, messages, metrics, queue, search, streams, ui
+from . import admin, cursors, keys, messages, metrics, queue, search, streams, ui
 from .context import Broker
 from .errors import StoreErrorsPlugin, json_error
 from .replies import JsonReplies
@@ -22,6 +22,6 @@ def create_app(settings, runtime, limits=None):
     app.default_error_handler = json_error
     app.install(StoreErrorsPlugin())
     app.install(access)
-    for module in (admin, messages, queue, cursors, search, streams, metrics, ui):
+    for module in (admin, keys, messages, queue, cursors, search, streams, metrics, ui):
         module.register(app, broker)
     return app

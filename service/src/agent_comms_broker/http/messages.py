@@ -10,6 +10,7 @@ from bottle import HTTPError, request, response
 
 from ..access import allow_read, allow_write, caller, readable
 from ..store import EVERYTHING, Filter, NoSuchMessage, stored_size
+from .keys import check_signatures
 from .validate import (
     LIMIT_DEFAULT,
     LIMIT_MAX,
@@ -75,6 +76,7 @@ def store_post(broker, channel, body):
                 raise bad_request('the Idempotency-Key header and the body\'s "key" differ')
             posts = [dataclasses.replace(posts[0], key=key)]
     check_replies(broker, channel, posts)
+    check_signatures(broker, posts)
     if who is None:
         # An agent that holds a token speaks only with it: no one may post as it, or as a
         # name that looks like it, without.
@@ -84,7 +86,8 @@ def store_post(broker, channel, body):
                 raise HTTPError(403, f"agent {sender!r} has a token: post with it (Authorization: Bearer ...)")
             if holder is not None:
                 raise HTTPError(403, f"sender {sender!r} looks like agent {holder!r}, which has a token")
-    broker.access.spend_bytes(sum(stored_size(p.channel, p.sender, p.message, p.tags, p.meta) for p in posts))
+    sizes = (stored_size(p.channel, p.sender, p.message, p.tags, p.meta, p.signature) for p in posts)
+    broker.access.spend_bytes(sum(sizes))
     # The caps on channels and agents hold anonymous posts: a flood of them cannot lock
     # out the agents that hold tokens.
     stored = broker.committer.append(posts, capped=who is None)

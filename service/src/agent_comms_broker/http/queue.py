@@ -10,6 +10,7 @@ from bottle import HTTPError, response
 
 from ..access import allow_read, allow_write, caller
 from ..store import TaskRefused, stored_size
+from .keys import check_signatures
 from .messages import MESSAGE_PATH
 from .validate import (
     LIMIT_MAX,
@@ -161,7 +162,8 @@ def done(broker, channel, message_id):
     if body.get("message") is not None:
         item = {**body, "sender": agent, "reply_to": task_id}
         reply = validate_post(item, broker.settings.max_message, channel, caller())
-        broker.access.spend_bytes(stored_size(channel, agent, reply.message, reply.tags, reply.meta))
+        check_signatures(broker, [reply])
+        broker.access.spend_bytes(stored_size(channel, agent, reply.message, reply.tags, reply.meta, reply.signature))
     settings, store = broker.settings, broker.store
     caps = {"max_agents": settings.max_agents if caller() is None else 0, "max_database": settings.max_database}
     finish = store.done_work(channel, task_id, agent, reply, **caps)

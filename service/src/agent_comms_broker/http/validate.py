@@ -241,7 +241,20 @@ def validate_post(item, max_message, channel, caller=None, where=""):
         tags=validate_tags(item.get("tags"), where),
         meta=_meta(item.get("meta"), where),
         key=validate_key(item.get("key"), f"{where}key"),
+        signature=_signature(item.get("signature"), where),
     )
+
+
+def _signature(envelope, where):
+    """A post's signature, checked for form, as JSON text; None if it has none."""
+    if envelope is None:
+        return None
+    from ..signing import SignatureError, envelope_text
+
+    try:
+        return envelope_text(envelope)
+    except SignatureError as error:
+        raise bad_request(f"{where}{error}") from None
 
 
 def _optional_int(item, name, low, high, where):

@@ -1,14 +1,16 @@
 """The message store. contract.py says what a backend must provide and promise; `Store` is
 the SQLite backend (sqlite.py, its statements in sqlite_sql.py, its schema and migrations
-in schema.py), over the logic shared.py, coordination.py and notify_records.py share
+in schema.py), over the logic shared.py, coordination.py, notify_records.py and agent_keys.py share
 between backends; model.py holds what every backend hands out and refuses with."""
 
 from .model import (
+    AgentKey,
     AgentLimit,
     ChannelLimit,
     DatabaseFull,
     Found,
     KeyConflict,
+    KeysRefused,
     Message,
     NoSuchMessage,
     Page,
@@ -33,12 +35,14 @@ __all__ = [
     "EVERYTHING",
     "GRANTED_WINDOW",
     "SCHEMA_VERSION",
+    "AgentKey",
     "AgentLimit",
     "ChannelLimit",
     "DatabaseFull",
     "Filter",
     "Found",
     "KeyConflict",
+    "KeysRefused",
     "Message",
     "NoSuchMessage",
     "Page",

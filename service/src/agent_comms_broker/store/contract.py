@@ -220,6 +220,21 @@ class StoreContract(abc.ABC):
     def touch_token(self, token_id, now=None, busy_deadline=0.5):
         """Record a token's last use; best effort."""
 
+    # -- agents' public keys (agent_keys.py) ----------------------------------------------
+
+    @abc.abstractmethod
+    def agent_keys(self, agent):
+        """Every AgentKey the agent published, the current one first; none lost on a change."""
+
+    @abc.abstractmethod
+    def current_key(self, agent):
+        """The agent's current AgentKey, or None."""
+
+    @abc.abstractmethod
+    def publish_keys(self, agent, sign_key, box_key, source, may_replace, now=None):
+        """Make these the agent's current keys, atomically: ("added" | "changed" |
+        "unchanged", AgentKey), or KeysRefused with nothing changed."""
+
     @abc.abstractmethod
     def healthy(self):
         """Whether the database answers with this broker's schema."""

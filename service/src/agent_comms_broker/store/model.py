@@ -41,6 +41,11 @@ class Unstorable(Exception):
     """A post the backend cannot store as it is: PostgreSQL's text cannot hold U+0000."""
 
 
+class KeysRefused(Exception):
+    """Keys an agent may not publish: it has others, which only its token holder (or the
+    operator, for keys the operator pinned) replaces."""
+
+
 class NoSuchMessage(Exception):
     """No message with that id in that channel."""
 
@@ -77,6 +82,28 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentKey:
+    """A public key pair an agent published (base64): `sign` Ed25519, `box` X25519 (None
+    if it gave none); `source` "agent" or "operator"; `replaced` when a newer pair took
+    its place (None: the current one)."""
+
+    sign: str
+    box: str | None
+    source: str
+    added: float
+    replaced: float | None
+
+    def as_dict(self):
+        return {
+            "sign": self.sign,
+            "box": self.box,
+            "source": self.source,
+            "added": self.added,
+            "replaced": self.replaced,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """A message worked as a task: pending, claimed (by `agent` until `expires`), done (by
     `agent`, with the reply `reply`) or dead. `attempt` counts its claims."""
@@ -100,7 +127,7 @@ class Task:
 @dataclass(frozen=True, slots=True)
 class Post:
     """A message to store: its text and optional fields (`meta` as JSON text, `key` an
-    idempotency key)."""
+    idempotency key, `signature` its author's signature as JSON text: signing.py)."""
 
     channel: str
     sender: str
@@ -110,6 +137,7 @@ class Post:
     tags: tuple = ()
     meta: str | None = None
     key: str | None = None
+    signature: str | None = None
 
     @classmethod
     def of(cls, entry):
@@ -131,6 +159,8 @@ class Message:
     priority: int = DEFAULT_PRIORITY
     tags: tuple = ()
     meta: str | None = None
+    # Its author's signature (JSON text), if it was signed.
+    signature: str | None = None
     # Only on a message that was ever claimed.
     task: Task | None = None
     # Set on what a post repeated with its idempotency key answers: stored before, not now.
@@ -149,6 +179,8 @@ class Message:
             "tags": list(self.tags),
             "meta": orjson.loads(self.meta) if self.meta else {},
         }
+        if self.signature is not None:
+            reply["signature"] = orjson.loads(self.signature)
         if self.task is not None:
             reply["task"] = self.task.as_dict()
         return reply
@@ -210,9 +242,10 @@ def text_size(channel, sender, text):
     return _utf8_len(text) + _utf8_len(sender) + len(channel)
 
 
-def stored_size(channel, sender, text, tags=(), meta=None):
+def stored_size(channel, sender, text, tags=(), meta=None, signature=None):
     """What storing the message takes at most: what an agent's byte budget counts. Each
     tag is kept twice (in the row, and in the tag index with the channel)."""
     names = _utf8_len(sender) + 3 * len(channel)
     extra = sum(2 * _utf8_len(tag) + len(channel) + 16 for tag in tags) + (len(meta) if meta else 0)
+    extra += len(signature) if signature else 0
     return int(STORED_SLACK * (_utf8_len(text) + names + extra)) + MESSAGE_OVERHEAD

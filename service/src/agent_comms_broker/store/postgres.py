@@ -229,7 +229,7 @@ class PostgresStore(PostgresSearch, SQLStore):
         db.execute(self.sql.INSERT_MESSAGES, (ids, *columns))
         tagged = ([], [], [])
         for message_id, (place, row, tags) in zip(ids, rows, strict=True):
-            stored[place] = Message(message_id, *row[:6], row[6], tuple(tags), row[8])
+            stored[place] = Message(message_id, *row[:6], row[6], tuple(tags), row[8], row[9])
             for tag in tags:
                 tagged[0].append(message_id)
                 tagged[1].append(tag)

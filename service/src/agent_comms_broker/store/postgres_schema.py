@@ -9,7 +9,7 @@ Names and channels sort as bytes (COLLATE "C"), as SQLite's do, so listings page
 same order on both backends whatever the database's locale.
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock's key for migrations: any number no other program uses.
 MIGRATION_LOCK = 0x61676E74
 SEARCH_CHARS = 16384
@@ -161,8 +161,30 @@ def _create_words_function(db):
     db.execute("RELEASE SAVEPOINT unaccent")
 
 
+# Schema 2: message signatures and agent keys, as SQLite's schema 7 (schema.py).
+AGENT_KEYS = [
+    "ALTER TABLE messages ADD COLUMN signature text",
+    """CREATE TABLE agent_keys (
+        agent    text COLLATE "C" NOT NULL,
+        sign_key text NOT NULL,
+        box_key  text,
+        source   text NOT NULL,
+        added    double precision NOT NULL,
+        replaced double precision,
+        PRIMARY KEY (agent, added)
+    )""",
+    # One current key per agent.
+    "CREATE UNIQUE INDEX agent_keys_current ON agent_keys (agent) WHERE replaced IS NULL",
+]
+
+
+def _add_agent_keys(db):
+    for statement in AGENT_KEYS:
+        db.execute(statement)
+
+
 # MIGRATIONS[n] takes schema n to n + 1.
-MIGRATIONS = [_create]
+MIGRATIONS = [_create, _add_agent_keys]
 
 # Read from the catalog table, not with to_regclass(): its cache may still hold "no such
 # table" from before the lock wait, while another node created it (measured: 5 of 6 nodes

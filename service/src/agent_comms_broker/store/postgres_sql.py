@@ -13,9 +13,10 @@ across every broker node, and caps and claims see every earlier write.
 # A message row and, if it was ever claimed, its task's (the columns Message takes, then
 # the task's state, agent, expires, attempt, failures and reply).
 MESSAGE_COLUMNS = """m.id, m.channel, m.sender, m.message, m.timestamp, m.reply_to, m.thread, m.priority,
-    m.tags, m.meta, t.state, t.agent, t.expires, t.attempt, t.failures, t.reply"""
+    m.tags, m.meta, m.signature, t.state, t.agent, t.expires, t.attempt, t.failures, t.reply"""
 MESSAGES = "messages AS m LEFT JOIN tasks AS t ON t.id = m.id"
-PAGE_COLUMNS = "m.id, m.channel, m.sender, m.message, m.timestamp, m.reply_to, m.thread, m.priority, m.tags, m.meta"
+PAGE_COLUMNS = """m.id, m.channel, m.sender, m.message, m.timestamp, m.reply_to, m.thread, m.priority, m.tags, m.meta,
+    m.signature"""
 # The tasks of a page's messages (a list of ids).
 SELECT_TASKS_OF = "SELECT id, state, agent, expires, attempt, failures, reply FROM tasks WHERE id = ANY(%s)"
 SELECT_ONE = f"SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id = %s AND m.channel = %s"
@@ -47,9 +48,9 @@ SET_LAST_ID_AND_NOTIFY = f"UPDATE writer SET last_id = %s RETURNING pg_notify('{
 # New messages, one array per column (ids given from WRITE_LOCK's row): one statement for
 # any number of rows.
 INSERT_MESSAGES = """
-INSERT INTO messages (id, channel, sender, message, timestamp, reply_to, thread, priority, tags, meta)
+INSERT INTO messages (id, channel, sender, message, timestamp, reply_to, thread, priority, tags, meta, signature)
 SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[], %s::bigint[],
-                     %s::int[], %s::text[], %s::text[])"""
+                     %s::int[], %s::text[], %s::text[], %s::text[])"""
 INSERT_TAGS = """
 INSERT INTO message_tags (id, tag, channel) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[])
 ON CONFLICT DO NOTHING"""
@@ -185,6 +186,13 @@ SELECT_TOKEN_IDS = "SELECT id FROM tokens WHERE id = %s"
 SELECT_TOKEN_AGENTS = """
 SELECT DISTINCT agent FROM tokens WHERE revoked IS NULL AND (expires IS NULL OR expires > %s)"""
 TOUCH_TOKEN = "UPDATE tokens SET last_used = %s WHERE id = %s"
+
+# Agents' public keys: every key each agent published, the current one's `replaced` NULL.
+AGENT_KEY_COLUMNS = "sign_key, box_key, source, added, replaced"
+SELECT_AGENT_KEYS = f"SELECT {AGENT_KEY_COLUMNS} FROM agent_keys WHERE agent = %s ORDER BY added DESC"
+SELECT_CURRENT_KEY = f"SELECT {AGENT_KEY_COLUMNS} FROM agent_keys WHERE agent = %s AND replaced IS NULL"
+RETIRE_KEY = "UPDATE agent_keys SET replaced = %s WHERE agent = %s AND replaced IS NULL"
+INSERT_KEY = "INSERT INTO agent_keys (agent, sign_key, box_key, source, added) VALUES (%s, %s, %s, %s, %s)"
 
 # -- tasks and read positions (coordination.py) ----------------------------------------
 # The oldest task a take can have, three ways: released back to pending; claimed with a

@@ -12,7 +12,7 @@ from .model import Message, Task
 def task_of(row, now, max_attempts):
     """The Task of a message row (None if it was never claimed), as it stands at `now`: a
     claim whose lease ended is pending again, or dead if that was its last attempt."""
-    state, agent, expires, attempt, failures, reply = row[10:16]
+    state, agent, expires, attempt, failures, reply = row[11:17]
     if state is None:
         return None
     if state == "claimed" and expires <= now:
@@ -24,9 +24,9 @@ def task_of(row, now, max_attempts):
 
 def message_of(row, now, max_attempts):
     """The Message of a row of MESSAGE_COLUMNS."""
-    if row[8] is None and row[10] is None:  # no tags, never claimed: most messages
-        return Message(*row[:8], (), row[9])
-    return Message(*row[:8], _tags(row[8]), row[9], task_of(row, now, max_attempts))
+    if row[8] is None and row[11] is None:  # no tags, never claimed: most messages
+        return Message(*row[:8], (), row[9], row[10])
+    return Message(*row[:8], _tags(row[8]), row[9], row[10], task_of(row, now, max_attempts))
 
 
 def messages_of(db, sql, rows, now, max_attempts):
@@ -39,7 +39,7 @@ def messages_of(db, sql, rows, now, max_attempts):
         statement, params = sql.tasks_of([row[0] for row in rows[start : start + 500]])
         tasks.update((task[0], task) for task in db.execute(statement, params))
     if not tasks:
-        return [Message(*row[:8], _tags(row[8]), row[9]) for row in rows]
+        return [Message(*row[:8], _tags(row[8]), row[9], row[10]) for row in rows]
     return [message_of((*row, *tasks.get(row[0], _NO_TASK)[1:]), now, max_attempts) for row in rows]
 
 

@@ -2,7 +2,7 @@
 older database (broker.py's included) up to it. PRAGMA user_version holds the schema
 number; MIGRATIONS[n] takes schema n to n + 1."""
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Schema 1, which the later migrations build on.
 CREATE_MESSAGES = """
@@ -306,5 +306,39 @@ def _migrate_5_to_6(db):
         db.execute(START_SEARCH_INDEX)
 
 
+# Signed messages (schema 7): a message's signature, as its author made it (JSON text, see
+# signing.py); and the agents' public keys, each key an agent ever published kept with when
+# it was added and when a newer one replaced it (NULL: the current one), so that a change
+# is on record and messages signed before it still check.
+AGENT_KEYS = [
+    "ALTER TABLE messages ADD COLUMN signature TEXT",
+    """CREATE TABLE agent_keys (
+        agent    TEXT NOT NULL,
+        sign_key TEXT NOT NULL,
+        box_key  TEXT,
+        source   TEXT NOT NULL,
+        added    REAL NOT NULL,
+        replaced REAL,
+        PRIMARY KEY (agent, added)
+    ) WITHOUT ROWID""",
+    # One current key per agent.
+    "CREATE UNIQUE INDEX agent_keys_current ON agent_keys (agent) WHERE replaced IS NULL",
+]
+
+
+def _migrate_6_to_7(db):
+    """Message signatures and agent keys."""
+    for statement in AGENT_KEYS:
+        db.execute(statement)
+
+
 # MIGRATIONS[n] takes schema n to n + 1.
-MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3, _migrate_3_to_4, _migrate_4_to_5, _migrate_5_to_6]
+MIGRATIONS = [
+    _migrate_0_to_1,
+    _migrate_1_to_2,
+    _migrate_2_to_3,
+    _migrate_3_to_4,
+    _migrate_4_to_5,
+    _migrate_5_to_6,
+    _migrate_6_to_7,
+]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from .agent_keys import AgentKeys
 from .contract import StoreContract
 from .coordination import Coordination
 from .model import (
@@ -98,7 +99,7 @@ def _take(rows, limit, max_bytes):
     return taken, False
 
 
-class SQLStore(Coordination, NotifyRecords, StoreContract):
+class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
     """The logic of a store over its backend's statements (`sql`)."""
 
     sql = None
@@ -199,6 +200,7 @@ class SQLStore(Coordination, NotifyRecords, StoreContract):
                 post.priority,
                 tags,
                 post.meta,
+                post.signature,
             )
             rows.append((len(stored), row, post.tags))
             stored.append(None)

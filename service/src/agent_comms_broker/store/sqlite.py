@@ -165,7 +165,7 @@ class Store(Search, SQLStore):
             values = [value for _, row, _ in chunk for value in row]
             last = db.execute(self.sql.insert_messages(count), values).lastrowid
             for message_id, (place, row, tags) in enumerate(chunk, last - count + 1):
-                stored[place] = Message(message_id, *row[:6], row[6], tuple(tags), row[8])
+                stored[place] = Message(message_id, *row[:6], row[6], tuple(tags), row[8], row[9])
             db.executemany(
                 self.sql.INSERT_TAG,
                 [

@@ -10,9 +10,10 @@ import functools
 # A message row and, if it was ever claimed, its task's (the columns Message takes, then
 # the task's state, agent, expires, attempt, failures and reply).
 MESSAGE_COLUMNS = """m.id, m.channel, m.sender, m.message, m.timestamp, m.reply_to, m.thread, m.priority,
-    m.tags, m.meta, t.state, t.agent, t.expires, t.attempt, t.failures, t.reply"""
+    m.tags, m.meta, m.signature, t.state, t.agent, t.expires, t.attempt, t.failures, t.reply"""
 MESSAGES = "messages AS m LEFT JOIN tasks AS t ON t.id = m.id"
-PAGE_COLUMNS = "m.id, m.channel, m.sender, m.message, m.timestamp, m.reply_to, m.thread, m.priority, m.tags, m.meta"
+PAGE_COLUMNS = """m.id, m.channel, m.sender, m.message, m.timestamp, m.reply_to, m.thread, m.priority, m.tags, m.meta,
+    m.signature"""
 # The tasks of a page's messages: {ids} is one ? per id.
 SELECT_TASKS_OF = "SELECT id, state, agent, expires, attempt, failures, reply FROM tasks WHERE id IN ({ids})"
 SELECT_ONE = f"SELECT {MESSAGE_COLUMNS} FROM {MESSAGES} WHERE m.id = ? AND m.channel = ?"
@@ -37,16 +38,16 @@ MAX_ID = "SELECT coalesce(max(id), 0) FROM messages"
 # the newest messages too. No cursor a client was given can be past it.
 LAST_GIVEN_ID = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
 INSERT_MESSAGES = """
-INSERT INTO messages (channel, sender, message, timestamp, reply_to, thread, priority, tags, meta)
+INSERT INTO messages (channel, sender, message, timestamp, reply_to, thread, priority, tags, meta, signature)
 VALUES {rows}"""
-# Rows one INSERT takes at most (9 values each, well within SQLite's 32,766).
+# Rows one INSERT takes at most (10 values each, well within SQLite's 32,766).
 ROWS_PER_INSERT = 64
 
 
 @functools.cache
 def insert_messages(count):
     """The INSERT of `count` messages."""
-    return INSERT_MESSAGES.format(rows=", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count))
+    return INSERT_MESSAGES.format(rows=", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count))
 
 
 INSERT_TAG = "INSERT OR IGNORE INTO message_tags (id, tag, channel) VALUES (?, ?, ?)"
@@ -176,6 +177,13 @@ SELECT_TOKEN_IDS = "SELECT id FROM tokens WHERE id = ?"
 SELECT_TOKEN_AGENTS = """
 SELECT DISTINCT agent FROM tokens WHERE revoked IS NULL AND (expires IS NULL OR expires > ?)"""
 TOUCH_TOKEN = "UPDATE tokens SET last_used = ? WHERE id = ?"
+
+# Agents' public keys: every key each agent published, the current one's `replaced` NULL.
+AGENT_KEY_COLUMNS = "sign_key, box_key, source, added, replaced"
+SELECT_AGENT_KEYS = f"SELECT {AGENT_KEY_COLUMNS} FROM agent_keys WHERE agent = ? ORDER BY added DESC"
+SELECT_CURRENT_KEY = f"SELECT {AGENT_KEY_COLUMNS} FROM agent_keys WHERE agent = ? AND replaced IS NULL"
+RETIRE_KEY = "UPDATE agent_keys SET replaced = ? WHERE agent = ? AND replaced IS NULL"
+INSERT_KEY = "INSERT INTO agent_keys (agent, sign_key, box_key, source, added) VALUES (?, ?, ?, ?, ?)"
 
 # -- tasks and read positions (coordination.py) ----------------------------------------
 # The oldest task a take can have, three ways: released back to pending; claimed with a

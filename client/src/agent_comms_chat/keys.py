@@ -1,0 +1,319 @@
+"""Agent keys, signing, and sealed direct messages.
+
+Each agent may hold two key pairs: Ed25519 to sign what it posts, X25519 to receive
+direct messages only it can read. `agent-chat keys init` makes them (in the key
+directory, 0600, optionally under a passphrase) and `keys publish` gives the broker the
+public halves. The cryptography is libsodium's, through PyNaCl; the signed bytes are the
+RFC 8785 (JSON Canonicalization Scheme) encoding of the message, by rfc8785. The broker
+checks signatures with the same definition (agent_comms_broker/signing.py); the README
+spells it out for other implementations.
+
+Readers check signatures on their side, against keys they pinned the first time they
+saw the sender (known.json in the key directory): a broker that changes what a message
+says, or swaps an agent's key, is caught here, not believed. A message gets one mark:
+
+    verified      signed with a key pinned for its sender, and the signature checks
+    unsigned      it carries no signature
+    bad           the signature does not check, or the key is none the sender ever had
+    key-changed   it checks, with a key the broker lists for the sender but this reader
+                  has not pinned (`agent-chat keys trust AGENT` accepts it)
+"""
+
+import base64
+import json
+import os
+import time
+from urllib.parse import quote
+
+VERIFIED, UNSIGNED, BAD, KEY_CHANGED = "verified", "unsigned", "bad", "key-changed"
+SIGNED_TYPE = "agent-comms/message"
+SEALED = "x25519-sealedbox"
+DEFAULT_PRIORITY = 3
+# Passphrase-protected keys: Argon2id at libsodium's "moderate" cost (about 0.5 s, 256 MiB).
+PASSPHRASE_VARIABLE = "AGENT_COMMS_KEY_PASSPHRASE"
+
+
+class KeysError(Exception):
+    """A key that cannot be made, read or used; str() is the one line to print."""
+
+
+def key_dir(environ=os.environ):
+    """Where keys live: $AGENT_COMMS_KEY_DIR, else agent-comms/keys in the user's config
+    directory ($XDG_CONFIG_HOME, else ~/.config)."""
+    if environ.get("AGENT_COMMS_KEY_DIR"):
+        return environ["AGENT_COMMS_KEY_DIR"]
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "agent-comms", "keys")
+
+
+def key_path(directory, agent):
+    return os.path.join(directory, quote(agent, safe="") + ".json")
+
+
+def b64(raw):
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def unb64(text, size, what):
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError):
+        raw = b""
+    if len(raw) != size:
+        raise KeysError(f"{what} is not a base64 key of {size} bytes")
+    return raw
+
+
+class AgentKeys:
+    """This agent's two private keys."""
+
+    def __init__(self, agent, sign_seed, box_secret):
+        from nacl.public import PrivateKey
+        from nacl.signing import SigningKey
+
+        self.agent = agent
+        self.signing = SigningKey(sign_seed)
+        self.box = PrivateKey(box_secret)
+
+    @classmethod
+    def generate(cls, agent):
+        return cls(agent, os.urandom(32), os.urandom(32))
+
+    @property
+    def sign_public(self):
+        return b64(self.signing.verify_key)
+
+    @property
+    def box_public(self):
+        return b64(self.box.public_key)
+
+    def save(self, path, passphrase=None):
+        """Write the keys, readable by the user only; with a passphrase, sealed by a key
+        Argon2id derives from it."""
+        secrets = {"sign": b64(self.signing), "box": b64(self.box)}
+        document = {"agent": self.agent, "v": 1, "public": {"sign": self.sign_public, "box": self.box_public}}
+        if passphrase:
+            from nacl import pwhash, secret, utils
+
+            salt = utils.random(pwhash.argon2id.SALTBYTES)
+            ops, mem = pwhash.argon2id.OPSLIMIT_MODERATE, pwhash.argon2id.MEMLIMIT_MODERATE
+            key = pwhash.argon2id.kdf(secret.SecretBox.KEY_SIZE, passphrase.encode(), salt, opslimit=ops, memlimit=mem)
+            sealed = secret.SecretBox(key).encrypt(json.dumps(secrets).encode())
+            document["sealed"] = {"kdf": "argon2id", "salt": b64(salt), "ops": ops, "mem": mem, "box": b64(sealed)}
+        else:
+            document["secret"] = secrets
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.new"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(document, file, indent=1)
+            file.write("\n")
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path, passphrase=None):
+        """The keys in `path` (KeysError if there are none, or they cannot be read)."""
+        try:
+            with open(path) as file:
+                document = json.load(file)
+            agent = document["agent"]
+        except FileNotFoundError:
+            raise KeysError(f"no keys at {path}: make them with `agent-chat keys init`") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise KeysError(f"cannot read the keys at {path}: {error}") from None
+        if "sealed" in document:
+            secrets = _unseal(document["sealed"], path, passphrase)
+        else:
+            secrets = document.get("secret") or {}
+        try:
+            return cls(agent, unb64(secrets.get("sign"), 32, "sign"), unb64(secrets.get("box"), 32, "box"))
+        except KeysError as error:
+            raise KeysError(f"the keys at {path} are damaged: {error}") from None
+
+    def sign(self, post, channel):
+        """The signature of a post (the dict the client sends to `channel`)."""
+        ts = int(time.time() * 1000)
+        signed = self.signing.sign(signed_bytes(post, channel, post.get("sender", self.agent), ts)).signature
+        return {"v": 1, "alg": "ed25519", "key": self.sign_public, "ts": ts, "sig": b64(signed)}
+
+    def open(self, message):
+        """A sealed message opened: its text and meta as the sender wrote them; None if it
+        is not sealed to this agent's key. KeysError if it is but does not open."""
+        sealed = sealed_to(message)
+        if sealed is None or sealed.get("key") != self.box_public:
+            return None
+        from nacl.exceptions import CryptoError
+        from nacl.public import SealedBox
+
+        try:
+            inner = json.loads(SealedBox(self.box).decrypt(base64.b64decode(str(message.get("message")))))
+        except (CryptoError, ValueError, TypeError):
+            raise KeysError(f"message {message.get('id')} is sealed to this agent but does not open") from None
+        if not isinstance(inner, dict) or not isinstance(inner.get("message"), str):
+            raise KeysError(f"message {message.get('id')} is sealed to this agent but holds no message")
+        meta = inner.get("meta") if isinstance(inner.get("meta"), dict) else {}
+        return {**message, "message": inner["message"], "meta": meta, "sealed": "opened"}
+
+
+def _unseal(sealed, path, passphrase):
+    from nacl import pwhash, secret
+    from nacl.exceptions import CryptoError
+
+    if passphrase is None:
+        passphrase = os.environ.get(PASSPHRASE_VARIABLE)
+    if passphrase is None:
+        import sys
+
+        if not sys.stdin.isatty():
+            raise KeysError(f"the keys at {path} are under a passphrase: give it in ${PASSPHRASE_VARIABLE}")
+        import getpass
+
+        passphrase = getpass.getpass(f"passphrase of {path}: ")
+    try:
+        salt = unb64(sealed["salt"], pwhash.argon2id.SALTBYTES, "salt")
+        key = pwhash.argon2id.kdf(
+            secret.SecretBox.KEY_SIZE,
+            passphrase.encode(),
+            salt,
+            opslimit=int(sealed["ops"]),
+            memlimit=int(sealed["mem"]),
+        )
+        return json.loads(secret.SecretBox(key).decrypt(base64.b64decode(sealed["box"])))
+    except CryptoError:
+        raise KeysError(f"wrong passphrase for the keys at {path}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise KeysError(f"the keys at {path} are damaged: {error}") from None
+
+
+def signed_bytes(post, channel, sender, ts):
+    """The bytes a message's signature is made over: RFC 8785 JSON of its fields as the
+    broker stores them (priority 3 if none, tags without repeats, meta {} if none)."""
+    import rfc8785
+
+    document = {
+        "type": SIGNED_TYPE,
+        "v": 1,
+        "channel": channel,
+        "sender": sender,
+        "message": post.get("message"),
+        "reply_to": post.get("reply_to"),
+        "priority": post.get("priority") or DEFAULT_PRIORITY,
+        "tags": list(dict.fromkeys(post.get("tags") or [])),
+        "meta": post.get("meta") or {},
+        "ts": ts,
+    }
+    try:
+        return rfc8785.dumps(document)
+    except rfc8785.CanonicalizationError as error:
+        raise KeysError(f"this message cannot be signed: {error}") from None
+
+
+def seal(recipient, box_key, message, meta=None):
+    """(text, meta) of a direct message only `recipient`'s X25519 key opens: the text and
+    meta sealed together, and a meta that says to whom (the broker routes by the channel)."""
+    from nacl.public import PublicKey, SealedBox
+
+    inner = json.dumps({"message": message, "meta": meta or {}}, ensure_ascii=False).encode()
+    text = b64(SealedBox(PublicKey(unb64(box_key, 32, f"{recipient}'s box key"))).encrypt(inner))
+    return text, {"sealed": {"v": 1, "alg": SEALED, "to": recipient, "key": box_key}}
+
+
+def sealed_to(message):
+    """The "sealed" record of a sealed message's meta, or None."""
+    meta = message.get("meta")
+    sealed = meta.get("sealed") if isinstance(meta, dict) else None
+    return sealed if isinstance(sealed, dict) and sealed.get("alg") == SEALED else None
+
+
+class KnownKeys:
+    """The signing keys this reader has pinned, by agent (known.json in the key directory):
+    the first time a sender is met, every key the broker lists for it; later ones only by
+    `agent-chat keys trust`."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, "known.json")
+        try:
+            with open(self.path) as file:
+                pinned = json.load(file)
+        except FileNotFoundError:
+            pinned = {}
+        except (OSError, ValueError) as error:
+            raise KeysError(f"cannot read the pinned keys at {self.path}: {error}") from None
+        self.pinned = {agent: list(keys) for agent, keys in pinned.items() if isinstance(keys, list)}
+
+    def keys_of(self, agent):
+        return self.pinned.get(agent)
+
+    def pin(self, agent, keys):
+        known = self.pinned.setdefault(agent, [])
+        added = [key for key in keys if key not in known]
+        known.extend(added)
+        if added:
+            self.save()
+        return added
+
+    def save(self):
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        temporary = f"{self.path}.{os.getpid()}.new"
+        with open(temporary, "w") as file:
+            json.dump(self.pinned, file, indent=1, sort_keys=True)
+        os.replace(temporary, self.path)
+
+
+class Verifier:
+    """Marks messages verified, unsigned, bad or key-changed (see the module's text),
+    asking the broker for a sender's keys only when a signed message of it comes and its
+    key is not pinned. `fetch(agent)` is the broker's GET /agents/{agent}/keys (None if
+    it has none)."""
+
+    def __init__(self, fetch, directory=None, own=None):
+        self.fetch = fetch
+        self.known = KnownKeys(directory or key_dir())
+        self.listed = {}  # agent: the sign keys the broker lists for it (this run)
+        if own is not None:  # an agent trusts its own key
+            self.known.pin(own.agent, [own.sign_public])
+
+    def broker_keys(self, agent):
+        if agent not in self.listed:
+            answer = self.fetch(agent)
+            keys = answer.get("keys") if isinstance(answer, dict) else None
+            self.listed[agent] = [key.get("sign") for key in keys or [] if isinstance(key, dict)]
+        return self.listed[agent]
+
+    def check(self, message):
+        envelope = message.get("signature")
+        if envelope is None:
+            return UNSIGNED
+        if not _checks(message, envelope):
+            return BAD
+        sender, key = message.get("sender"), envelope.get("key")
+        pinned = self.known.keys_of(sender)
+        if pinned is not None and key in pinned:
+            return VERIFIED
+        listed = self.broker_keys(sender)
+        if key not in listed:
+            return BAD
+        if pinned is None:  # first met: trust on first use
+            self.known.pin(sender, listed)
+            return VERIFIED
+        return KEY_CHANGED
+
+    def mark(self, message):
+        """The message with its mark, as "verification"."""
+        return {**message, "verification": self.check(message)}
+
+
+def _checks(message, envelope):
+    """Whether the envelope's signature checks over the message, with its own key."""
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
+    if not isinstance(envelope, dict) or envelope.get("alg") != "ed25519" or envelope.get("v") != 1:
+        return False
+    try:
+        key = VerifyKey(unb64(envelope.get("key"), 32, "key"))
+        signature = unb64(envelope.get("sig"), 64, "sig")
+        key.verify(signed_bytes(message, message.get("channel"), message.get("sender"), envelope.get("ts")), signature)
+    except (KeysError, BadSignatureError, TypeError, ValueError):
+        return False
+    return True

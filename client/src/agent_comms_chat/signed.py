@@ -1,0 +1,148 @@
+"""agent-chat's side of signed and sealed messages: the `keys` command, signing what it
+sends, sealing direct messages, and checking (and opening) what it prints. The keys and
+the cryptography are keys.py's."""
+
+import os
+
+from .keys import BAD, KEY_CHANGED, UNSIGNED, VERIFIED, AgentKeys, KeysError, Verifier, key_dir, key_path, sealed_to
+
+
+def own_keys(agent, required=False):
+    """This agent's keys from the key directory; None if it has none (KeysError if
+    `required`, or if they are there but cannot be read)."""
+    if not agent:
+        if required:
+            raise KeysError("keys belong to an agent: give --agent-id (or AGENT_COMMS_AGENT_ID)")
+        return None
+    path = key_path(key_dir(), agent)
+    if not required and not os.path.exists(path):
+        return None
+    return AgentKeys.load(path)
+
+
+def keys_command(args, agent, broker, out, say):
+    """agent-chat keys init | publish | show [AGENT] | trust AGENT."""
+    if args["init"]:
+        return init_keys(args, agent, out, say)
+    if args["publish"]:
+        keys = own_keys(agent, required=True)
+        answer = broker.publish_keys(keys.agent, keys.sign_public, keys.box_public)
+        out.keys(answer, line=f"{answer['status']}: {keys.agent}'s keys on the broker")
+        return 0
+    if args["show"]:
+        who = args["AGENT"] or agent
+        if not who:
+            raise KeysError("show whose keys? give AGENT, or --agent-id for your own")
+        answer = broker.agent_keys(who)
+        if answer is None:
+            say(f"agent {who} has published no keys")
+            return 2
+        pinned = Verifier(broker.agent_keys).known.keys_of(who)
+        out.keys(answer, pinned=pinned)
+        return 0
+    who = args["AGENT"]
+    answer = broker.agent_keys(who)
+    if answer is None or not answer.get("current"):
+        raise KeysError(f"agent {who} has no current keys on the broker to trust")
+    verifier = Verifier(broker.agent_keys)
+    added = verifier.known.pin(who, [answer["current"]["sign"]])
+    key = answer["current"]["sign"]
+    out.line(f"trusted {key} for {who}" if added else f"{key} was already trusted for {who}")
+    return 0
+
+
+def init_keys(args, agent, out, say):
+    if not agent:
+        raise KeysError("keys belong to an agent: give --agent-id (or AGENT_COMMS_AGENT_ID)")
+    path = key_path(key_dir(), agent)
+    if os.path.exists(path) and not args["--force"]:
+        raise KeysError(f"{agent} has keys already ({path}): --force replaces them (then publish the new ones)")
+    passphrase = None
+    if args["--passphrase"]:
+        passphrase = os.environ.get("AGENT_COMMS_KEY_PASSPHRASE")
+        if passphrase is None:
+            import getpass
+            import sys
+
+            if not sys.stdin.isatty():
+                raise KeysError("--passphrase: give it in $AGENT_COMMS_KEY_PASSPHRASE (no terminal to ask on)")
+            passphrase = getpass.getpass("passphrase for the new keys: ")
+            if getpass.getpass("the same again: ") != passphrase:
+                raise KeysError("the two passphrases differ: nothing was written")
+        if not passphrase:
+            raise KeysError("--passphrase: the passphrase is empty")
+    keys = AgentKeys.generate(agent)
+    keys.save(path, passphrase)
+    out.line(f"made {agent}'s keys in {path}")
+    out.line(f"sign {keys.sign_public}")
+    out.line(f"box  {keys.box_public}")
+    say("publish them with `agent-chat keys publish` (a key change is shown to everyone who pinned the old one)")
+    return 0
+
+
+def sealed_post(broker, channel, message, meta, say):
+    """(text, meta) to post to `channel`: sealed to its agent when it is an inbox whose
+    agent published an encryption key, else as they are (with a line saying so)."""
+    if not channel.startswith("@"):
+        return message, meta
+    from .keys import seal
+
+    recipient = channel[1:]
+    answer = broker.agent_keys(recipient)
+    box = ((answer or {}).get("current") or {}).get("box")
+    if not box:
+        say(f"{recipient} has published no encryption key: the message goes in the clear")
+        return message, meta
+    return seal(recipient, box, message, meta)
+
+
+class Reading:
+    """What agent-chat does to each message before it prints it: marks it (verified,
+    unsigned, bad, key-changed: keys.py), opens it if it is sealed to this agent, and with
+    `require_signed` drops (and reports) every message that is not verified. Returns the
+    message to print, or None."""
+
+    def __init__(self, broker, agent, say, require_signed=False):
+        self.broker = broker
+        self.agent = agent
+        self.say = say
+        self.require_signed = require_signed
+        self._verifier = None
+        self._keys = False  # not loaded yet
+        self._warned = set()
+
+    @property
+    def keys(self):
+        if self._keys is False:
+            self._keys = own_keys(self.agent)
+        return self._keys
+
+    def verifier(self):
+        if self._verifier is None:
+            own = self.keys if self.agent and os.path.exists(key_path(key_dir(), self.agent)) else None
+            self._verifier = Verifier(self.broker.agent_keys, own=own)
+        return self._verifier
+
+    def __call__(self, message):
+        mark = UNSIGNED if message.get("signature") is None else self.verifier().check(message)
+        message = {**message, "verification": mark}
+        sender = message.get("sender")
+        if mark == KEY_CHANGED and sender not in self._warned:
+            self._warned.add(sender)
+            self.say(
+                f"{sender}'s signing key is not the one you pinned: it changed. Check with {sender}, "
+                f"then `agent-chat keys trust {sender}` (agent-chat keys show {sender})"
+            )
+        if self.require_signed and mark != VERIFIED:
+            why = {UNSIGNED: "unsigned", BAD: "its signature is BAD", KEY_CHANGED: "signed with a changed key"}[mark]
+            self.say(f"dropped message {message.get('id')} of {message.get('channel')} from {sender}: {why}")
+            return None
+        sealed = sealed_to(message)
+        if sealed is not None:
+            try:
+                opened = self.keys.open(message) if self.keys is not None else None
+            except KeysError as error:
+                self.say(str(error))
+                opened = None
+            message = opened if opened is not None else {**message, "sealed": "locked"}
+        return message
