@@ -25,6 +25,10 @@ def chat_env(broker_url, **variables):
         "AGENT_COMMS_BROKER": broker_url,
         "AGENT_COMMS_CONFIG": os.devnull,
     }
+    # Keys and pinned keys under the test's own config directory (conftest sets it), never
+    # the user's.
+    if os.environ.get("XDG_CONFIG_HOME"):
+        env["XDG_CONFIG_HOME"] = os.environ["XDG_CONFIG_HOME"]
     env.update({name: value for name, value in variables.items() if value is not None})
     return env
 

@@ -3,7 +3,9 @@
 test saves a screenshot of what it ends on under build/screenshots/, and fails on any
 error in the browser's console."""
 
+import base64
 import os
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -174,6 +176,57 @@ def test_search_finds_a_message(browser, url, channel):
     box.send_keys("needle haystack\n")
     wait_for(browser, lambda d: any("the needle" in t for t in texts(d, "#found li")), "the search result")
     assert any(channel in t for t in texts(browser, "#found li a"))
+
+
+def test_signatures_are_checked_in_the_browser(browser, broker, channel):
+    """Each message's mark, checked with the browser's WebCrypto against the keys the broker
+    lists: a signed message verified, one whose text was changed in the database BAD, an
+    unsigned one unmarked; a sealed one shows for whom, not its ciphertext."""
+    import rfc8785
+    from nacl.signing import SigningKey
+
+    def b64(raw):
+        return base64.b64encode(bytes(raw)).decode()
+
+    def signature(text, priority=3, tags=(), meta=None):
+        ts = int(time.time() * 1000)
+        document = {
+            "type": "agent-comms/message", "v": 1, "channel": channel, "sender": sender, "message": text,
+            "reply_to": None, "priority": priority, "tags": list(tags), "meta": meta or {}, "ts": ts,
+        }  # fmt: skip
+        signed = key.sign(rfc8785.dumps(document)).signature
+        return {"v": 1, "alg": "ed25519", "key": b64(key.verify_key), "ts": ts, "sig": b64(signed)}
+
+    sender, key = f"signer-{channel}", SigningKey.generate()
+    published = requests.put(f"{broker.url}/agents/{sender}/keys", json={"sign": b64(key.verify_key)}, timeout=10)
+    assert published.status_code == 201, published.text
+    # RFC 8785 beyond the plain case: non-ASCII text, keys "10" before "9", nested meta.
+    text, tags, meta = "déjà vu ✓ 🎉", ["ops", "ci"], {"b": [1.5, None], "a": {"9": True, "10": "x"}}
+    good = post(broker.url, channel, text, sender, priority=4, tags=tags, meta=meta,
+                signature=signature(text, 4, tags, meta))  # fmt: skip
+    altered = post(broker.url, channel, "pay 10 EUR", sender, signature=signature("pay 10 EUR"))
+    unsigned = post(broker.url, channel, "not signed", sender)
+    box = {"v": 1, "alg": "x25519-sealedbox", "to": "someone", "key": b64(bytes(32))}
+    sealed = post(broker.url, channel, "Y2lwaGVydGV4dA==", sender, meta={"sealed": box})
+    with sqlite3.connect(broker.db_path) as db:
+        db.execute("UPDATE messages SET message = ? WHERE id = ?", ("pay 1000 EUR", altered["id"]))
+    browser.get(f"{broker.url}/ui/#/c/{channel}")
+
+    def mark(message):
+        return by_css(browser, f'li.message[data-id="{message["id"]}"] > .head > .sig')[0]
+
+    wait_for(browser, lambda d: len(by_css(d, "#messages li.message")) == 4, "the channel's page")
+    wait_for(
+        browser,
+        lambda d: [mark(m).get_attribute("data-sig") for m in (good, altered)] == ["verified", "bad"],
+        "the signed messages' marks",
+    )
+    assert mark(good).text == "✓ verified" and "current key" in mark(good).get_attribute("title")
+    assert mark(altered).text == "✗ BAD" and "does not check" in mark(altered).get_attribute("title")
+    assert mark(unsigned).get_attribute("data-sig") == "unsigned" and not mark(unsigned).is_displayed()
+    assert mark(sealed).get_attribute("data-sig") == "unsigned"
+    assert texts(browser, "#messages .text") == [text, "pay 1000 EUR", "not signed", "sealed for someone"]
+    assert "Y2lwaGVy" not in browser.page_source
 
 
 def test_a_token_is_asked_for_and_grants_hold(own_broker, browser):

@@ -161,6 +161,11 @@ RELEASE = "/messages/{channel}/{message_id}/release"
 TAKE = "/queue/{channel}/take"
 QUEUE = "/queue/{channel}"
 CURSOR = "/cursors/{channel}"
+KEYS = "/agents/{agent}/keys"
+# Two public keys (32 bytes each, base64), and a step that publishes the first for the case's agent.
+KEY_A = "eu7AVcnuASbdjq/wG2drcKD2I6QyR6can9m7/DBvEYA="
+KEY_B = "ShqgUmjS7o8BUHKR/YI7rTU0noZ6Xipw6KozH9bQgQU="
+PUBLISHED = ("put", "/agents/k-{channel}/keys", {"json": {"sign": KEY_A}})
 # No message has this id (a path's {message_id} is the message the test posts first).
 MISSING = "1000000000000"
 WORKER = {"X-Agent-ID": "openapi-worker"}
@@ -613,6 +618,40 @@ CASES = [
     case("cursor-bad-channel", "get", CURSOR, 400, path="/cursors/-x", headers=AGENT),
     case("cursor-slash-in-channel", "get", CURSOR, 404, path="/cursors/a%2Fb", headers=AGENT),
     case("openapi", "get", "/openapi.json", 200),
+    # agents' public keys
+    case("keys-publish", "put", KEYS, 201, path="/agents/k-{channel}/keys", json={"sign": KEY_A, "box": KEY_B}),
+    case(
+        "keys-publish-again",
+        "put",
+        KEYS,
+        200,
+        path="/agents/k-{channel}/keys",
+        before=[PUBLISHED],
+        json={"sign": KEY_A},
+    ),
+    case(
+        "keys-replace-without-a-token",
+        "put",
+        KEYS,
+        409,
+        path="/agents/k-{channel}/keys",
+        before=[PUBLISHED],
+        body_valid=True,
+        json={"sign": KEY_B},
+    ),
+    case("keys-publish-bad-key", "put", KEYS, 400, path="/agents/k-{channel}/keys", json={"sign": "nope"}),
+    case("keys-publish-no-sign", "put", KEYS, 400, path="/agents/k-{channel}/keys", json={"box": KEY_B}),
+    case("keys-publish-other-field", "put", KEYS, 400, path="/agents/k-{channel}/keys", json={"sign": KEY_A, "x": 1}),
+    case("keys-publish-bad-json", "put", KEYS, 400, path="/agents/k-{channel}/keys", data=b"{"),
+    case("keys-publish-bad-agent", "put", KEYS, 400, path="/agents/%20k/keys", body_valid=True, json={"sign": KEY_A}),
+    case("keys-publish-slash-in-agent", "put", KEYS, 404, path="/agents/a%2Fb/keys", json={"sign": KEY_A}),
+    case(
+        "keys-publish-body-too-big", "put", KEYS, 413, path="/agents/k-{channel}/keys", json={"sign": "p" * 1_100_000}
+    ),
+    case("keys", "get", KEYS, 200, path="/agents/k-{channel}/keys", before=[PUBLISHED]),
+    case("keys-none", "get", KEYS, 404, path="/agents/k-{channel}/keys"),
+    case("keys-bad-agent", "get", KEYS, 400, path="/agents/%20k/keys"),
+    case("keys-slash-in-agent", "get", KEYS, 404, path="/agents/a%2Fb/keys"),
 ]
 
 
@@ -740,6 +779,7 @@ BUSY_CALLS = [
     ("post", DONE, {"headers": WORKER, "json": {"message": "m"}}),
     ("post", RELEASE, {"headers": WORKER}),
     ("put", CURSOR, {"headers": WORKER, "json": {"read": 0}}),
+    ("put", KEYS, {"json": {"sign": KEY_A}}),
 ]
 READS = [
     ("get", "/status"),
@@ -844,6 +884,7 @@ def test_access_refusals_match_the_document(own_broker):
         check("get", MESSAGES, own, 200)
     refusal("get", MESSAGES, 403, operation_call("get", MESSAGES, "@other", headers=token))
     refusal("post", MESSAGES, 403, operation_call("post", MESSAGES, "@other", headers=token))
+    refusal("put", KEYS, 403, operation_call("put", "/agents/other/keys", "-", headers=token, json={"sign": KEY_A}))
     refusal(
         "get",
         "/search",

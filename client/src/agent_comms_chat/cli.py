@@ -381,7 +381,16 @@ def serve_mcp(args, settings):
             f"agent-chat mcp needs the MCP SDK ({error}): pip install 'agent-comms-chat[mcp]' (Python 3.10 or newer)"
         ) from None
     if address is None:
-        mcp.serve_stdio(mcp.Bridge(settings["broker"], settings["agent_id"], settings["token"], settings["ca"]))
+        from .keys import KeysError
+        from .signed import own_keys
+
+        try:  # an agent's own keys: passphrase-protected ones need $AGENT_COMMS_KEY_PASSPHRASE
+            keys = own_keys(settings["agent_id"])
+        except KeysError as error:
+            say(str(error))
+            return EXIT_REFUSED
+        bridge = mcp.Bridge(settings["broker"], settings["agent_id"], settings["token"], settings["ca"], keys=keys)
+        mcp.serve_stdio(bridge)
         return 0
     if settings["token"]:
         say("mcp --http uses no token of its own: each caller's Authorization header goes to the broker")

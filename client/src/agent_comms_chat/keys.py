@@ -270,10 +270,17 @@ class Verifier:
         self.fetch = fetch
         self.known = KnownKeys(directory or key_dir())
         self.listed = {}  # agent: the sign keys the broker lists for it (this run)
+        self.asked_again = set()  # (agent, key): listed again once, for a key published since
         if own is not None:  # an agent trusts its own key
             self.known.pin(own.agent, [own.sign_public])
 
-    def broker_keys(self, agent):
+    def broker_keys(self, agent, key=None):
+        """The sign keys the broker lists for `agent`; asked again once if `key` is not
+        among them (the agent may have published it since)."""
+        if agent in self.listed and key is not None and key not in self.listed[agent]:
+            if (agent, key) not in self.asked_again:
+                self.asked_again.add((agent, key))
+                del self.listed[agent]
         if agent not in self.listed:
             answer = self.fetch(agent)
             keys = answer.get("keys") if isinstance(answer, dict) else None
@@ -290,7 +297,7 @@ class Verifier:
         pinned = self.known.keys_of(sender)
         if pinned is not None and key in pinned:
             return VERIFIED
-        listed = self.broker_keys(sender)
+        listed = self.broker_keys(sender, key)
         if key not in listed:
             return BAD
         if pinned is None:  # first met: trust on first use

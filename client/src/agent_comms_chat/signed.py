@@ -96,30 +96,40 @@ def sealed_post(broker, channel, message, meta, say):
     return seal(recipient, box, message, meta)
 
 
+# Reading's keys: this agent's, from the key directory, once they are needed.
+LOAD = object()
+
+
 class Reading:
     """What agent-chat does to each message before it prints it: marks it (verified,
     unsigned, bad, key-changed: keys.py), opens it if it is sealed to this agent, and with
     `require_signed` drops (and reports) every message that is not verified. Returns the
     message to print, or None."""
 
-    def __init__(self, broker, agent, say, require_signed=False):
+    def __init__(self, broker, agent, say, require_signed=False, keys=LOAD):
         self.broker = broker
         self.agent = agent
         self.say = say
         self.require_signed = require_signed
         self._verifier = None
-        self._keys = False  # not loaded yet
+        # This agent's keys: LOAD, from the key directory when first needed; or given
+        # (None for a server that reads for callers it cannot vouch for: mcp --http).
+        self._keys = keys
         self._warned = set()
 
     @property
     def keys(self):
-        if self._keys is False:
+        if self._keys is LOAD:
             self._keys = own_keys(self.agent)
         return self._keys
 
     def verifier(self):
         if self._verifier is None:
-            own = self.keys if self.agent and os.path.exists(key_path(key_dir(), self.agent)) else None
+            own = None
+            if self._keys is not LOAD:
+                own = self._keys
+            elif self.agent and os.path.exists(key_path(key_dir(), self.agent)):
+                own = self.keys
             self._verifier = Verifier(self.broker.agent_keys, own=own)
         return self._verifier
 

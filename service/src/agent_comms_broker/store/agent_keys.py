@@ -49,4 +49,7 @@ class AgentKeys:
 
 
 def may_replace_hint(agent):
-    return f"only a holder of {agent!r}'s token replaces them (or the operator: agent-comms-broker key add {agent} ...)"
+    return (
+        f"only a holder of agent {agent}'s token replaces them "
+        f"(or the operator: agent-comms-broker key add {agent} ...)"
+    )

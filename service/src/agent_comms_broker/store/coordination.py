@@ -14,7 +14,7 @@ from .rows import message_of
 
 DEFAULT_LEASE = 300.0
 # Where a task's raw columns are in a row of MESSAGE_COLUMNS.
-STATE, AGENT, EXPIRES, FAILURES = 10, 11, 12, 14
+STATE, AGENT, EXPIRES, FAILURES = 11, 12, 13, 15
 
 
 class Coordination:

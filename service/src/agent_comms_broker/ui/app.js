@@ -1,7 +1,8 @@
 // agent-comms dashboard: plain JavaScript, no build step, no library. Every call goes
 // through the broker's public API with the person's own token (kept in this tab's
 // session storage only) or, without one, the agent name typed in the composer. What the
-// broker sends is shown with textContent, never parsed as HTML.
+// broker sends is shown with textContent, never parsed as HTML. Signed messages are
+// checked here, with the browser's own WebCrypto: the page need not trust the broker.
 "use strict";
 
 const TOKEN_KEY = "agent-comms-token";
@@ -14,6 +15,8 @@ const state = {
   messages: new Map(), // id -> message, of the channel shown
   replyTo: null,
   unreachable: false, // the last reload could not reach the broker
+  keys: new Map(), // agent -> the promise of the keys the broker lists for it (this page load)
+  keysAsked: new Set(), // "agent key" pairs a listing was fetched again for (a key changed)
 };
 
 const $ = (id) => document.getElementById(id);
@@ -135,6 +138,164 @@ async function loadChannels() {
   if (!listing.channels.length) list.appendChild(el("li", "muted", "no channels yet"));
 }
 
+// -- signatures ---------------------------------------------------------------------------
+
+// A message's signature is over the RFC 8785 (JSON Canonicalization Scheme) text of
+// these fields (the broker's signing.py and agent-chat's keys.py make the same bytes).
+const SIGNED_TYPE = "agent-comms/message";
+const SEALED = "x25519-sealedbox";
+const MARKS = {
+  checking: "checking…",
+  verified: "✓ verified",
+  bad: "✗ BAD",
+  unchecked: "not checked",
+  unsigned: "",
+};
+
+// RFC 8785 text of a value parsed from JSON: JavaScript's own number and string forms,
+// no spaces, each object's keys sorted by UTF-16 code units. Written out here rather than
+// by JSON.stringify of a sorted copy: an object puts keys such as "10" before "9" itself.
+function canonical(value) {
+  if (Array.isArray(value)) return "[" + value.map(canonical).join(",") + "]";
+  if (value !== null && typeof value === "object") {
+    const keys = Object.keys(value).sort();
+    return "{" + keys.map((key) => JSON.stringify(key) + ":" + canonical(value[key])).join(",") + "}";
+  }
+  return JSON.stringify(value);
+}
+
+function signedText(message, ts) {
+  return canonical({
+    type: SIGNED_TYPE,
+    v: 1,
+    channel: message.channel,
+    sender: message.sender,
+    message: message.message,
+    reply_to: message.reply_to === undefined ? null : message.reply_to,
+    priority: message.priority,
+    tags: message.tags || [],
+    meta: message.meta || {},
+    ts: ts,
+  });
+}
+
+// The bytes of a base64 string of `size` bytes, or null.
+function unbase64(text, size) {
+  if (typeof text !== "string" || text.length % 4 !== 0 || !/^[A-Za-z0-9+/]*={0,2}$/.test(text)) return null;
+  let raw;
+  try {
+    raw = atob(text);
+  } catch (error) {
+    return null;
+  }
+  return raw.length === size ? Uint8Array.from(raw, (c) => c.charCodeAt(0)) : null;
+}
+
+// The keys the broker lists for an agent (current and replaced), fetched once a page load
+// ([] if it published none); again only when a message comes signed with a key not listed.
+function senderKeys(agent, key) {
+  const pair = agent + " " + key;
+  if (!state.keys.has(agent) || (key !== undefined && !state.keysAsked.has(pair))) {
+    const fetching = api("/agents/" + encodeURIComponent(agent) + "/keys").then(
+      (listing) => listing.keys || [],
+      (error) => {
+        if (error.status === 404) return [];
+        if (state.keys.get(agent) === fetching) state.keys.delete(agent); // asked again next time
+        throw error;
+      }
+    );
+    state.keys.set(agent, fetching);
+  }
+  if (key !== undefined) state.keysAsked.add(pair);
+  return state.keys.get(agent);
+}
+
+async function listedKey(agent, key) {
+  const listed = (keys) => keys.find((entry) => entry.sign === key);
+  const found = listed(await senderKeys(agent));
+  return found || listed(await senderKeys(agent, key));
+}
+
+// The mark of a message's signature: [verified | bad | unchecked | unsigned, why].
+async function checkSignature(message) {
+  const envelope = message.signature;
+  if (envelope === undefined || envelope === null) return ["unsigned", "this message carries no signature"];
+  const form = typeof envelope === "object" && envelope.v === 1 && envelope.alg === "ed25519";
+  const key = form ? unbase64(envelope.key, 32) : null;
+  const signature = form ? unbase64(envelope.sig, 64) : null;
+  if (!key || !signature || !Number.isSafeInteger(envelope.ts) || envelope.ts < 0) {
+    return ["bad", "a malformed signature: not {v: 1, alg: ed25519, key, ts, sig} with a 32-byte key, 64-byte sig"];
+  }
+  if (!window.isSecureContext || !window.crypto || !crypto.subtle) {
+    return [
+      "unchecked",
+      "Not checked: browsers check signatures (WebCrypto) only on a secure page, https or localhost, " +
+        "and this one is " + location.origin,
+    ];
+  }
+  let good;
+  try {
+    const publicKey = await crypto.subtle.importKey("raw", key, { name: "Ed25519" }, false, ["verify"]);
+    const data = new TextEncoder().encode(signedText(message, envelope.ts));
+    good = await crypto.subtle.verify({ name: "Ed25519" }, publicKey, signature, data);
+  } catch (error) {
+    if (error.name === "NotSupportedError") {
+      return ["unchecked", "Not checked: this browser's WebCrypto has no Ed25519 (" + error.message + ")"];
+    }
+    return ["bad", "the signature's key is no Ed25519 key (" + error.name + ")"];
+  }
+  if (!good) return ["bad", "the signature does not check: this is not the message its signer signed"];
+  let listed;
+  try {
+    listed = await listedKey(message.sender, envelope.key);
+  } catch (error) {
+    return ["unchecked", "Not checked: no answer for the keys of " + message.sender + " (" + error.message + ")"];
+  }
+  if (!listed) return ["bad", "signed with a key that " + message.sender + " never published: " + envelope.key];
+  const which = listed.replaced
+    ? "an earlier key of " + message.sender + ", replaced " + when(listed.replaced)
+    : "the current key of " + message.sender;
+  return ["verified", "signed with " + which + " (" + envelope.key + "), checked in this browser"];
+}
+
+function paintMark(mark, sig, why) {
+  mark.dataset.sig = sig;
+  mark.textContent = MARKS[sig];
+  mark.title = why;
+  mark.hidden = sig === "unsigned";
+}
+
+// A message's mark: painted at once if it is unsigned, else when the check ends (the
+// page does not wait for it).
+function signatureMark(message) {
+  const mark = el("span", "sig");
+  if (message.signature === undefined || message.signature === null) {
+    paintMark(mark, "unsigned", "this message carries no signature");
+    return mark;
+  }
+  paintMark(mark, "checking", "checking the signature");
+  checkSignature(message).then(
+    ([sig, why]) => paintMark(mark, sig, why),
+    (error) => paintMark(mark, "unchecked", "Not checked: " + (error.message || String(error)))
+  );
+  return mark;
+}
+
+function sealedTo(message) {
+  const sealed = message.meta && message.meta.sealed;
+  return sealed && typeof sealed === "object" && sealed.alg === SEALED ? sealed : null;
+}
+
+// A message's text; a sealed one (its text is ciphertext only its recipient opens) says
+// for whom instead.
+function messageText(message, tag) {
+  const sealed = sealedTo(message);
+  if (!sealed) return el(tag, "text", message.message);
+  const node = el(tag, "text sealed", "sealed for " + sealed.to);
+  node.title = "a direct message sealed to the key of " + sealed.to + ": only it opens it (agent-chat read)";
+  return node;
+}
+
 // -- the live tail ------------------------------------------------------------------------
 
 function messageNode(message) {
@@ -143,6 +304,7 @@ function messageNode(message) {
   const head = el("div", "head");
   head.appendChild(el("span", "id", "#" + message.id));
   head.appendChild(el("span", "sender", message.sender));
+  head.appendChild(signatureMark(message));
   head.appendChild(el("time", "time", when(message.timestamp)));
   if (message.priority !== 3) head.appendChild(el("span", "badge", "priority " + message.priority));
   for (const tag of message.tags || []) head.appendChild(el("span", "tag", tag));
@@ -155,7 +317,7 @@ function messageNode(message) {
   reply.addEventListener("click", () => startReply(message));
   head.appendChild(reply);
   item.appendChild(head);
-  item.appendChild(el("div", "text", message.message));
+  item.appendChild(messageText(message, "div"));
   item.appendChild(el("ol", "replies"));
   return item;
 }
@@ -376,8 +538,10 @@ async function search(event) {
       const link = el("a", "", message.channel + " #" + message.id);
       link.href = "#/c/" + encodeURIComponent(message.channel);
       item.appendChild(link);
-      item.appendChild(el("span", "sender", " " + message.sender + ": "));
-      item.appendChild(el("span", "text", message.message));
+      item.appendChild(el("span", "sender", " " + message.sender));
+      item.appendChild(signatureMark(message));
+      item.appendChild(document.createTextNode(": "));
+      item.appendChild(messageText(message, "span"));
       list.appendChild(item);
     }
     if (!found.messages.length) list.appendChild(el("li", "muted", "nothing found"));
