@@ -82,7 +82,8 @@ def init_keys(args, agent, out, say):
 
 def sealed_post(broker, channel, message, meta, say):
     """(text, meta) to post to `channel`: sealed to its agent when it is an inbox whose
-    agent published an encryption key, else as they are (with a line saying so)."""
+    agent published an encryption key, else as they are (a sender with keys of its own is
+    told so; one without, as before keys, is not)."""
     if not channel.startswith("@"):
         return message, meta
     from .keys import seal
@@ -91,7 +92,8 @@ def sealed_post(broker, channel, message, meta, say):
     answer = broker.agent_keys(recipient)
     box = ((answer or {}).get("current") or {}).get("box")
     if not box:
-        say(f"{recipient} has published no encryption key: the message goes in the clear")
+        if broker.keys is not None:
+            say(f"{recipient} has published no encryption key: the message goes in the clear")
         return message, meta
     return seal(recipient, box, message, meta)
 
