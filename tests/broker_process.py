@@ -74,8 +74,8 @@ class BrokerProcess:
                 healthy = requests.get(self.url + "/healthz", timeout=1, verify=self.verify).status_code == 200
                 if healthy and len(self.worker_pids()) >= self.workers:
                     return self
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or its first answer slow under load: the deadline holds
             time.sleep(0.05)
         raise RuntimeError(f"broker did not become healthy with {self.workers} workers:\n{self.log()}")
 

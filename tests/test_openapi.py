@@ -619,7 +619,7 @@ CASES = [
     case("cursor-slash-in-channel", "get", CURSOR, 404, path="/cursors/a%2Fb", headers=AGENT),
     case("openapi", "get", "/openapi.json", 200),
     # agents' public keys
-    case("keys-publish", "put", KEYS, 201, path="/agents/k-{channel}/keys", json={"sign": KEY_A, "box": KEY_B}),
+    case("keys-publish", "put", KEYS, 201, path="/agents/k-{channel}/keys", json={"sign": KEY_A}),
     case(
         "keys-publish-again",
         "put",
@@ -641,6 +641,14 @@ CASES = [
     ),
     case("keys-publish-bad-key", "put", KEYS, 400, path="/agents/k-{channel}/keys", json={"sign": "nope"}),
     case("keys-publish-no-sign", "put", KEYS, 400, path="/agents/k-{channel}/keys", json={"box": KEY_B}),
+    case(
+        "keys-publish-box-unsigned",
+        "put",
+        KEYS,
+        400,
+        path="/agents/k-{channel}/keys",
+        json={"sign": KEY_A, "box": KEY_B},
+    ),
     case("keys-publish-other-field", "put", KEYS, 400, path="/agents/k-{channel}/keys", json={"sign": KEY_A, "x": 1}),
     case("keys-publish-bad-json", "put", KEYS, 400, path="/agents/k-{channel}/keys", data=b"{"),
     case("keys-publish-bad-agent", "put", KEYS, 400, path="/agents/%20k/keys", body_valid=True, json={"sign": KEY_A}),

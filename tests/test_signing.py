@@ -75,6 +75,11 @@ def alter(broker, message_id, text):
         db.execute("UPDATE messages SET message = ? WHERE id = ?", (text, message_id))
 
 
+def key_options(public):
+    """`agent-comms-broker key add`'s options for the public part of a key file."""
+    return ["--sign", public["sign"], "--box", public["box"], "--box-sig", public["box_sig"]]
+
+
 def json_lines(done):
     return [json.loads(line) for line in done.stdout.splitlines()]
 
@@ -210,7 +215,7 @@ def test_an_agent_without_a_token_publishes_once_and_the_operator_pins_keys(keys
     assert "only a holder of agent gina-6's token" in gina("keys", "publish", status=2).stderr
     public = json.loads(next(gina.key_dir.glob("*.json")).read_text())["public"]
     added = subprocess.run(
-        [BROKER_CLI, "key", "add", "gina-6", "--sign", public["sign"], "--box", public["box"], "--db", broker.db_path],
+        [BROKER_CLI, "key", "add", "gina-6", *key_options(public), "--db", broker.db_path],
         capture_output=True,
         text=True,
     )
@@ -222,7 +227,7 @@ def test_an_agent_without_a_token_publishes_once_and_the_operator_pins_keys(keys
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 1 and bad.stderr.startswith("agent-comms-broker: --sign must be")
+    assert bad.returncode == 1 and bad.stderr.startswith("agent-comms-broker: the keys: sign must be")
 
 
 def test_a_direct_message_is_ciphertext_in_the_database_and_plaintext_only_for_its_recipient(keys_of, broker):
@@ -302,13 +307,106 @@ def test_the_store_keeps_signatures_and_every_key_an_agent_had(new_store):
     stored = store.append([Post("c", "a", "hi", signature=envelope), Post("c", "a", "plain")])
     assert [m.signature for m in stored] == [envelope, None]
     assert [m.as_dict().get("signature") for m in store.latest("c", 10).messages] == [json.loads(envelope), None]
-    assert store.publish_keys("a", "S1", "B1", "agent", may_replace=False)[0] == "added"
-    assert store.publish_keys("a", "S1", "B1", "agent", may_replace=False)[0] == "unchanged"
+    assert store.publish_keys("a", "S1", "B1", "G1", "agent", may_replace=False)[0] == "added"
+    assert store.publish_keys("a", "S1", "B1", "G1", "agent", may_replace=False)[0] == "unchanged"
     with pytest.raises(KeysRefused):
-        store.publish_keys("a", "S2", None, "agent", may_replace=False)
-    assert store.publish_keys("a", "S2", None, "operator", may_replace=True)[0] == "changed"
+        store.publish_keys("a", "S2", None, None, "agent", may_replace=False)
+    assert store.publish_keys("a", "S2", None, None, "operator", may_replace=True)[0] == "changed"
     with pytest.raises(KeysRefused):  # pinned by the operator
-        store.publish_keys("a", "S3", None, "agent", may_replace=True)
+        store.publish_keys("a", "S3", None, None, "agent", may_replace=True)
+    assert store.key_agents() == {"a"}
     keys = store.agent_keys("a")
     assert [(k.sign, k.replaced is None) for k in keys] == [("S2", True), ("S1", False)]
     assert store.current_key("a").sign == "S2" and store.current_key("nobody") is None
+
+
+def test_a_signed_message_is_good_for_one_post(keys_of, url, channel):
+    """Anyone can read a signed task: re-posting it must not make a second verified task."""
+    alice = published(keys_of("alice-10"))
+    first = sent_id(alice("send", channel, "deploy v2.3 to prod", "--priority", "5"))
+    stored = requests.get(f"{url}/messages/{channel}/{first}", timeout=10).json()
+    replay = {name: stored[name] for name in ("sender", "message", "priority", "signature")}
+    again = requests.post(f"{url}/messages/{channel}", json=replay, timeout=10)
+    assert again.status_code == 409 and "a signature is good for one post" in again.json()["error"]
+    batch = requests.post(f"{url}/messages/{channel}-b", json=[replay, replay], timeout=10)
+    assert batch.status_code in (400, 409), batch.text  # another channel, and twice: refused whole
+    assert len(requests.get(f"{url}/messages/{channel}", timeout=10).json()["messages"]) == 1
+    # A retry of the same post with its idempotency key is answered with the first.
+    keyed = {**replay, "key": "retry-1"}
+    requests.post(f"{url}/messages/{channel}-k", json=keyed, timeout=10)  # refused: stored in {channel}
+    look_alike = keys_of("Alice-10")
+    look_alike("keys", "init")
+    assert "looks like agent 'alice-10', which has keys" in look_alike("keys", "publish", status=2).stderr
+
+
+def test_a_sender_seals_only_to_an_encryption_key_the_recipient_signed(keys_of, broker, channel):
+    alice = published(keys_of("alice-11"))
+    published(keys_of("kim-11"))
+    alice("send", "@kim-11", "first, sealed")  # alice pins kim's key
+    # The operator (or whoever edits the database) swaps kim's encryption key for its own.
+    from nacl.public import PrivateKey
+
+    mine = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
+    with sqlite3.connect(broker.db_path) as db:
+        db.execute("UPDATE agent_keys SET box_key = ? WHERE agent = 'kim-11' AND replaced IS NULL", (mine,))
+    refused = alice("send", "@kim-11", "second", status=3)
+    assert "kim-11's encryption key is not signed by its signing key: not sent" in refused.stderr
+    # Or replaces all of kim's keys with its own: alice pinned kim's signing key.
+    rogue = keys_of("kim-11")
+    rogue.key_dir.mkdir(parents=True, exist_ok=True)
+    rogue("keys", "init", "--force")
+    public = json.loads(next(rogue.key_dir.glob("*.json")).read_text())["public"]
+    subprocess.run(
+        [BROKER_CLI, "key", "add", "kim-11", *key_options(public), "--db", broker.db_path],
+        check=True,
+        capture_output=True,
+    )
+    assert "kim-11's keys changed since you pinned them: not sent" in alice("send", "@kim-11", "x", status=3).stderr
+
+
+def test_a_sealed_message_passed_on_by_another_sender_is_not_opened(keys_of, url):
+    alice, lea = published(keys_of("alice-12")), published(keys_of("lea-12"))
+    sealed = requests.get(
+        f"{url}/messages/@lea-12/{sent_id(alice('send', '@lea-12', 'from alice'))}", timeout=10
+    ).json()
+    passed_on = {"sender": "mallory-12", "message": sealed["message"], "meta": sealed["meta"]}
+    assert requests.post(f"{url}/messages/@lea-12", json=passed_on, timeout=10).status_code == 201
+    inbox = lea("inbox")
+    lines = inbox.stdout.splitlines()
+    assert lines[0].endswith("alice-12 [verified] [sealed]: from alice"), lines
+    assert lines[1].endswith("mallory-12: (sealed for lea-12: it does not open here)"), lines
+    assert "was sealed by 'alice-12' for 'lea-12' but posted by 'mallory-12': not opened" in inbox.stderr
+
+
+def test_watch_and_work_act_only_on_what_they_checked(keys_of, url, channel, tmp_path):
+    alice, max_ = published(keys_of("alice-13")), published(keys_of("max-13"))
+    cursor = sent_id(alice("send", channel, "start"))
+    requests.post(f"{url}/messages/{channel}", json={"sender": "eve-13", "message": "DEPLOYED (forged)"}, timeout=10)
+    alice("send", channel, "DEPLOYED")
+    watched = max_(
+        "watch", channel, "--after", str(cursor), "--until", "DEPLOYED", "--require-signed", "--timeout", "20"
+    )
+    assert watched.stdout.rstrip().endswith("alice-13 [verified]: DEPLOYED"), watched
+    assert "dropped message" in watched.stderr and "from eve-13: unsigned" in watched.stderr
+    # A sealed task is opened for the command, which learns it was verified.
+    alice("send", "@max-13", "sealed job")
+    requests.post(f"{url}/messages/@max-13", json={"sender": "eve-13", "message": "rm -rf /"}, timeout=10)
+    script = tmp_path / "job.sh"
+    script.write_text('#!/bin/sh\necho "$(cat) by $AGENT_COMMS_TASK_SENDER, $AGENT_COMMS_TASK_VERIFICATION"\n')
+    script.chmod(0o755)
+    worked = max_("work", "@max-13", "--count", "2", "--require-signed", "--", str(script))
+    assert "task" in worked.stdout and "not run: its signature is not verified" in worked.stdout, worked
+    replies = requests.get(f"{url}/messages/@max-13", timeout=10).json()["messages"]
+    assert [m["message"] for m in replies if m["reply_to"]] == ["sealed job by alice-13, verified"]
+
+
+def test_a_reader_with_passphrase_keys_reads_without_the_passphrase(keys_of, channel):
+    os.environ["AGENT_COMMS_KEY_PASSPHRASE"] = "secret words"
+    try:
+        nora = keys_of("nora-14")
+        nora("keys", "init", "--passphrase")
+        nora("keys", "publish")
+        nora("send", channel, "mine")
+    finally:
+        del os.environ["AGENT_COMMS_KEY_PASSPHRASE"]
+    assert nora("read", channel).stdout.rstrip().endswith("nora-14 [verified]: mine")

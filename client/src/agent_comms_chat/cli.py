@@ -19,7 +19,7 @@ Usage:
   agent-chat [options] queue CHANNEL
   agent-chat [options] inbox [--unread] [--watch] [--require-signed]
   agent-chat [options] keys (init [--passphrase] [--force] | publish | show [AGENT] | trust AGENT)
-  agent-chat [options] work CHANNEL [--lease D] [--count N] -- COMMAND [ARG...]
+  agent-chat [options] work CHANNEL [--lease D] [--count N] [--require-signed] -- COMMAND [ARG...]
   agent-chat [options] mcp [--http HOST:PORT [--tls-cert FILE --tls-key FILE]]
   agent-chat (-h | --help | --version)
 
@@ -64,8 +64,10 @@ Commands:
              you met their sender: [verified], [BAD SIGNATURE], [KEY CHANGED];
              unsigned ones show no mark (with --json: "verification").
   work       Take CHANNEL's tasks one at a time and run COMMAND for each, with the
-             message on its standard input and AGENT_COMMS_TASK_ID,
-             AGENT_COMMS_TASK_CHANNEL and AGENT_COMMS_TASK_SENDER in its environment.
+             message on its standard input (opened, if sealed to you) and
+             AGENT_COMMS_TASK_ID, AGENT_COMMS_TASK_CHANNEL, AGENT_COMMS_TASK_SENDER and
+             AGENT_COMMS_TASK_VERIFICATION (verified, unsigned, bad, key-changed) in its
+             environment; with --require-signed a task not verified is given up on (dead).
              While it runs the lease is renewed every third of --lease. Exit 0: the
              task is done, COMMAND's output its reply; else it is released. Prints a
              line per task. Without --count it waits for tasks without end; SIGTERM
@@ -121,7 +123,7 @@ Options:
   --dead                release: the task is given up on: never handed out again.
   --watch               inbox: follow it live.
   --require-signed      read, watch, inbox: print only verified messages; each one
-                        dropped is reported on stderr.
+                        dropped is reported on stderr. work: run only verified tasks.
   --passphrase          keys init: seal the keys under a passphrase.
   --force               keys init: replace the keys you have.
   --http HOST:PORT      mcp: serve Streamable HTTP on this address (0.0.0.0:8081 for
@@ -565,9 +567,12 @@ def watch(broker, out, channel, after, count, until, timeout, resume=False):
 
     seen = 0
     for message in broker.watch(channel, after, deadline=deadline, on_gap=gap):
-        out.message(message)
+        printed = out.message(message)
         if resume:
             broker.put_cursor(channel, message["id"])
+        if printed is None:  # dropped (--require-signed): it neither counts nor matches
+            continue
+        message = printed
         seen += 1
         if until is not None and until.search(str(message.get("message"))):
             return 0

@@ -256,11 +256,11 @@ class BrokerClient(Transport):
         self.expect(answer, path, "keys", list)
         return answer
 
-    def publish_keys(self, agent, sign, box):
-        """Give the broker this agent's public keys: {"status": "added" | "changed" |
-        "unchanged", ...} as agent_keys."""
+    def publish_keys(self, agent, public):
+        """Give the broker this agent's public keys ({"sign", "box", "box_sig"}):
+        {"status": "added" | "changed" | "unchanged", ...} as agent_keys."""
         path = route("agents", agent, "keys")
-        answer = self.write("PUT", path, {"sign": sign, "box": box}, retry_lost=True)
+        answer = self.write("PUT", path, public, retry_lost=True)
         self.expect(answer or {}, path, "status", str)
         return answer
 

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 VERIFIED, UNSIGNED, BAD, KEY_CHANGED = "verified", "unsigned", "bad", "key-changed"
 SIGNED_TYPE = "agent-comms/message"
+BOX_KEY_TYPE = "agent-comms/box-key"
 SEALED = "x25519-sealedbox"
 DEFAULT_PRIORITY = 3
 # Passphrase-protected keys: Argon2id at libsodium's "moderate" cost (about 0.5 s, 256 MiB).
@@ -87,11 +88,20 @@ class AgentKeys:
     def box_public(self):
         return b64(self.box.public_key)
 
+    @property
+    def box_sig(self):
+        """The encryption key signed by the signing key: a sender who trusts the signing
+        key can trust it (the broker cannot swap it for a key of its own)."""
+        return b64(self.signing.sign(box_key_bytes(self.agent, self.box_public)).signature)
+
+    def public(self):
+        return {"sign": self.sign_public, "box": self.box_public, "box_sig": self.box_sig}
+
     def save(self, path, passphrase=None):
         """Write the keys, readable by the user only; with a passphrase, sealed by a key
         Argon2id derives from it."""
         secrets = {"sign": b64(self.signing), "box": b64(self.box)}
-        document = {"agent": self.agent, "v": 1, "public": {"sign": self.sign_public, "box": self.box_public}}
+        document = {"agent": self.agent, "v": 1, "public": self.public()}
         if passphrase:
             from nacl import pwhash, secret, utils
 
@@ -102,13 +112,18 @@ class AgentKeys:
             document["sealed"] = {"kdf": "argon2id", "salt": b64(salt), "ops": ops, "mem": mem, "box": b64(sealed)}
         else:
             document["secret"] = secrets
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        temporary = f"{path}.{os.getpid()}.new"
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(document, file, indent=1)
-            file.write("\n")
-        os.replace(temporary, path)
+        _write_private(path, document)
+
+    @staticmethod
+    def public_of(path):
+        """The public keys in a key file, without its passphrase: {"sign", "box", "box_sig"}."""
+        try:
+            with open(path) as file:
+                public = json.load(file)["public"]
+            unb64(public["sign"], 32, "sign")
+        except (OSError, ValueError, KeyError, TypeError, KeysError) as error:
+            raise KeysError(f"cannot read the keys at {path}: {error}") from None
+        return public
 
     @classmethod
     def load(cls, path, passphrase=None):
@@ -151,8 +166,43 @@ class AgentKeys:
             raise KeysError(f"message {message.get('id')} is sealed to this agent but does not open") from None
         if not isinstance(inner, dict) or not isinstance(inner.get("message"), str):
             raise KeysError(f"message {message.get('id')} is sealed to this agent but holds no message")
+        if inner.get("from") != message.get("sender") or inner.get("to") != self.agent:
+            raise KeysError(
+                f"message {message.get('id')} was sealed by {inner.get('from')!r} for {inner.get('to')!r} "
+                f"but posted by {message.get('sender')!r}: not opened (someone passed on another's words)"
+            )
         meta = inner.get("meta") if isinstance(inner.get("meta"), dict) else {}
         return {**message, "message": inner["message"], "meta": meta, "sealed": "opened"}
+
+
+def _write_private(path, document):
+    """Write a JSON file readable by the user only (its directory too), in one step."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.new"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(document, file, indent=1, sort_keys=True)
+        file.write("\n")
+    os.replace(temporary, path)
+
+
+def box_key_bytes(agent, box_key):
+    """What an agent's signing key signs to vouch for its encryption key."""
+    import rfc8785
+
+    return rfc8785.dumps({"type": BOX_KEY_TYPE, "v": 1, "agent": agent, "box": box_key})
+
+
+def box_key_checks(agent, sign_key, box_key, box_sig):
+    """Whether `box_sig` is `sign_key`'s signature over the agent's `box_key`."""
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
+    try:
+        VerifyKey(unb64(sign_key, 32, "sign")).verify(box_key_bytes(agent, box_key), unb64(box_sig, 64, "box_sig"))
+    except (KeysError, BadSignatureError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _unseal(sealed, path, passphrase):
@@ -204,16 +254,19 @@ def signed_bytes(post, channel, sender, ts):
     }
     try:
         return rfc8785.dumps(document)
-    except rfc8785.CanonicalizationError as error:
+    except (rfc8785.CanonicalizationError, UnicodeError, ValueError, TypeError) as error:
         raise KeysError(f"this message cannot be signed: {error}") from None
 
 
-def seal(recipient, box_key, message, meta=None):
+def seal(sender, recipient, box_key, message, meta=None):
     """(text, meta) of a direct message only `recipient`'s X25519 key opens: the text and
-    meta sealed together, and a meta that says to whom (the broker routes by the channel)."""
+    meta sealed together with who sends it to whom (a sealed box is anonymous: the
+    recipient checks that the message's sender is the one sealed inside), and a meta that
+    says to whom (the broker routes by the channel)."""
     from nacl.public import PublicKey, SealedBox
 
-    inner = json.dumps({"message": message, "meta": meta or {}}, ensure_ascii=False).encode()
+    inner = {"from": sender, "to": recipient, "message": message, "meta": meta or {}}
+    inner = json.dumps(inner, ensure_ascii=False).encode()
     text = b64(SealedBox(PublicKey(unb64(box_key, 32, f"{recipient}'s box key"))).encrypt(inner))
     return text, {"sealed": {"v": 1, "alg": SEALED, "to": recipient, "key": box_key}}
 
@@ -239,7 +292,12 @@ class KnownKeys:
             pinned = {}
         except (OSError, ValueError) as error:
             raise KeysError(f"cannot read the pinned keys at {self.path}: {error}") from None
-        self.pinned = {agent: list(keys) for agent, keys in pinned.items() if isinstance(keys, list)}
+        damaged = not isinstance(pinned, dict) or not all(
+            isinstance(keys, list) and all(isinstance(key, str) for key in keys) for keys in pinned.values()
+        )
+        if damaged:  # never pin again from the broker what a damaged file held
+            raise KeysError(f"the pinned keys at {self.path} are damaged: mend or remove the file")
+        self.pinned = pinned
 
     def keys_of(self, agent):
         return self.pinned.get(agent)
@@ -253,11 +311,7 @@ class KnownKeys:
         return added
 
     def save(self):
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        temporary = f"{self.path}.{os.getpid()}.new"
-        with open(temporary, "w") as file:
-            json.dump(self.pinned, file, indent=1, sort_keys=True)
-        os.replace(temporary, self.path)
+        _write_private(self.path, self.pinned)
 
 
 class Verifier:
@@ -271,8 +325,8 @@ class Verifier:
         self.known = KnownKeys(directory or key_dir())
         self.listed = {}  # agent: the sign keys the broker lists for it (this run)
         self.asked_again = set()  # (agent, key): listed again once, for a key published since
-        if own is not None:  # an agent trusts its own key
-            self.known.pin(own.agent, [own.sign_public])
+        if own is not None:  # an agent trusts its own key: (agent, its public sign key)
+            self.known.pin(*own)
 
     def broker_keys(self, agent, key=None):
         """The sign keys the broker lists for `agent`; asked again once if `key` is not

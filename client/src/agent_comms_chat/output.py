@@ -153,14 +153,15 @@ class Printer:
             self._print(visible(stored["id"]))
 
     def message(self, message, where=False):
-        """A message; with `where`, its channel and id after the time."""
+        """A message; with `where`, its channel and id after the time. Returns it as
+        printed (checked, opened), or None if it was dropped (reading)."""
         if self.reading is not None:
             message = self.reading(message)
             if message is None:
-                return
+                return None
         if self.as_json:
             self._json(message)
-            return
+            return message
         header = f"[{_when(message.get('timestamp'))}] "
         if where:
             header += f"{visible(message.get('channel'))} #{visible(message.get('id'))} "
@@ -175,6 +176,7 @@ class Printer:
         if self.width is not None:
             shown = [piece for line in shown for piece in fold(line, self.width)]
         self._print("\n".join(shown))
+        return message
 
     def messages(self, messages):
         for message in messages:
@@ -240,6 +242,10 @@ class Printer:
 
     def task(self, taken):
         """A task handed to this agent (take): a line on its claim, then the message."""
+        if self.reading is not None:
+            taken = self.reading(taken)
+            if taken is None:
+                return
         if self.as_json:
             return self._json(taken)
         claim = taken.get("claim") or {}
@@ -247,7 +253,11 @@ class Printer:
             f"task {visible(taken.get('id'))} of {visible(taken.get('channel'))}: "
             f"attempt {visible(claim.get('attempt'))}, yours until {_when(claim.get('expires'))}"
         )
-        self.message(taken)
+        reading, self.reading = self.reading, None  # checked and opened already
+        try:
+            self.message(taken)
+        finally:
+            self.reading = reading
 
     def task_state(self, task_id, answer, why=None):
         """Where a task stands after done or release: "task 42: done, reply 57"."""

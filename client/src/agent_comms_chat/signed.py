@@ -4,7 +4,20 @@ the cryptography are keys.py's."""
 
 import os
 
-from .keys import BAD, KEY_CHANGED, UNSIGNED, VERIFIED, AgentKeys, KeysError, Verifier, key_dir, key_path, sealed_to
+from .keys import (
+    BAD,
+    KEY_CHANGED,
+    UNSIGNED,
+    VERIFIED,
+    AgentKeys,
+    KeysError,
+    Verifier,
+    box_key_checks,
+    key_dir,
+    key_path,
+    seal,
+    sealed_to,
+)
 
 
 def own_keys(agent, required=False):
@@ -17,7 +30,19 @@ def own_keys(agent, required=False):
     path = key_path(key_dir(), agent)
     if not required and not os.path.exists(path):
         return None
-    return AgentKeys.load(path)
+    keys = AgentKeys.load(path)
+    if keys.agent != agent:
+        raise KeysError(f"the keys at {path} are agent {keys.agent}'s, not {agent}'s")
+    return keys
+
+
+def own_public(agent):
+    """(agent, its public signing key) from its key file, without its passphrase; None if
+    it has none."""
+    path = key_path(key_dir(), agent) if agent else None
+    if path is None or not os.path.exists(path):
+        return None
+    return agent, [AgentKeys.public_of(path)["sign"]]
 
 
 def keys_command(args, agent, broker, out, say):
@@ -26,7 +51,7 @@ def keys_command(args, agent, broker, out, say):
         return init_keys(args, agent, out, say)
     if args["publish"]:
         keys = own_keys(agent, required=True)
-        answer = broker.publish_keys(keys.agent, keys.sign_public, keys.box_public)
+        answer = broker.publish_keys(keys.agent, keys.public())
         out.keys(answer, line=f"{answer['status']}: {keys.agent}'s keys on the broker")
         return 0
     if args["show"]:
@@ -74,8 +99,9 @@ def init_keys(args, agent, out, say):
     keys = AgentKeys.generate(agent)
     keys.save(path, passphrase)
     out.line(f"made {agent}'s keys in {path}")
-    out.line(f"sign {keys.sign_public}")
-    out.line(f"box  {keys.box_public}")
+    out.line(f"sign    {keys.sign_public}")
+    out.line(f"box     {keys.box_public}")
+    out.line(f"box-sig {keys.box_sig}")
     say("publish them with `agent-chat keys publish` (a key change is shown to everyone who pinned the old one)")
     return 0
 
@@ -83,19 +109,36 @@ def init_keys(args, agent, out, say):
 def sealed_post(broker, channel, message, meta, say):
     """(text, meta) to post to `channel`: sealed to its agent when it is an inbox whose
     agent published an encryption key, else as they are (a sender with keys of its own is
-    told so; one without, as before keys, is not)."""
+    told so; one without, as before keys, is not). The encryption key must be signed by
+    the agent's signing key as this sender pinned it (trust on first use, as for reading):
+    a broker cannot swap it for a key of its own, or withdraw it, unnoticed (KeysError)."""
     if not channel.startswith("@"):
         return message, meta
-    from .keys import seal
-
     recipient = channel[1:]
     answer = broker.agent_keys(recipient)
-    box = ((answer or {}).get("current") or {}).get("box")
+    keys = [key for key in (answer or {}).get("keys") or [] if isinstance(key, dict)]
+    current = (answer or {}).get("current") or {}
+    box = current.get("box")
     if not box:
+        if any(key.get("box") for key in keys):
+            raise KeysError(f"{recipient} had an encryption key and the broker lists none now: not sent")
         if broker.keys is not None:
             say(f"{recipient} has published no encryption key: the message goes in the clear")
         return message, meta
-    return seal(recipient, box, message, meta)
+    known = Verifier(broker.agent_keys).known
+    if known.keys_of(recipient) is None:
+        known.pin(recipient, [key.get("sign") for key in keys])
+    if current.get("sign") not in known.keys_of(recipient):
+        raise KeysError(
+            f"{recipient}'s keys changed since you pinned them: not sent. Check with {recipient}, "
+            f"then `agent-chat keys trust {recipient}`"
+        )
+    if not box_key_checks(recipient, current["sign"], box, current.get("box_sig")):
+        raise KeysError(f"{recipient}'s encryption key is not signed by its signing key: not sent")
+    sender = broker.agent_id or (broker.keys.agent if broker.keys is not None else None)
+    if sender is None:  # a token's agent: the broker says which
+        sender = broker.status().get("agent")
+    return seal(sender, recipient, box, message, meta)
 
 
 # Reading's keys: this agent's, from the key directory, once they are needed.
@@ -127,11 +170,10 @@ class Reading:
 
     def verifier(self):
         if self._verifier is None:
-            own = None
             if self._keys is not LOAD:
-                own = self._keys
-            elif self.agent and os.path.exists(key_path(key_dir(), self.agent)):
-                own = self.keys
+                own = None if self._keys is None else (self._keys.agent, [self._keys.sign_public])
+            else:
+                own = own_public(self.agent)
             self._verifier = Verifier(self.broker.agent_keys, own=own)
         return self._verifier
 

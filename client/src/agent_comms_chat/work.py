@@ -125,13 +125,24 @@ class Worker:
             time.sleep(min(TICK, end - time.monotonic()))
 
     def _work(self, task):
-        """Runs the command on one task and tells the broker how it went."""
+        """Runs the command on one task and tells the broker how it went. The task is
+        checked (and opened, if it was sealed to this agent) first; with --require-signed
+        one that is not verified is given up on (dead), never run."""
         task_id = task["id"]
+        reading = self.out.reading
+        checked = reading(task) if reading is not None else task
+        if checked is None:
+            answer = self._release(task_id, dead=True)
+            self._report(task_id, None, answer, "not run: its signature is not verified (--require-signed)")
+            return
+        task = checked
         env = {
             **os.environ,
             "AGENT_COMMS_TASK_ID": str(task_id),
             "AGENT_COMMS_TASK_CHANNEL": self.channel,
             "AGENT_COMMS_TASK_SENDER": str(task.get("sender")),
+            # verified, unsigned, bad or key-changed: whether the sender really wrote it.
+            "AGENT_COMMS_TASK_VERIFICATION": str(task.get("verification", "unsigned")),
         }
         try:
             # Its own process group, so that stopping it stops what it started too.
@@ -186,11 +197,11 @@ class Worker:
         self.following = answer.pop("next", None)
         self._report(task_id, 0, answer, None)
 
-    def _release(self, task_id):
+    def _release(self, task_id, dead=False):
         """The broker's answer to the release, or None if it could not be released (the
         lease ends it then)."""
         try:
-            return self.broker.release(self.channel, task_id)
+            return self.broker.release(self.channel, task_id, dead=dead)
         except BrokerError as error:
             self.say(f"task {task_id}: not released: {error}")
             return None

@@ -7,7 +7,7 @@ Usage:
                                      [--note TEXT] [--secret-stdin] [--db PATH | --database-url URL]
   agent-comms-broker token list [--json] [--db PATH | --database-url URL]
   agent-comms-broker token revoke ID... [--db PATH | --database-url URL]
-  agent-comms-broker key add AGENT --sign KEY [--box KEY] [--db PATH | --database-url URL]
+  agent-comms-broker key add AGENT --sign KEY [--box KEY --box-sig SIG] [--db PATH | --database-url URL]
   agent-comms-broker key list AGENT [--json] [--db PATH | --database-url URL]
   agent-comms-broker backup DEST [--db PATH | --database-url URL]
   agent-comms-broker restore SRC [--db PATH | --database-url URL]
@@ -24,9 +24,11 @@ Commands:
                  the command prints `added|updated|unchanged ID AGENT`.
   token list     The tokens: id, agent, grants, expiry, last use, state. Never secrets.
   token revoke   Revoke tokens by id; the broker refuses them from the next request.
-  key add        Pin AGENT's public keys (base64, as `agent-chat keys show --own`
-                 prints them): posts signed by it must check against --sign, and its
-                 direct messages are sealed to --box. Keys the operator pinned are
+  key add        Pin AGENT's public keys (base64, as `agent-chat keys init` printed
+                 them; also in the "public" part of the agent's key file): posts signed
+                 by it must check against the sign key, and its direct messages are
+                 sealed to the box key, which the box-sig (the box key signed by the
+                 sign key) vouches for. Keys the operator pinned are
                  replaced only by the operator; the keys before stay listed.
   key list       AGENT's keys, the current one first, with when each was added and
                  replaced, and who gave it (agent or operator).
@@ -65,6 +67,7 @@ Options:
   --secret-stdin        Read the token from stdin instead of making one.
   --sign KEY            key add: the agent's Ed25519 public key, base64 (32 bytes).
   --box KEY             key add: the agent's X25519 public key, base64 (32 bytes).
+  --box-sig SIG         key add: the --box key signed by the --sign key, base64.
   --json                One JSON array instead of a table.
   -h --help             Show this text.
   --version             Show the version.
@@ -305,7 +308,7 @@ def revoke_tokens(store, ids):
 
 
 def key_command(args, settings):
-    from .signing import public_key
+    from .signing import SignatureError, check_keys
 
     agent = checked_agent(args["AGENT"])
     store = open_store(settings)
@@ -321,12 +324,11 @@ def key_command(args, settings):
                 print(f"{key.sign}  box {key.box or '-'}  {key.source}  added {_when(key.added)}  {state}")
             return 0
         try:
-            public_key(args["--sign"], "--sign")
-            if args["--box"] is not None:
-                public_key(args["--box"], "--box")
-        except ValueError as error:
-            raise CommandError(str(error)) from None
-        outcome, _ = store.publish_keys(agent, args["--sign"], args["--box"], "operator", may_replace=True)
+            check_keys(agent, args["--sign"], args["--box"], args["--box-sig"])
+        except SignatureError as error:
+            raise CommandError(f"the keys: {error}") from None
+        keys = (args["--sign"], args["--box"], args["--box-sig"])
+        outcome, _ = store.publish_keys(agent, *keys, "operator", may_replace=True)
         print(f"{outcome} {agent}")
         return 0
     finally:

@@ -28,7 +28,7 @@ TABLES = {
     "idempotency": "sender, key, id, channel, created",
     "notify_rules": "rule, cursor, delivered, failures, last_error, next_try, updated",
     "leases": "name, owner, expires",
-    "agent_keys": "agent, sign_key, box_key, source, added, replaced",
+    "agent_keys": "agent, sign_key, box_key, box_sig, source, added, replaced",
 }
 # Rows that PostgreSQL's text cannot hold (U+0000): the copy stops before it starts.
 SELECT_NUL_MESSAGES = "SELECT id FROM messages WHERE instr(message, char(0)) > 0 ORDER BY id LIMIT 5"

@@ -20,6 +20,7 @@ import binascii
 import orjson
 
 SIGNED_TYPE = "agent-comms/message"
+BOX_KEY_TYPE = "agent-comms/box-key"
 ALGORITHM = "ed25519"
 ENVELOPE_FIELDS = frozenset({"v", "alg", "key", "ts", "sig"})
 # A timestamp in milliseconds is a whole number JSON and RFC 8785 carry exactly.
@@ -47,7 +48,7 @@ def envelope_text(envelope):
     """A post's "signature" object, checked for form, as the JSON text the store keeps."""
     if not isinstance(envelope, dict) or set(envelope) != ENVELOPE_FIELDS:
         raise SignatureError('signature must be {"v": 1, "alg": "ed25519", "key": ..., "ts": ..., "sig": ...}')
-    if envelope["v"] != 1 or isinstance(envelope["v"], bool) or envelope["alg"] != ALGORITHM:
+    if type(envelope["v"]) is not int or envelope["v"] != 1 or envelope["alg"] != ALGORITHM:
         raise SignatureError('signature: only "v": 1 with "alg": "ed25519" is known')
     ts = envelope["ts"]
     if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= TS_MAX:
@@ -57,7 +58,42 @@ def envelope_text(envelope):
         public_key(envelope["sig"], "signature: sig", 64)
     except ValueError as error:
         raise SignatureError(str(error)) from None
-    return orjson.dumps(envelope).decode()
+    # In one order of fields, so that a signature reads the same however it was sent.
+    return orjson.dumps({name: envelope[name] for name in ("v", "alg", "key", "ts", "sig")}).decode()
+
+
+def check_keys(agent, sign_key, box_key, box_sig):
+    """Keys an agent (or the operator) publishes, checked: SignatureError says what is
+    wrong."""
+    try:
+        public_key(sign_key, "sign")
+        if box_key is not None:
+            public_key(box_key, "box")
+    except ValueError as error:
+        raise SignatureError(str(error)) from None
+    if box_key is None and box_sig is not None:
+        raise SignatureError("box_sig without box")
+    if box_key is not None:
+        check_box_key(agent, sign_key, box_key, box_sig)
+
+
+def check_box_key(agent, sign_key, box_key, box_sig):
+    """An agent's encryption key must be signed by its signing key (over the RFC 8785 text
+    of {"type": "agent-comms/box-key", "v": 1, "agent", "box"}), so a sender who trusts
+    the signing key can trust the encryption key: SignatureError if it is not."""
+    import rfc8785
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
+    try:
+        signature = public_key(box_sig, "box_sig", 64)
+    except ValueError as error:
+        raise SignatureError(f"{error} (the box key signed by the sign key)") from None
+    document = {"type": BOX_KEY_TYPE, "v": 1, "agent": agent, "box": box_key}
+    try:
+        VerifyKey(base64.b64decode(sign_key)).verify(rfc8785.dumps(document), signature)
+    except BadSignatureError:
+        raise SignatureError("box_sig does not check: the box key must be signed by the sign key") from None
 
 
 def signed_bytes(post, ts):

@@ -8,10 +8,10 @@ from bottle import HTTPError, response
 
 from .. import auth
 from ..access import caller
-from ..signing import SignatureError, public_key, verify
+from ..signing import SignatureError, check_keys, verify
 from ..store import KeysRefused
 from ..store.agent_keys import FROM_AGENT
-from .validate import bad_request, optional_json_object, validate_agent_id
+from .validate import bad_request, look_alike, optional_json_object, validate_agent_id
 
 KEYS_PATH = "/agents/<agent>/keys"
 
@@ -51,23 +51,30 @@ def put_keys(broker, agent):
     if who is not None and who.agent != agent:
         raise HTTPError(403, f"token {who.token_id} belongs to agent {who.agent!r}: it cannot publish {agent!r}'s keys")
     if who is None:
-        holder = broker.token_holder_like(agent)
+        # Asked of the store now, not the routes' cached list: keys are published rarely,
+        # and a token added a moment ago must already hold.
+        holder = next((name for name in broker.store.token_agents() if look_alike(name) == look_alike(agent)), None)
         if holder is not None:
             raise HTTPError(403, f"agent {holder!r} has a token: publish its keys with it (Authorization: Bearer ...)")
     body = optional_json_object(broker.settings.max_body)
-    unknown = set(body) - {"sign", "box"}
+    unknown = set(body) - {"sign", "box", "box_sig"}
     if unknown:
-        raise bad_request(f"unknown field(s) {', '.join(sorted(unknown))}: give sign and box")
+        raise bad_request(f"unknown field(s) {', '.join(sorted(unknown))}: give sign, box and box_sig")
     if "sign" not in body:
         raise bad_request("missing field: sign (the base64 Ed25519 public key)")
+    sign, box, box_sig = body["sign"], body.get("box"), body.get("box_sig")
     try:
-        public_key(body["sign"], "sign")
-        if body.get("box") is not None:
-            public_key(body["box"], "box")
-    except ValueError as error:
+        check_keys(agent, sign, box, box_sig)
+    except SignatureError as error:
         raise bad_request(str(error)) from None
+    store = broker.store
+    # A name that looks like another agent with keys ('alice', 'Alice', 'alice\u00a0')
+    # cannot get keys of its own: its signed words would pass for that agent's.
+    other = next((name for name in store.key_agents() if name != agent and look_alike(name) == look_alike(agent)), None)
+    if other is not None:
+        raise HTTPError(409, f"agent {agent!r} looks like agent {other!r}, which has keys: choose another name")
     try:
-        outcome, _ = broker.store.publish_keys(agent, body["sign"], body.get("box"), FROM_AGENT, who is not None)
+        outcome, _ = store.publish_keys(agent, sign, box, box_sig, FROM_AGENT, who is not None)
     except KeysRefused as error:
         raise HTTPError(409, str(error)) from None
     response.status = 201 if outcome == "added" else 200

@@ -18,12 +18,16 @@ class AgentKeys:
         rows = self._read(lambda db: db.execute(self.sql.SELECT_AGENT_KEYS, (agent,)).fetchall())
         return [AgentKey(*row) for row in rows]
 
+    def key_agents(self):
+        """Every agent that ever published keys."""
+        return {row[0] for row in self._read(lambda db: db.execute(self.sql.SELECT_KEY_AGENTS).fetchall())}
+
     def current_key(self, agent):
         """The agent's current AgentKey, or None."""
         row = self._read(lambda db: db.execute(self.sql.SELECT_CURRENT_KEY, (agent,)).fetchone())
         return None if row is None else AgentKey(*row)
 
-    def publish_keys(self, agent, sign_key, box_key, source, may_replace, now=None):
+    def publish_keys(self, agent, sign_key, box_key, box_sig, source, may_replace, now=None):
         """Make these the agent's current keys; returns ("added" | "changed" | "unchanged",
         the current AgentKey). Keys the agent has already are unchanged, whoever gives them.
         Replacing other keys needs `may_replace`, and keys the operator pinned only the
@@ -33,7 +37,7 @@ class AgentKeys:
         def work(db):
             row = db.execute(self.sql.SELECT_CURRENT_KEY, (agent,)).fetchone()
             current = None if row is None else AgentKey(*row)
-            if current is not None and (current.sign, current.box) == (sign_key, box_key):
+            if current is not None and (current.sign, current.box, current.box_sig) == (sign_key, box_key, box_sig):
                 return "unchanged", current
             if current is not None:
                 if current.source == FROM_OPERATOR and source != FROM_OPERATOR:
@@ -42,8 +46,10 @@ class AgentKeys:
                     raise KeysRefused(f"agent {agent!r} has published keys already: {may_replace_hint(agent)}")
                 db.execute(self.sql.RETIRE_KEY, (stamp, agent))
             added = stamp if current is None else max(stamp, current.added + 0.001)
-            db.execute(self.sql.INSERT_KEY, (agent, sign_key, box_key, source, added))
-            return ("added" if current is None else "changed"), AgentKey(sign_key, box_key, source, added, None)
+            db.execute(self.sql.INSERT_KEY, (agent, sign_key, box_key, box_sig, source, added))
+            return ("added" if current is None else "changed"), AgentKey(
+                sign_key, box_key, box_sig, source, added, None
+            )
 
         return self._write(work)
 

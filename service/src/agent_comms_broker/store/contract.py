@@ -227,11 +227,15 @@ class StoreContract(abc.ABC):
         """Every AgentKey the agent published, the current one first; none lost on a change."""
 
     @abc.abstractmethod
+    def key_agents(self):
+        """Every agent that ever published keys."""
+
+    @abc.abstractmethod
     def current_key(self, agent):
         """The agent's current AgentKey, or None."""
 
     @abc.abstractmethod
-    def publish_keys(self, agent, sign_key, box_key, source, may_replace, now=None):
+    def publish_keys(self, agent, sign_key, box_key, box_sig, source, may_replace, now=None):
         """Make these the agent's current keys, atomically: ("added" | "changed" |
         "unchanged", AgentKey), or KeysRefused with nothing changed."""
 

@@ -84,11 +84,12 @@ class Token:
 @dataclass(frozen=True, slots=True)
 class AgentKey:
     """A public key pair an agent published (base64): `sign` Ed25519, `box` X25519 (None
-    if it gave none); `source` "agent" or "operator"; `replaced` when a newer pair took
-    its place (None: the current one)."""
+    if it gave none) with `box_sig`, the signature `sign` made over it; `source` "agent"
+    or "operator"; `replaced` when a newer pair took its place (None: the current one)."""
 
     sign: str
     box: str | None
+    box_sig: str | None
     source: str
     added: float
     replaced: float | None
@@ -97,6 +98,7 @@ class AgentKey:
         return {
             "sign": self.sign,
             "box": self.box,
+            "box_sig": self.box_sig,
             "source": self.source,
             "added": self.added,
             "replaced": self.replaced,

@@ -168,11 +168,14 @@ AGENT_KEYS = [
         agent    text COLLATE "C" NOT NULL,
         sign_key text NOT NULL,
         box_key  text,
+        box_sig  text,
         source   text NOT NULL,
         added    double precision NOT NULL,
         replaced double precision,
         PRIMARY KEY (agent, added)
     )""",
+    # A signature is good for one post: a repeat of one stored is refused (store.shared).
+    "CREATE INDEX messages_by_signature ON messages (signature) WHERE signature IS NOT NULL",
     # One current key per agent.
     "CREATE UNIQUE INDEX agent_keys_current ON agent_keys (agent) WHERE replaced IS NULL",
 ]

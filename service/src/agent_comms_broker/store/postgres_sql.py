@@ -188,11 +188,15 @@ SELECT DISTINCT agent FROM tokens WHERE revoked IS NULL AND (expires IS NULL OR 
 TOUCH_TOKEN = "UPDATE tokens SET last_used = %s WHERE id = %s"
 
 # Agents' public keys: every key each agent published, the current one's `replaced` NULL.
-AGENT_KEY_COLUMNS = "sign_key, box_key, source, added, replaced"
+AGENT_KEY_COLUMNS = "sign_key, box_key, box_sig, source, added, replaced"
 SELECT_AGENT_KEYS = f"SELECT {AGENT_KEY_COLUMNS} FROM agent_keys WHERE agent = %s ORDER BY added DESC"
 SELECT_CURRENT_KEY = f"SELECT {AGENT_KEY_COLUMNS} FROM agent_keys WHERE agent = %s AND replaced IS NULL"
 RETIRE_KEY = "UPDATE agent_keys SET replaced = %s WHERE agent = %s AND replaced IS NULL"
-INSERT_KEY = "INSERT INTO agent_keys (agent, sign_key, box_key, source, added) VALUES (%s, %s, %s, %s, %s)"
+INSERT_KEY = """
+INSERT INTO agent_keys (agent, sign_key, box_key, box_sig, source, added) VALUES (%s, %s, %s, %s, %s, %s)"""
+SELECT_KEY_AGENTS = "SELECT DISTINCT agent FROM agent_keys"
+# A signed message stored already, by its signature.
+SELECT_SIGNED = "SELECT id FROM messages WHERE signature = %s LIMIT 1"
 
 # -- tasks and read positions (coordination.py) ----------------------------------------
 # The oldest task a take can have, three ways: released back to pending; claimed with a

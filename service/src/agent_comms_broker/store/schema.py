@@ -316,11 +316,14 @@ AGENT_KEYS = [
         agent    TEXT NOT NULL,
         sign_key TEXT NOT NULL,
         box_key  TEXT,
+        box_sig  TEXT,
         source   TEXT NOT NULL,
         added    REAL NOT NULL,
         replaced REAL,
         PRIMARY KEY (agent, added)
     ) WITHOUT ROWID""",
+    # A signature is good for one post: a repeat of one stored is refused (store.shared).
+    "CREATE INDEX messages_by_signature ON messages (signature) WHERE signature IS NOT NULL",
     # One current key per agent.
     "CREATE UNIQUE INDEX agent_keys_current ON agent_keys (agent) WHERE replaced IS NULL",
 ]

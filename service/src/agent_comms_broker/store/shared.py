@@ -166,7 +166,7 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
         # new message a time a reader with `since=` has already passed.
         row = db.execute(self.sql.LAST_TIMESTAMP).fetchone() or db.execute(self.sql.LAST_PRUNED_TIMESTAMP).fetchone()
         stamp = clock if row is None or row[0] is None else max(clock, row[0] + TIMESTAMP_STEP)
-        stored, per_channel, per_agent, keyed = [], {}, {}, {}
+        stored, per_channel, per_agent, keyed, signed = [], {}, {}, {}, set()
         rows = []  # posts not inserted yet: (their place in `stored`, row, tags)
         for post in posts:
             if not self.stores_nul and "\x00" in post.message:
@@ -184,6 +184,8 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
                         )
                     stored.append(dataclasses.replace(first, duplicate=True))
                     continue
+            if post.signature is not None:
+                self._check_unrepeated(db, post, rows, stored, signed)
             thread = None
             if post.reply_to is not None:
                 target = db.execute(self.sql.SELECT_REPLY_TARGET, (post.reply_to,)).fetchone()
@@ -218,6 +220,21 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
         for sender, (sent, last) in per_agent.items():
             db.execute(self.sql.UPSERT_AGENT_SENT, (sender, last, last, sent))
         return stored
+
+    def _check_unrepeated(self, db, post, rows, stored, signed):
+        """A signature is good for one post: a repeat of a signed message stored before (by
+        anyone: the signature is public once read) is refused, so no one can replay an
+        agent's signed words, a task for instance. A retry with the post's idempotency key
+        was answered above, with the first message."""
+        if post.signature in signed:
+            raise KeyConflict("two posts carry the same signature: a signature is good for one post")
+        self._insert_rows(db, rows, stored)
+        found = db.execute(self.sql.SELECT_SIGNED, (post.signature,)).fetchone()
+        if found is not None:
+            raise KeyConflict(
+                f"this signed message was posted already (message {found[0]}): a signature is good for one post"
+            )
+        signed.add(post.signature)
 
     def _keyed(self, db, post, now):
         """The message a sender's idempotency key stored within KEY_LIFETIME, if it is kept."""
