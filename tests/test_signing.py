@@ -24,6 +24,8 @@ from mcp_process import stdio_session
 
 BROKER_CLI = str(BIN / "agent-comms-broker")
 REQUIRED = "signed-*"
+# A public key no agent holds the private half of.
+KEY_OF_NOBODY = "ShqgUmjS7o8BUHKR/YI7rTU0noZ6Xipw6KozH9bQgQU="
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +295,11 @@ def test_mcp_sessions_sign_and_check(keys_of, broker, channel, tmp_path):
             )
             assert "for bob only" in inbox.content[0].text and "signature verified" in inbox.content[0].text
             assert "for bob only" not in stored_text(broker, direct.structured_content["id"])
+            # A seal that cannot be made safely is a tool error, not a message in the clear.
+            with sqlite3.connect(broker.db_path) as db:
+                db.execute("UPDATE agent_keys SET box_key = ? WHERE agent = 'bob-9'", (KEY_OF_NOBODY,))
+            refused = await writer.call_tool("send", {"channel": "@bob-9", "message": "again"})
+            assert refused.is_error and "not signed by its signing key" in refused.content[0].text
 
     anyio.run(scenario)
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import __version__
 from .client import BrokerClient
 from .config import ConfigError, check_header_value
+from .keys import KeysError
 from .output import visible
 from .signed import Reading, sealed_post
 from .transport import BrokerError
@@ -269,8 +270,8 @@ class Bridge:
         return limiter
 
     async def run(self, client, function, *args, **kwargs):
-        """`function` (a blocking call of `client`) in a thread; a BrokerError becomes a
-        ToolError that carries the broker's message."""
+        """`function` (a blocking call of `client`) in a thread; a BrokerError or KeysError
+        becomes a ToolError that carries its message."""
         call = functools.partial(function, *args, **kwargs)
         own = self._limiters(client)
         try:
@@ -278,6 +279,8 @@ class Bridge:
                 return await anyio.to_thread.run_sync(call, limiter=self._limiter, abandon_on_cancel=True)
         except BrokerError as error:
             raise ToolError(_refusal(error, client)) from None
+        except KeysError as error:  # a key that cannot be used, a seal that cannot be made
+            raise ToolError(str(error)) from None
 
 
 class Caller:
