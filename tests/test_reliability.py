@@ -319,7 +319,7 @@ def test_a_full_disk_refuses_posts_cleanly_and_loses_nothing(tmp_path, size, fre
             session = requests.Session()
             acked, refusals = {}, []
             for n in range(2000):
-                text = f"fill {n} " + "x" * 30000
+                text = f"fill {n} " + "x" * 20000
                 reply = session.post(f"{url}/messages/fill", json={"sender": "filler", "message": text}, timeout=10)
                 if reply.status_code == 201:
                     acked[reply.json()["id"]] = text
