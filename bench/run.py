@@ -7,7 +7,8 @@ Usage: run.py [--only NAMES] [--seconds S] [--wrk-threads N] [--watchers N] [--m
 
 Scenarios, in order: idle (cold start, idle memory), cli (agent-chat send and read),
 publish (beside the stack's floor: the same Bottle and gunicorn answering a hello POST,
-and the replaced broker.py's design), publish-secured (a token as well), batch (100
+and the replaced broker.py's design), publish-secured (a token as well), signing (what
+signing, checking and sealing a message cost, and publish signed vs unsigned), batch (100
 messages a post), read, fanout (1,000 SSE watchers: delivery and memory), fanout-10k
 (10,000 watchers), busy-post (posts while watchers receive and a reader pages a
 1M-message channel), big-store, queue (take+done pairs), mcp-send (an MCP send tool call
@@ -37,6 +38,7 @@ import mcp_send
 import postgres
 import publish
 import queue_pairs
+import signing
 from figures import Report
 from wrk_runner import require_wrk
 
@@ -52,6 +54,7 @@ def scenarios(args):
         "publish-secured": lambda report, workdir: publish.run(
             report, workdir, args.seconds, args.wrk_threads, secured=True
         ),
+        "signing": lambda report, workdir: signing.run(report, workdir, args.seconds, args.wrk_threads),
         "batch": lambda report, workdir: publish.run_batch(report, workdir, args.seconds, args.wrk_threads),
         "read": lambda report, workdir: latest_read.run(report, workdir, args.seconds, args.wrk_threads),
         "fanout": lambda report, workdir: fanout.run(report, workdir, args.watchers, args.messages, args.rate),
@@ -90,7 +93,7 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         raise SystemExit(f"bench: no scenario {', '.join(unknown)}; there are {', '.join(table)}")
-    if {"publish", "publish-secured", "batch", "read", "postgres"} & set(chosen):
+    if {"publish", "publish-secured", "signing", "batch", "read", "postgres"} & set(chosen):
         require_wrk()
     report = Report()
     workdir = Path(tempfile.mkdtemp(prefix="agent-comms-bench-"))

@@ -185,7 +185,7 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
                     stored.append(dataclasses.replace(first, duplicate=True))
                     continue
             if post.signature is not None:
-                self._check_unrepeated(db, post, rows, stored, signed)
+                self._check_unrepeated(db, post, signed)
             thread = None
             if post.reply_to is not None:
                 target = db.execute(self.sql.SELECT_REPLY_TARGET, (post.reply_to,)).fetchone()
@@ -221,14 +221,14 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
             db.execute(self.sql.UPSERT_AGENT_SENT, (sender, last, last, sent))
         return stored
 
-    def _check_unrepeated(self, db, post, rows, stored, signed):
+    def _check_unrepeated(self, db, post, signed):
         """A signature is good for one post: a repeat of a signed message stored before (by
         anyone: the signature is public once read) is refused, so no one can replay an
         agent's signed words, a task for instance. A retry with the post's idempotency key
-        was answered above, with the first message."""
+        was answered above, with the first message. `signed`: the signatures of this
+        call's posts, some of them still waiting to be inserted."""
         if post.signature in signed:
             raise KeyConflict("two posts carry the same signature: a signature is good for one post")
-        self._insert_rows(db, rows, stored)
         found = db.execute(self.sql.SELECT_SIGNED, (post.signature,)).fetchone()
         if found is not None:
             raise KeyConflict(
