@@ -205,20 +205,29 @@ def box_key_checks(agent, sign_key, box_key, box_sig):
     return True
 
 
+def ask_passphrase(prompt, needed_for, confirm=False):
+    """The passphrase: $AGENT_COMMS_KEY_PASSPHRASE, else asked on the terminal (KeysError
+    without one; `needed_for` says what wants it); `confirm` asks for it twice."""
+    passphrase = os.environ.get(PASSPHRASE_VARIABLE)
+    if passphrase is not None:
+        return passphrase
+    import getpass
+    import sys
+
+    if not sys.stdin.isatty():
+        raise KeysError(f"{needed_for}: give it in ${PASSPHRASE_VARIABLE}")
+    passphrase = getpass.getpass(prompt)
+    if confirm and getpass.getpass("the same again: ") != passphrase:
+        raise KeysError("the two passphrases differ: nothing was written")
+    return passphrase
+
+
 def _unseal(sealed, path, passphrase):
     from nacl import pwhash, secret
     from nacl.exceptions import CryptoError
 
     if passphrase is None:
-        passphrase = os.environ.get(PASSPHRASE_VARIABLE)
-    if passphrase is None:
-        import sys
-
-        if not sys.stdin.isatty():
-            raise KeysError(f"the keys at {path} are under a passphrase: give it in ${PASSPHRASE_VARIABLE}")
-        import getpass
-
-        passphrase = getpass.getpass(f"passphrase of {path}: ")
+        passphrase = ask_passphrase(f"passphrase of {path}: ", f"the keys at {path} are under a passphrase")
     try:
         salt = unb64(sealed["salt"], pwhash.argon2id.SALTBYTES, "salt")
         key = pwhash.argon2id.kdf(
@@ -302,6 +311,13 @@ class KnownKeys:
     def keys_of(self, agent):
         return self.pinned.get(agent)
 
+    def first_use(self, agent, listed):
+        """The keys pinned for `agent`; the first time it is met, `listed` (the broker's),
+        pinned now: trust on first use."""
+        if agent not in self.pinned:
+            self.pin(agent, listed)
+        return self.pinned[agent]
+
     def pin(self, agent, keys):
         known = self.pinned.setdefault(agent, [])
         added = [key for key in keys if key not in known]
@@ -354,14 +370,7 @@ class Verifier:
         listed = self.broker_keys(sender, key)
         if key not in listed:
             return BAD
-        if pinned is None:  # first met: trust on first use
-            self.known.pin(sender, listed)
-            return VERIFIED
-        return KEY_CHANGED
-
-    def mark(self, message):
-        """The message with its mark, as "verification"."""
-        return {**message, "verification": self.check(message)}
+        return VERIFIED if key in self.known.first_use(sender, listed) else KEY_CHANGED
 
 
 def _checks(message, envelope):

@@ -161,7 +161,12 @@ class Printer:
                 return None
         if self.as_json:
             self._json(message)
-            return message
+        else:
+            self._show(message, where)
+        return message
+
+    def _show(self, message, where=False):
+        """A message, checked already, as lines for people."""
         header = f"[{_when(message.get('timestamp'))}] "
         if where:
             header += f"{visible(message.get('channel'))} #{visible(message.get('id'))} "
@@ -176,7 +181,6 @@ class Printer:
         if self.width is not None:
             shown = [piece for line in shown for piece in fold(line, self.width)]
         self._print("\n".join(shown))
-        return message
 
     def messages(self, messages):
         for message in messages:
@@ -253,11 +257,7 @@ class Printer:
             f"task {visible(taken.get('id'))} of {visible(taken.get('channel'))}: "
             f"attempt {visible(claim.get('attempt'))}, yours until {_when(claim.get('expires'))}"
         )
-        reading, self.reading = self.reading, None  # checked and opened already
-        try:
-            self.message(taken)
-        finally:
-            self.reading = reading
+        self._show(taken)
 
     def task_state(self, task_id, answer, why=None):
         """Where a task stands after done or release: "task 42: done, reply 57"."""

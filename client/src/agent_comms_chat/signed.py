@@ -11,7 +11,9 @@ from .keys import (
     VERIFIED,
     AgentKeys,
     KeysError,
+    KnownKeys,
     Verifier,
+    ask_passphrase,
     box_key_checks,
     key_dir,
     key_path,
@@ -20,12 +22,17 @@ from .keys import (
 )
 
 
+def _require_agent(agent):
+    if not agent:
+        raise KeysError("keys belong to an agent: give --agent-id (or AGENT_COMMS_AGENT_ID)")
+
+
 def own_keys(agent, required=False):
     """This agent's keys from the key directory; None if it has none (KeysError if
     `required`, or if they are there but cannot be read)."""
     if not agent:
         if required:
-            raise KeysError("keys belong to an agent: give --agent-id (or AGENT_COMMS_AGENT_ID)")
+            _require_agent(agent)
         return None
     path = key_path(key_dir(), agent)
     if not required and not os.path.exists(path):
@@ -62,38 +69,26 @@ def keys_command(args, agent, broker, out, say):
         if answer is None:
             say(f"agent {who} has published no keys")
             return 2
-        pinned = Verifier(broker.agent_keys).known.keys_of(who)
-        out.keys(answer, pinned=pinned)
+        out.keys(answer, pinned=KnownKeys(key_dir()).keys_of(who))
         return 0
     who = args["AGENT"]
     answer = broker.agent_keys(who)
     if answer is None or not answer.get("current"):
         raise KeysError(f"agent {who} has no current keys on the broker to trust")
-    verifier = Verifier(broker.agent_keys)
-    added = verifier.known.pin(who, [answer["current"]["sign"]])
     key = answer["current"]["sign"]
+    added = KnownKeys(key_dir()).pin(who, [key])
     out.line(f"trusted {key} for {who}" if added else f"{key} was already trusted for {who}")
     return 0
 
 
 def init_keys(args, agent, out, say):
-    if not agent:
-        raise KeysError("keys belong to an agent: give --agent-id (or AGENT_COMMS_AGENT_ID)")
+    _require_agent(agent)
     path = key_path(key_dir(), agent)
     if os.path.exists(path) and not args["--force"]:
         raise KeysError(f"{agent} has keys already ({path}): --force replaces them (then publish the new ones)")
     passphrase = None
     if args["--passphrase"]:
-        passphrase = os.environ.get("AGENT_COMMS_KEY_PASSPHRASE")
-        if passphrase is None:
-            import getpass
-            import sys
-
-            if not sys.stdin.isatty():
-                raise KeysError("--passphrase: give it in $AGENT_COMMS_KEY_PASSPHRASE (no terminal to ask on)")
-            passphrase = getpass.getpass("passphrase for the new keys: ")
-            if getpass.getpass("the same again: ") != passphrase:
-                raise KeysError("the two passphrases differ: nothing was written")
+        passphrase = ask_passphrase("passphrase for the new keys: ", "--passphrase (no terminal to ask on)", True)
         if not passphrase:
             raise KeysError("--passphrase: the passphrase is empty")
     keys = AgentKeys.generate(agent)
@@ -125,10 +120,7 @@ def sealed_post(broker, channel, message, meta, say):
         if broker.keys is not None:
             say(f"{recipient} has published no encryption key: the message goes in the clear")
         return message, meta
-    known = Verifier(broker.agent_keys).known
-    if known.keys_of(recipient) is None:
-        known.pin(recipient, [key.get("sign") for key in keys])
-    if current.get("sign") not in known.keys_of(recipient):
+    if current.get("sign") not in KnownKeys(key_dir()).first_use(recipient, [key.get("sign") for key in keys]):
         raise KeysError(
             f"{recipient}'s keys changed since you pinned them: not sent. Check with {recipient}, "
             f"then `agent-chat keys trust {recipient}`"

@@ -314,14 +314,7 @@ def key_command(args, settings):
     store = open_store(settings)
     try:
         if args["list"]:
-            keys = store.agent_keys(agent)
-            if args["--json"]:
-                print(json.dumps([key.as_dict() for key in keys]))
-            elif not keys:
-                print(f"agent {agent} has no keys")
-            for key in [] if args["--json"] else keys:
-                state = "current" if key.replaced is None else f"replaced {_when(key.replaced)}"
-                print(f"{key.sign}  box {key.box or '-'}  {key.source}  added {_when(key.added)}  {state}")
+            list_keys(agent, store.agent_keys(agent), args["--json"])
             return 0
         try:
             check_keys(agent, args["--sign"], args["--box"], args["--box-sig"])
@@ -333,6 +326,17 @@ def key_command(args, settings):
         return 0
     finally:
         store.close()
+
+
+def list_keys(agent, keys, as_json):
+    if as_json:
+        print(json.dumps([key.as_dict() for key in keys]))
+        return
+    if not keys:
+        print(f"agent {agent} has no keys")
+    for key in keys:
+        state = "current" if key.replaced is None else f"replaced {_when(key.replaced)}"
+        print(f"{key.sign}  box {key.box or '-'}  {key.source}  added {_when(key.added)}  {state}")
 
 
 # -- moving to PostgreSQL --------------------------------------------------------------

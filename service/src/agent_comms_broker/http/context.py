@@ -93,12 +93,13 @@ class Broker:
         holder = self.token_holder_like(claimed)
         raise HTTPError(403, f"agent {holder!r} has a token: act as it with the token (Authorization: Bearer ...)")
 
-    def token_holder_like(self, agent):
+    def token_holder_like(self, agent, fresh=False):
         """The agent holding a token (neither revoked nor expired) that `agent` is, or
-        looks like (look_alike: 'alice', 'Alice', 'alice\u00a0'); None if there is none."""
+        looks like (look_alike: 'alice', 'Alice', 'alice\u00a0'); None if there is none.
+        `fresh`: read the holders from the store now, not at most TOKEN_AGENTS_INTERVAL ago."""
         checked, holders = self._token_agents
         now = time.monotonic()
-        if now - checked >= TOKEN_AGENTS_INTERVAL:
+        if fresh or now - checked >= TOKEN_AGENTS_INTERVAL:
             holders = {look_alike(name): name for name in self.store.token_agents()}
             self._token_agents = (now, holders)
         return holders.get(look_alike(agent)) if holders else None

@@ -51,9 +51,8 @@ def put_keys(broker, agent):
     if who is not None and who.agent != agent:
         raise HTTPError(403, f"token {who.token_id} belongs to agent {who.agent!r}: it cannot publish {agent!r}'s keys")
     if who is None:
-        # Asked of the store now, not the routes' cached list: keys are published rarely,
-        # and a token added a moment ago must already hold.
-        holder = next((name for name in broker.store.token_agents() if look_alike(name) == look_alike(agent)), None)
+        # Fresh: keys are published rarely, and a token added a moment ago must hold.
+        holder = broker.token_holder_like(agent, fresh=True)
         if holder is not None:
             raise HTTPError(403, f"agent {holder!r} has a token: publish its keys with it (Authorization: Bearer ...)")
     body = optional_json_object(broker.settings.max_body)
