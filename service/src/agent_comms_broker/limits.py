@@ -10,6 +10,7 @@ system calls per use, six uses per post). A worker that dies holding it cannot g
 back: after LOCK_WAIT the others take it over, as no worker holds it that long otherwise.
 """
 
+import functools
 import hashlib
 import logging
 import math
@@ -33,6 +34,7 @@ STREAM_WAYS = 16
 LOCK_WAIT = 0.5
 
 
+@functools.lru_cache(maxsize=4096)
 def key_of(text):
     value = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
     return value or 1
@@ -44,6 +46,7 @@ class SharedLimits:
         self._fd = os.memfd_create("agent-comms-limits", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size)
+        self._view = memoryview(self._map)
         self._streams_base = BUCKET_SETS * BUCKET_WAYS
         self._mutex = multiprocessing.get_context("fork").Lock()
 
@@ -63,8 +66,9 @@ class SharedLimits:
         self._mutex.release()
 
     def _slots(self, first, ways):
-        for index in range(first, first + ways):
-            yield index, _SLOT.unpack_from(self._map, index * _SLOT.size)
+        """(index, slot) for the `ways` slots from `first`, unpacked in one pass."""
+        start = first * _SLOT.size
+        return enumerate(_SLOT.iter_unpack(self._view[start : start + ways * _SLOT.size]), first)
 
     def _put(self, index, key, owner, a, b):
         _SLOT.pack_into(self._map, index * _SLOT.size, key, owner, a, b)

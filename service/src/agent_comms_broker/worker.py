@@ -32,6 +32,22 @@ import ssl
 import time
 
 import gevent
+import gevent.events
+
+# What gevent's monkey.patch_all (run by each worker as it starts) puts in place of the
+# standard modules, imported here in the master, before the fork, without patching
+# anything: the workers then share these modules' pages instead of each importing them
+# (2 MB less in all, measured with the idle benchmark).
+import gevent.monkey
+import gevent.os
+import gevent.select
+import gevent.selectors
+import gevent.signal
+import gevent.ssl
+import gevent.subprocess
+import gevent.thread
+import gevent.threading
+import gevent.time
 from gevent.hub import Hub
 from gevent.server import StreamServer
 from gunicorn import util
@@ -128,6 +144,25 @@ def resident_memory():
         return 0
 
 
+class DateOfTheSecond:
+    """gunicorn's Date header (util.http_date) formatted once a second, not for every
+    reply: email.utils.formatdate took 1.3% of a worker under the publish load. The
+    header has whole seconds, so the text is the same."""
+
+    def __init__(self, http_date):
+        self.http_date = http_date
+        self.second = None
+        self.text = ""
+
+    def __call__(self, timestamp=None):
+        if timestamp is not None:
+            return self.http_date(timestamp)
+        second = int(time.time())
+        if second != self.second:
+            self.text, self.second = self.http_date(second), second
+        return self.text
+
+
 class WaitingOn:
     """While the broker waits for bytes from a connection's client: the connection is
     among the worker's waiting ones (the reserve closes the longest waiting first), and,
@@ -199,6 +234,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 class BrokerWorker(GeventWorker):
+    def patch(self):
+        """gunicorn's patch (monkey.patch_all), without gevent's plugins: at each of its
+        events, patch_all looks for plugin entry points in every installed distribution's
+        metadata, which left each worker some 0.9 MB larger (idle benchmark). The broker
+        uses no gevent plugin; subscribers of the events (zope.event) still get them."""
+        gevent.events.notify_and_call_entry_points = gevent.events.notify
+        super().patch()
+
     def init_process(self):
         global _refusal_headers
         # Until gunicorn's init_signals(), a stop signal reaching this new worker would go
@@ -211,6 +254,8 @@ class BrokerWorker(GeventWorker):
             signal.signal(sig, self._keep_early_stop)
         _refusal_headers = security_headers(tls=bool(self.cfg.certfile))
         util.write_error = write_json_error
+        if not isinstance(util.http_date, DateOfTheSecond):
+            util.http_date = DateOfTheSecond(util.http_date)
         # A client that gives up on the TLS handshake (wrong CA, plain HTTP to the HTTPS
         # port) is the client's problem: no traceback in the broker's log for it.
         # Nor does a handshake that times out (a client that connects and sends nothing).
