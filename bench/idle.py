@@ -6,6 +6,7 @@ Cold start: `agent-comms-broker serve` started on a new database until GET /heal
 its workers (bench/memory.py) after a few posts, reads and /status calls, the slowest of
 the runs; beside it, the floor's idle memory (the same stack answering a hello POST)."""
 
+import contextlib
 import http.client
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import floor
 from broker_process import BIN, free_port
 from brokers import Client
-from memory import pss_by_process
+from memory import children, pss_by_process
 
 RUNS = 5
 # The broker's own defaults, not the relaxed limits the tests start it with.
@@ -54,6 +55,45 @@ def stop(process):
         process.wait(5)
 
 
+def sockets(pid):
+    """How many sockets the process holds."""
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
+    return count
+
+
+def serve_on_both_workers(master, port, connections=8, attempts=5):
+    """A few posts, reads and /status calls on each of `connections` keep-alive
+    connections, held open together so that the workers share them (balance.py); retried
+    until every worker held one. A worker that never served anything is smaller than one
+    in use, and the figure is of a broker in use."""
+    workers = children(master)
+    baseline = {pid: sockets(pid) for pid in workers}
+    for _ in range(attempts):
+        clients = [Client(port) for _ in range(connections)]
+        try:
+            for client in clients:
+                client.connection.connect()
+            time.sleep(0.2)  # accepted by now
+            held = {pid: sockets(pid) - baseline[pid] for pid in workers}
+            for seq in range(20):
+                client = clients[seq % connections]
+                client.post_json("/messages/bench-idle", {"sender": "bench-idle", "message": f"hello {seq}"})
+                client.get_json("/messages/bench-idle?limit=5")
+                client.get_json("/status")
+        finally:
+            for client in clients:
+                client.close()
+        deadline = time.monotonic() + 5  # the workers close their ends
+        while any(sockets(pid) > baseline[pid] for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if all(count > 0 for count in held.values()):
+            return held
+    raise RuntimeError(f"the connections did not reach every worker in {attempts} tries: {held}")
+
+
 def one_run(home):
     port = free_port()
     started = time.perf_counter()
@@ -65,17 +105,10 @@ def one_run(home):
                 raise RuntimeError(f"the broker did not start (see {home}/broker.log)")
             time.sleep(0.005)
         cold = time.perf_counter() - started
-        # Both workers up, each having served something, then left alone.
-        client = Client(port)
-        try:
-            for seq in range(20):
-                client.post_json("/messages/bench-idle", {"sender": "bench-idle", "message": f"hello {seq}"})
-                client.get_json("/messages/bench-idle?limit=5")
-                client.get_json("/status")
-        finally:
-            client.close()
         while len(pss_by_process(process.pid)) < 3:
             time.sleep(0.05)
+        # Both workers up, each having served something, as in use, then left alone.
+        serve_on_both_workers(process.pid, port)
         time.sleep(1.0)
         return cold, pss_by_process(process.pid)
     finally:
