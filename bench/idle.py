@@ -3,8 +3,9 @@ settings (limits on).
 
 Cold start: `agent-comms-broker serve` started on a new database until GET /healthz answers
 200, polled every 5 ms; the slowest of RUNS. Idle memory: PSS summed over the master and
-its workers (bench/memory.py) after a few posts, reads and /status calls, the slowest of
-the runs; beside it, the floor's idle memory (the same stack answering a hello POST)."""
+its workers (bench/memory.py) after a few posts, reads and /status calls served by both
+workers, the largest of the runs; beside it, the floor's idle memory (the same stack
+answering a hello POST)."""
 
 import contextlib
 import http.client
