@@ -347,9 +347,11 @@ def test_heads_that_never_end_are_closed_when_the_worker_grows(own_broker):
         assert requests.get(f"{broker.url}/healthz", timeout=10).status_code == 200
         highest = max(highest, max(worker_memory(broker)))
         # The bound, plus what 400 connections bring in between two checks of the memory
-        # (50 ms apart; 96 to 105 MiB measured here, idle or with both cores busy) and
-        # Python's own: 294 MiB without the bound.
-        assert highest < (96 + 32) * 2**20, f"the worker reached {highest / 2**20:.0f} MiB"
+        # (50 ms apart, later while the worker parses all their heads) and Python's own:
+        # 96 to 105 MiB measured once, idle or with both cores busy; 99 to 150 MiB on a
+        # slower evening of the same machine, the code before alike; 295 MiB without
+        # the bound.
+        assert highest < 2 * 96 * 2**20, f"the worker reached {highest / 2**20:.0f} MiB"
         for conn in conns:
             try:
                 if conn.recv(1) == b"":
