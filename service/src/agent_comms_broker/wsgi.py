@@ -69,7 +69,9 @@ class Runtime:
             self._start()
         return self
 
-    def _start(self):
+    def _open_stores(self):
+        """The store, the group committer's store (the same one on PostgreSQL) and how the
+        committer calls it."""
         settings = self.settings
         if settings.database_url:
             # Imported here, in the worker, after gevent has patched it (store/postgres.py).
@@ -77,28 +79,45 @@ class Runtime:
 
             # A pool of connections, whose waits for the server yield to the other
             # greenlets: the group committer runs on the event loop, on the same pool.
-            self.store = PostgresStore(
+            store = PostgresStore(
                 settings.database_url,
                 sleep=gevent.sleep,
                 max_attempts=settings.max_attempts,
                 migrate_schema=False,
                 bounded=lambda seconds: gevent.Timeout(seconds, TimeoutError),
             )
-            self.writer, call = self.store, None
-        else:
-            self.store = Store(
-                settings.db, settings.synchronous, sleep=gevent.sleep, max_attempts=settings.max_attempts
-            )
+            return store, store, None
+        store = Store(settings.db, settings.synchronous, sleep=gevent.sleep, max_attempts=settings.max_attempts)
+        try:
             # The group committer writes on a connection of its own, in a thread of its own.
-            self.writer = Store(
+            writer = Store(
                 settings.db,
                 settings.synchronous,
                 sleep=time.sleep,
                 max_attempts=settings.max_attempts,
                 writers_queue=True,
             )
-            call = gevent.threadpool.ThreadPool(1).apply
-        self.hub = Hub(self.store, settings.wakeup_interval, settings.page_bytes, alive=lambda: self.alive())
+        except BaseException:
+            store.close()
+            raise
+        return store, writer, gevent.threadpool.ThreadPool(1).apply
+
+    def _start(self):
+        settings = self.settings
+        store, writer, call = self._open_stores()
+        try:
+            # The hub reads where the store stands: when the database does not answer (a
+            # server that hangs or restarts), the start fails, and the worker's next
+            # request starts again.
+            hub = Hub(store, settings.wakeup_interval, settings.page_bytes, alive=lambda: self.alive())
+        except BaseException:
+            # What was opened is closed, in a greenlet of its own (a pool's close waits for
+            # its threads, some of them on the server that does not answer). Left to the
+            # garbage collector, a PostgreSQL pool stopped its own threads from within one
+            # of them: a traceback in the log.
+            gevent.spawn(_close, store, writer)  # the same store twice on PostgreSQL: closed once
+            raise
+        self.store, self.writer, self.hub = store, writer, hub
         self.committer = GroupCommitter(
             self.writer,
             self.hub.committed,
@@ -117,6 +136,14 @@ class Runtime:
             )
             self.notifier.start()
         self.pid = os.getpid()
+
+
+def _close(*stores):
+    for store in stores:
+        try:
+            store.close()
+        except Exception:  # closing what failed to start: nothing more to tell
+            pass
 
 
 settings = Settings.from_env()
