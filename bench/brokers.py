@@ -88,7 +88,7 @@ def worker_memory(broker):
     found = {}
     for pid in broker.worker_pids():
         try:
-            found[pid] = {"rss_mb": _rss_mb(pid), "sockets": _sockets(pid)}
+            found[pid] = {"rss_mb": _rss_mb(pid), "sockets": sockets(pid)}
         except OSError:
             continue  # the worker ended between listing and reading
     return found
@@ -109,7 +109,8 @@ def _rss_mb(pid):
     raise OSError(f"no VmRSS for pid {pid}")
 
 
-def _sockets(pid):
+def sockets(pid):
+    """How many sockets the process holds."""
     fd_dir = Path(f"/proc/{pid}/fd")
     count = 0
     for fd in fd_dir.iterdir():

@@ -7,7 +7,6 @@ its workers (bench/memory.py) after a few posts, reads and /status calls served 
 workers, the largest of the runs; beside it, the floor's idle memory (the same stack
 answering a hello POST)."""
 
-import contextlib
 import http.client
 import os
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import floor
 from broker_process import BIN, free_port
-from brokers import Client
+from brokers import Client, sockets
 from memory import children, pss_by_process
 
 RUNS = 5
@@ -54,15 +53,6 @@ def stop(process):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
-
-
-def sockets(pid):
-    """How many sockets the process holds."""
-    count = 0
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
-    return count
 
 
 def serve_on_both_workers(master, port, connections=8, attempts=5):

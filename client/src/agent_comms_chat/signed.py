@@ -30,9 +30,9 @@ def _require_agent(agent):
 def own_keys(agent, required=False):
     """This agent's keys from the key directory; None if it has none (KeysError if
     `required`, or if they are there but cannot be read)."""
+    if required:
+        _require_agent(agent)
     if not agent:
-        if required:
-            _require_agent(agent)
         return None
     path = key_path(key_dir(), agent)
     if not required and not os.path.exists(path):
