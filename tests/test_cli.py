@@ -428,7 +428,8 @@ sys.exit(status)
 def test_the_tests_agent_chat_reads_no_config_of_the_host(url, channel, tmp_path):
     """Under the autouse fixture, a fake user config (where $XDG_CONFIG_HOME and $HOME
     point) does not reach agent-chat, and it opens neither ~/.config/agent-comms nor
-    /etc/agent-comms/chat.ini. Without AGENT_COMMS_CONFIG the same run opens both."""
+    /etc/agent-comms/chat.ini. Without AGENT_COMMS_CONFIG the same run opens the user's
+    config, and the system's where it exists."""
     fake = "[agent-comms]\nagent_id = leaked-from-a-user-config\n"
     home = tmp_path / "home"
     for folder in (Path(os.environ["XDG_CONFIG_HOME"]), home / ".config"):
@@ -447,9 +448,9 @@ def test_the_tests_agent_chat_reads_no_config_of_the_host(url, channel, tmp_path
     done = subprocess.run([*command[:3], "read", channel, "--limit", "0"], env=env, capture_output=True, timeout=30)
     assert done.returncode == 1
     opened = json.loads(record.read_text())
-    assert (
-        "/etc/agent-comms/chat.ini" in opened and str(Path(env["XDG_CONFIG_HOME"]) / "agent-comms/config.ini") in opened
-    )
+    assert str(Path(env["XDG_CONFIG_HOME"]) / "agent-comms/config.ini") in opened
+    # The system's file is opened where it exists (only files that exist are read).
+    assert ("/etc/agent-comms/chat.ini" in opened) == os.path.exists("/etc/agent-comms/chat.ini")
 
 
 def test_resolution_order_and_defaults(tmp_path):

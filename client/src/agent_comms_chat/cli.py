@@ -165,11 +165,10 @@ import os
 import sys
 import time
 
-from docopt import DocoptExit, DocoptLanguageError, docopt
-
 from . import __version__
 from .config import ConfigError, resolve
 from .output import visible
+from .plainline import PlainLines
 
 EXIT_USAGE, EXIT_BROKER, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 124, 130
 
@@ -229,6 +228,14 @@ def main(argv=None):
 
 
 def _command_line(argv):
+    args = PlainLines(__doc__).read(argv)
+    return _run(args) if args is not None else _docopt_command_line(argv)
+
+
+def _docopt_command_line(argv):
+    """A command line that is not plain (plainline.py), read by docopt."""
+    from docopt import DocoptExit, DocoptLanguageError, docopt
+
     try:
         args = _quick_parse(argv) or docopt(__doc__, argv=argv, version=__version__)
     except (DocoptExit, DocoptLanguageError):
@@ -238,6 +245,11 @@ def _command_line(argv):
         return EXIT_USAGE
     except SystemExit as done:  # --help or --version, printed
         return done.code or 0
+    return _run(args)
+
+
+def _run(args):
+    """`run`, with a usage mistake found in the values said in one line."""
     try:
         return run(args)
     except UsageError as error:
@@ -258,6 +270,8 @@ def _quick_parse(argv):
     whole text. Left to the whole text: --help, --version, and an option that no usage
     line names given again and again (docopt gathers its values once more for every usage
     line it tries)."""
+    from docopt import DocoptExit, DocoptLanguageError, docopt
+
     head, heading, usage = __doc__.partition("\nUsage:\n")
     lines, blank, rest = usage.partition("\n\n")
     shortcut = "agent-chat [options] "

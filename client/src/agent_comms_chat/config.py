@@ -36,6 +36,11 @@ def _one_line(error):
 def read_config_files(paths, required=False):
     """{key: (value, path)} from the [agent-comms] sections of the files; earlier paths
     win. A file that does not exist is skipped, unless `required` (named by the user)."""
+    # What would read nothing needs no parser: importing configparser is a few ms of a
+    # command's time, and most hosts have no config file (or set AGENT_COMMS_CONFIG=/dev/null).
+    paths = [path for path in paths if path != os.devnull and (required or os.path.exists(path))]
+    if not paths:
+        return {}
     import configparser
 
     found = {}

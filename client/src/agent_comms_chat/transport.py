@@ -101,6 +101,12 @@ def _closed_unanswered(error):
     return any(isinstance(inner, closed) or getattr(inner, "unanswered", False) for inner in _chain(error))
 
 
+def _address(host):
+    """The host name as bytes for the resolver: given a str, it imports the idna codec
+    (and unicodedata) even for an ASCII name or an address, a ms or two of a command."""
+    return host.encode("ascii") if host.isascii() else host.encode("idna")
+
+
 def _speaks_tls(host, port):
     """Whether HOST:PORT completes a TLS handshake. Only to explain a failure: nothing is
     sent over it, so its certificate does not matter here."""
@@ -365,7 +371,7 @@ class Transport:
         for attempt in range(SEND_CONNECT_TRIES):
             connection = None
             try:
-                connection = socket.create_connection((parts.hostname, port), timeout=TIMEOUT[0])
+                connection = socket.create_connection((_address(parts.hostname), port), timeout=TIMEOUT[0])
                 connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if tls:  # the handshake, within the connect timeout
                     connection = tls.wrap_socket(connection, server_hostname=parts.hostname)

@@ -1,15 +1,28 @@
-"""Why a command line does not match agent-chat's usage, said in one line. The commands,
-their options, the options' values and which options exclude each other are all read from
-the usage text itself, so the explanation cannot drift from what docopt accepts."""
+"""agent-chat's usage text, read: its commands, their options, the options' values and
+which options exclude each other; and why a command line does not match it, said in one
+line. Read from the usage text itself, so neither plainline.py's reading nor the
+explanation can drift from what docopt accepts. What every command line reads is read
+with string methods (a regular expression is compiled on its first use, a millisecond or
+more of a short command's time); the explanation's expressions only for a mistake."""
 
-import difflib
 import re
 
 # "[--since TIMESTAMP | --after ID]": options of which a command takes at most one.
-_ALTERNATIVES = re.compile(r"\[([^\[\]]*\|[^\[\]]*)\]")
+_ALTERNATIVES = r"\[([^\[\]]*\|[^\[\]]*)\]"
 # "[--tag T]...": an option a command takes again and again.
-_REPEATABLE = re.compile(r"\[(--?[\w-]+)[^\[\]]*\]\.\.\.")
-_BRACKETED = re.compile(r"\[[^\[\]]*\]|\([^()]*\)")
+_REPEATABLE = r"\[(--?[\w-]+)[^\[\]]*\]\.\.\."
+_BRACKETED = r"\[[^\[\]]*\]|\([^()]*\)"
+# Brackets, parentheses and bars, as spaces: the words of a usage line.
+_GROUPING = str.maketrans("[]()|", "     ")
+
+
+def words_of(pattern):
+    """The words of a usage line or part of one, its groupings left out."""
+    return pattern.translate(_GROUPING).split()
+
+
+def _is_command(word):
+    return word.isascii() and word.isalpha() and word.islower()
 
 
 class Usage:
@@ -17,6 +30,8 @@ class Usage:
         self.program = program
         self.patterns = {}  # command: its usage line, continuation lines joined
         self.takes_value = {}  # option: whether it takes a value
+        self.defaults = {}  # option: its [default: ...], if it has one
+        self.synonyms = {}  # option: the name docopt gives its value (-h: --help)
         self._read_patterns(doc)
         self._read_options(doc)
         mentioned = {word for pattern in self.patterns.values() for word in self._options_in(pattern)}
@@ -30,7 +45,7 @@ class Usage:
             line = line.strip()
             if line.startswith(self.program + " "):
                 words = [word for word in line.split()[1:] if word != "[options]"]
-                command = words[0] if words and re.fullmatch(r"[a-z]+", words[0]) else None
+                command = words[0] if words and _is_command(words[0]) else None
                 if command:
                     self.patterns[command] = line
             elif command and line:
@@ -38,19 +53,26 @@ class Usage:
 
     def _read_options(self, doc):
         section = doc.split("Options:", 1)[1]
+        names = []  # the option being described and its synonyms (-h --help)
         for line in section.splitlines():
             if line and not line[0].isspace():
                 break  # the next section
-            described = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
-            if not described.startswith("-"):
-                continue
-            words = described.replace(",", " ").replace("=", " ").split()
-            for name in (word for word in words if word.startswith("-")):
-                self.takes_value[name] = any(not word.startswith("-") for word in words)
+            text = line.strip()
+            if text.startswith("-"):
+                described, _, text = text.partition("  ")
+                words = described.replace(",", " ").replace("=", " ").split()
+                names = [word for word in words if word.startswith("-")]
+                for name in names:
+                    self.takes_value[name] = any(not word.startswith("-") for word in words)
+                    self.synonyms[name] = names[-1]
+            _, found, default = text.partition("[default: ")
+            if found and names:
+                self.defaults[names[-1]] = default.partition("]")[0]
 
     @staticmethod
     def _options_in(pattern):
-        return re.findall(r"(?<![\w-])--?[a-z][\w-]*", pattern)
+        words = [word.removesuffix("...") for word in words_of(pattern)]
+        return [word for word in words if word[:1] == "-" and word.lstrip("-")[:1].islower()]
 
     def _complete(self, name):
         """An option's full name from a unique prefix, as docopt accepts it; (name, None)
@@ -62,6 +84,8 @@ class Usage:
             return started[0], None
         if started:
             return None, f"{name} is ambiguous: it could be {', '.join(started)}"
+        import difflib
+
         close = difflib.get_close_matches(name, list(self.takes_value), n=1)
         return None, f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else "")
 
@@ -106,15 +130,15 @@ class Usage:
                 others = [name for name, line in self.patterns.items() if option in self._options_in(line)]
                 where = f" (it is an option of {', '.join(others)})" if others else ""
                 return f"{option} is not an option of {command}{where}"
-        for group in _ALTERNATIVES.findall(pattern):
+        for group in re.findall(_ALTERNATIVES, pattern):
             given = [option for option in self._options_in(group) if option in used]
             if len(given) > 1:
                 return f"{' and '.join(given)} exclude each other: give one of them"
-        repeatable = set(_REPEATABLE.findall(pattern))
+        repeatable = set(re.findall(_REPEATABLE, pattern))
         for option in used:
             if used.count(option) > 1 and option not in repeatable:
                 return f"{option} is given twice"
-        expected = [word for word in _BRACKETED.sub(" ", pattern).split() if word.isupper()]
+        expected = [word for word in re.sub(_BRACKETED, " ", pattern).split() if word.isupper()]
         if len(arguments) < len(expected):
             return f"{command} needs {' '.join(expected[len(arguments) :])}"
         if len(arguments) > len(expected):
