@@ -1,7 +1,8 @@
 """Scenario: the wall time of one `agent-chat send` and one `agent-chat read` on loopback,
 start to exit, as an agent's script pays it (a new Python process each time), with the
 bytecode cache a pip-installed copy has (PYTHONDONTWRITEBYTECODE is dropped, and one run
-of each fills the cache before the timed ones)."""
+of each fills the cache before the timed ones). Beside them, in the same rounds, the floor
+of any Python command: the same interpreter starting and exiting (`python -c pass`)."""
 
 import os
 import statistics
@@ -31,16 +32,18 @@ def run(report, workdir, runs=RUNS):
         commands = {
             "send": [str(AGENT_CHAT), "send", "bench-cli", "timing one send"],
             "read": [str(AGENT_CHAT), "read", "bench-cli"],
+            "interpreter": [sys.executable, "-c", "pass"],
         }
         for command in commands.values():  # the page cache and the bytecode cache
             subprocess.run(command, env=env, check=True, capture_output=True, timeout=30)
         walls = {name: [] for name in commands}
-        for _ in range(runs):  # interleaved, so both see the same machine
+        for _ in range(runs):  # interleaved, so all three see the same machine
             for name, command in commands.items():
                 started = time.perf_counter()
                 subprocess.run(command, env=env, check=True, capture_output=True, timeout=30)
                 walls[name].append((time.perf_counter() - started) * 1000)
-    report.details["cli"] = {"runs": runs, "wall_ms": walls}
+    report.details["cli"] = {"runs": runs, "wall_ms": dict(walls)}
+    floor = walls.pop("interpreter")
     for name, times in walls.items():
         report.add(
             f"agent-chat {name} wall time (p90 of {runs})",
@@ -49,5 +52,6 @@ def run(report, workdir, runs=RUNS):
             TARGETS_MS[name],
             at_least=False,
             note=f"median {statistics.median(times):.0f} ms, min {min(times):.0f} ms"
-            + ("; read prints the latest 50 of 100" if name == "read" else ""),
+            + ("; read prints the latest 50 of 100" if name == "read" else "")
+            + f"; the interpreter alone: p90 {p90(floor):.0f} ms, median {statistics.median(floor):.0f}",
         )
