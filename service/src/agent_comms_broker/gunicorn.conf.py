@@ -108,10 +108,14 @@ def post_worker_init(worker):
 def pre_fork(server, worker):
     """What the master holds now (the app, imported once) stays shared with the workers:
     frozen, its objects are never touched by a worker's garbage collector, which would
-    otherwise copy every page holding one into each worker. The worker's row in the table
-    of connections held (balance.py)."""
+    otherwise copy every page holding one into each worker; and the free pages of its heap
+    are given back (worker.trim_free_memory). The worker's row in the table of
+    connections held (balance.py)."""
+    from agent_comms_broker.worker import trim_free_memory
+
     worker.balance_row = balance.shared().give_row()
     gc.freeze()
+    trim_free_memory()
 
 
 def worker_exit(server, worker):

