@@ -3,6 +3,7 @@ master that never loads the driver), and two broker nodes on one database keepin
 promise the README makes of one: cursors exact across nodes, live delivery from node to
 node, tasks done once, no acknowledged post lost when a node or the database goes down."""
 
+import contextlib
 import itertools
 import json
 import os
@@ -541,6 +542,68 @@ def test_a_hung_postgresql_costs_a_503_within_the_deadline_not_a_hang(tmp_path):
         if node is not None:
             node.stop()
         server.stop()
+
+
+def test_a_worker_that_cannot_start_on_a_hung_postgresql_leaves_no_connection_behind(tmp_path):
+    """A new worker's first request while the server hangs: the start fails (the hub's
+    first read gets no connection within the deadline), 503, and the pool that start
+    opened is closed. The connections it had begun are gone once the server runs again
+    (left to the garbage collector, such a pool kept them until collected, and was then
+    closed from one of its own threads: a traceback in the log)."""
+    server = PostgresServer().start()
+    url = server.new_database()
+    database = url.rsplit("/", 1)[1]
+    node = None
+    try:
+        node = BrokerProcess(tmp_path / "n.db", database_url=url, workers=1).start()
+        post(node.url, "hung", "before")
+        frozen = server.processes()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            [worker] = node.worker_pids()
+            os.kill(worker, signal.SIGKILL)  # its successor starts on its first request
+            until(lambda: node.worker_pids() not in ([], [worker]), 20, "a new worker")
+            [worker] = node.worker_pids()
+            reply = requests.post(f"{node.url}/messages/hung", json={"sender": "s", "message": "m"}, timeout=60)
+            assert reply.status_code == 503, (reply.status_code, reply.text)
+            begun = _ports_connected_to(worker, server.port)
+            assert begun, "the failed start's pool had begun connecting"
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        until(lambda: requests.get(f"{node.url}/healthz", timeout=30).status_code == 200, 30, "healthy again")
+        assert post(node.url, "hung", "after")["id"] == 2
+
+        def left():
+            sql = f"SELECT client_port FROM pg_stat_activity WHERE datname = '{database}'"
+            return begun & {int(port) for port in server.psql(sql).split()}
+
+        until(lambda: not left(), 15, "the failed start's connections closed")
+        time.sleep(1)
+        assert not left() and "Traceback" not in node.log()
+    finally:
+        if node is not None:
+            node.stop()
+        server.stop()
+
+
+def _ports_connected_to(pid, port):
+    """The local ports of process `pid`'s TCP connections to 127.0.0.1:`port`."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and int(remote.split(":")[1], 16) == port:
+                ports.add(int(local.split(":")[1], 16))
+    return ports
 
 
 def test_migrate_to_postgres_refuses_odd_sources_and_targets_in_one_line(tmp_path, database, postgres_server):
