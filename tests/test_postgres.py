@@ -19,6 +19,7 @@ import pytest
 import requests
 
 import test_reliability
+from agent_comms_broker.store.postgres import DEFAULT_POOL_SIZE
 from broker_process import BIN, BrokerProcess, free_port, sessions_on_two_workers
 from conftest import until
 from legacy_broker import legacy_database
@@ -561,10 +562,7 @@ def test_a_worker_that_cannot_start_on_a_hung_postgresql_leaves_no_connection_be
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         try:
-            [worker] = node.worker_pids()
-            os.kill(worker, signal.SIGKILL)  # its successor starts on its first request
-            until(lambda: node.worker_pids() not in ([], [worker]), 20, "a new worker")
-            [worker] = node.worker_pids()
+            worker = _new_worker(node)
             reply = requests.post(f"{node.url}/messages/hung", json={"sender": "s", "message": "m"}, timeout=60)
             assert reply.status_code == 503, (reply.status_code, reply.text)
             begun = _ports_connected_to(worker, server.port)
@@ -586,6 +584,41 @@ def test_a_worker_that_cannot_start_on_a_hung_postgresql_leaves_no_connection_be
         if node is not None:
             node.stop()
         server.stop()
+
+
+def test_a_burst_of_first_requests_starts_a_worker_once(tmp_path):
+    """A new worker's first requests, a hundred at once (watchers connecting in a burst):
+    one of them starts the worker, the others wait for that start, so the worker holds
+    one pool and one listener. Each used to start one of its own, all but the last left
+    open: a burst of 1,000 watchers on two workers used up the server's connections."""
+    server = PostgresServer().start()
+    url = server.new_database()
+    database = url.rsplit("/", 1)[1]
+    node = None
+    try:
+        node = BrokerProcess(tmp_path / "n.db", database_url=url, workers=1).start()
+        _new_worker(node)
+        with ThreadPoolExecutor(100) as pool:
+            replies = list(pool.map(lambda _: requests.get(f"{node.url}/messages/burst", timeout=60), range(100)))
+        assert {reply.status_code for reply in replies} == {200}
+        sql = f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'"
+        # (The killed worker's connections end once the server reads their end.)
+        until(lambda: int(server.psql(sql)) <= DEFAULT_POOL_SIZE + 1, 10, "one pool and one listener")
+        assert "Traceback" not in node.log()
+    finally:
+        if node is not None:
+            node.stop()
+        server.stop()
+
+
+def _new_worker(node):
+    """The node's one worker killed, and the pid of its successor, which starts (opens its
+    pool, its listener) on its first request."""
+    [worker] = node.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    until(lambda: node.worker_pids() not in ([], [worker]), 20, "a new worker")
+    [worker] = node.worker_pids()
+    return worker
 
 
 def _ports_connected_to(pid, port):

@@ -11,6 +11,7 @@ import threading
 import time
 
 import gevent
+import gevent.event
 import gevent.local
 import gevent.threadpool
 
@@ -44,6 +45,7 @@ class Runtime:
     def __init__(self, settings):
         self.settings = settings
         self.pid = None
+        self._starting = None  # (pid, the result of the start under way in that process)
         # Set by gunicorn's post_worker_init hook: lets streams end when the worker stops,
         # and tells how many connections the worker serves and may serve (parked event
         # streams count against the same number).
@@ -66,8 +68,31 @@ class Runtime:
 
     def __call__(self):
         if self.pid != os.getpid():
-            self._start()
+            self._start_once()
         return self
+
+    def _start_once(self):
+        """One start per process, however many requests come before it ends: on PostgreSQL
+        a start waits for the server, and each request that came meanwhile made a store, a
+        pool and a listener of its own, all but the last left open (8 listeners for 2
+        workers after a burst of 200 first requests; a burst of 1,000 watchers used up the
+        server's connections). Those requests wait for the start under way, and get what
+        it raised if it failed."""
+        pid = os.getpid()
+        if self._starting is not None and self._starting[0] == pid:
+            self._starting[1].get()  # raises what the start raised
+            return
+        started = gevent.event.AsyncResult()
+        self._starting = (pid, started)
+        try:
+            self._start()
+        except BaseException as error:
+            started.set_exception(error)
+            raise
+        else:
+            started.set(None)
+        finally:
+            self._starting = None
 
     def _open_stores(self):
         """The store, the group committer's store (the same one on PostgreSQL) and how the
