@@ -111,12 +111,28 @@ def test_a_command_line_is_read_as_against_the_whole_usage(args):
         ("http://127.0.0.1:99999", ["Port out of range"]),
         ("http://127.0.0.1:1/?token=x", ["must not have a query"]),
         ("http://someone:s3cret@127.0.0.1:1", ["must not hold a user or password"]),
+        (f"http://{'a' * 64}.invalid:8080", ["has a host name that is not valid"]),  # a label over 63
     ],
 )
 @pytest.mark.parametrize("command", [["send", "tasks", "x"], ["status"]])
 def test_a_broker_url_that_is_not_one_is_a_usage_error(address, fragments, command):
     stderr = one_line(chat("--broker", address, *command), 1, *fragments)
     assert "s3cret" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--agent-id", b"\xff", "status"], "the agent id (--agent-id) is not valid UTF-8 text"),
+        (["--token", b"t\xff", "status"], "the token (--token) is not valid UTF-8 text"),
+        (["read", ""], "CHANNEL is empty"),
+        (["send", "", "x"], "CHANNEL is empty"),
+    ],
+)
+def test_an_agent_id_token_or_channel_that_cannot_be_sent_is_a_usage_error(args, fragment):
+    """Bytes that are not UTF-8 in a header value (a traceback before), an empty channel
+    (asked of the broker before, and a 404)."""
+    one_line(chat(*args), 1, fragment)
 
 
 def test_the_broker_url_error_names_where_the_url_came_from(tmp_path):

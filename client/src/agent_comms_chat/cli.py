@@ -303,6 +303,8 @@ def run(args):
         raise UsageError(str(error)) from None
     # Validate every option before any request is made.
     channel = _text(args["CHANNEL"], "CHANNEL") if args["CHANNEL"] is not None else None
+    if channel == "":
+        raise UsageError("CHANNEL is empty: name a channel")
     limit = _number(args, "--limit")
     after = _number(args, "--after", low=0)
     since = args["--since"]

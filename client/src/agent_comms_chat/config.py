@@ -105,12 +105,20 @@ def check_broker_url(url, where):
         raise ConfigError(f"the broker URL {url!r} ({where}) must not have a query or fragment")
     if port == 0:
         raise ConfigError(f"the broker URL {url!r} ({where}) has port 0")
+    try:
+        parts.hostname.encode("idna")  # as it is sent, in the Host header and to the resolver
+    except UnicodeError:
+        raise ConfigError(f"the broker URL {url!r} ({where}) has a host name that is not valid") from None
     return url.rstrip("/")
 
 
 def check_header_value(value, name, where):
     """A value sent in a request header: a control character would end the header, and
     HTTP drops spaces around a value."""
+    try:
+        value.encode("utf-8")  # bytes that were not UTF-8 come from the command line as surrogates
+    except UnicodeEncodeError:
+        raise ConfigError(f"the {name} ({where}) is not valid UTF-8 text") from None
     if any(unicodedata.category(char) == "Cc" for char in value):
         raise ConfigError(f"the {name} ({where}) contains control characters")
     if value != value.strip():

@@ -48,12 +48,14 @@ def _items(pattern):
 class PlainLines:
     def __init__(self, doc, program="agent-chat"):
         self.usage = usage = Usage(doc, program)
-        self.repeatable = {
-            alone[0]
-            for pattern in usage.patterns.values()
-            for alone in map(_alone, _items(pattern))
-            if alone and alone[1]
-        }
+        # Options docopt gives a list (or a count) in every reading: repeatable ("[--tag T]...")
+        # or named twice in a usage line.
+        self.repeatable = set()
+        for pattern in usage.patterns.values():
+            named = usage.options_in(pattern)
+            groups = [_alone(item) for item in _items(pattern)]
+            self.repeatable.update(group[0] for group in groups if group and group[1])
+            self.repeatable.update(option for option in named if named.count(option) > 1)
         self.empty = self._empty()
         # command: (its arguments in order, {option standing alone in its line: repeatable})
         self.plain = {}
@@ -97,6 +99,8 @@ class PlainLines:
         arguments, alone = [], {}
         for item in items[3:]:
             option = _alone(item)
+            if option and option[0] in alone:
+                return None  # an option named twice in a line: docopt counts it
             if option:
                 alone[option[0]] = option[1]
             elif item.startswith("[") and any(word.startswith("-") for word in words_of(item)):
@@ -137,16 +141,17 @@ class PlainLines:
         arguments, alone = self.plain[command]
         if len(words) - 1 != len(arguments):
             return None
-        args = dict(self.empty)
+        # (Lists copied: the empty reading's are shared by every reading.)
+        args = {key: list(value) if isinstance(value, list) else value for key, value in self.empty.items()}
         args[command] = True
         args.update(zip(arguments, words[1:]))
         for option, values in given.items():
             if option not in alone and option not in usage.common:
                 return None
-            if alone.get(option):
+            if len(values) > 1 and not alone.get(option):
+                return None  # given again, where this line does not let it repeat
+            if option in self.repeatable:  # docopt's value is a list (a count) in every line
                 args[option] = values if usage.takes_value[option] else len(values)
-            elif len(values) > 1:
-                return None
             else:
                 args[option] = values[0]
         return args

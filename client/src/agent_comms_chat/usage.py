@@ -34,7 +34,7 @@ class Usage:
         self.synonyms = {}  # option: the name docopt gives its value (-h: --help)
         self._read_patterns(doc)
         self._read_options(doc)
-        mentioned = {word for pattern in self.patterns.values() for word in self._options_in(pattern)}
+        mentioned = {word for pattern in self.patterns.values() for word in self.options_in(pattern)}
         # docopt's [options]: every option no usage line names, allowed with any command.
         self.common = {option for option in self.takes_value if option not in mentioned}
 
@@ -65,12 +65,13 @@ class Usage:
                 for name in names:
                     self.takes_value[name] = any(not word.startswith("-") for word in words)
                     self.synonyms[name] = names[-1]
-            _, found, default = text.partition("[default: ")
-            if found and names:
-                self.defaults[names[-1]] = default.partition("]")[0]
+            # As docopt reads it: [default: ...] in any case, its value up to the line's last ].
+            start = text.lower().find("[default: ")
+            if start >= 0 and names and "]" in text[start:]:
+                self.defaults[names[-1]] = text[start + len("[default: ") : text.rindex("]")]
 
     @staticmethod
-    def _options_in(pattern):
+    def options_in(pattern):
         words = [word.removesuffix("...") for word in words_of(pattern)]
         return [word for word in words if word[:1] == "-" and word.lstrip("-")[:1].islower()]
 
@@ -124,14 +125,14 @@ class Usage:
 
     def _mismatch(self, command, arguments, used):
         pattern = self.patterns[command]
-        own = set(self._options_in(pattern))
+        own = set(self.options_in(pattern))
         for option in used:
             if option not in own and option not in self.common:
-                others = [name for name, line in self.patterns.items() if option in self._options_in(line)]
+                others = [name for name, line in self.patterns.items() if option in self.options_in(line)]
                 where = f" (it is an option of {', '.join(others)})" if others else ""
                 return f"{option} is not an option of {command}{where}"
         for group in re.findall(_ALTERNATIVES, pattern):
-            given = [option for option in self._options_in(group) if option in used]
+            given = [option for option in self.options_in(group) if option in used]
             if len(given) > 1:
                 return f"{' and '.join(given)} exclude each other: give one of them"
         repeatable = set(re.findall(_REPEATABLE, pattern))
