@@ -349,3 +349,49 @@ def test_a_stop_that_reaches_workers_still_starting_is_not_lost(own_broker):
         assert broker.process.wait(20) == 0
         if attempt == 0:
             broker.start()
+
+
+# A worker's runtime started by many greenlets at once, in a process of its own (importing
+# the WSGI app makes it): `_start` stands in for the store's opening, which on PostgreSQL
+# waits for the server.
+RUNTIME_STARTS = """
+import sys, gevent
+from agent_comms_broker import wsgi
+
+runtime, calls = wsgi.runtime, []
+
+def start(outcome):
+    def _start():
+        calls.append(outcome)
+        gevent.sleep(0.05)
+        if outcome == "fails":
+            raise OSError("the server does not answer")
+        if outcome == "started":
+            runtime.pid = wsgi.os.getpid()
+    return _start
+
+def results(greenlets):
+    gevent.joinall(greenlets)
+    return [type(g.exception).__name__ if g.exception else "ok" for g in greenlets]
+
+runtime._start = start("fails")
+first = results([gevent.spawn(runtime) for _ in range(50)])
+runtime._start = start("started")
+killed = gevent.spawn(runtime)
+gevent.sleep(0.01)
+waiting = [gevent.spawn(runtime) for _ in range(20)]
+gevent.sleep(0.01)
+killed.kill()
+second = results(waiting)
+print(calls, sorted(set(first)), first.count("OSError"), sorted(set(second)))
+"""
+
+
+def test_a_worker_starts_once_for_the_requests_that_come_while_it_starts(tmp_path):
+    """Fifty first requests at once: one start, whose failure all fifty get (503s), and
+    the next request starts again; a start whose greenlet is killed is taken over by one
+    of the requests waiting for it, and the others wait for that one."""
+    env = {**os.environ, "AGENT_COMMS_DB": str(tmp_path / "m.db"), "AGENT_COMMS_METRICS": "off"}
+    done = subprocess.run([sys.executable, "-c", RUNTIME_STARTS], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "['fails', 'started', 'started'] ['OSError'] 50 ['ok']"

@@ -67,7 +67,7 @@ class Runtime:
             self.notify_rules = load(settings.notify_file)
 
     def __call__(self):
-        if self.pid != os.getpid():
+        while self.pid != os.getpid():
             self._start_once()
         return self
 
@@ -77,7 +77,7 @@ class Runtime:
         pool and a listener of its own, all but the last left open (8 listeners for 2
         workers after a burst of 200 first requests; a burst of 1,000 watchers used up the
         server's connections). Those requests wait for the start under way, and get what
-        it raised if it failed."""
+        it raised if it failed; if its greenlet was killed instead, one of them starts."""
         pid = os.getpid()
         if self._starting is not None and self._starting[0] == pid:
             self._starting[1].get()  # raises what the start raised
@@ -86,13 +86,13 @@ class Runtime:
         self._starting = (pid, started)
         try:
             self._start()
-        except BaseException as error:
+        except Exception as error:
             started.set_exception(error)
             raise
-        else:
-            started.set(None)
         finally:
             self._starting = None
+            if not started.ready():
+                started.set(None)  # started, or its greenlet killed: the others look again
 
     def _open_stores(self):
         """The store, the group committer's store (the same one on PostgreSQL) and how the
