@@ -523,19 +523,13 @@ def test_a_hung_postgresql_costs_a_503_within_the_deadline_not_a_hang(tmp_path):
     try:
         node = BrokerProcess(tmp_path / "n.db", database_url=server.new_database()).start()
         post(node.url, "hung", "before")
-        frozen = server.processes()
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with _hung(server):
             started = time.monotonic()
             reply = requests.post(f"{node.url}/messages/hung", json={"sender": "s", "message": "m"}, timeout=60)
             assert reply.status_code == 503 and time.monotonic() - started < 15, (reply.status_code, reply.text)
             started = time.monotonic()
             assert requests.get(f"{node.url}/healthz", timeout=60).status_code == 503
             assert time.monotonic() - started < 15  # 1-4 s alone; 10 s seen once beside other tests
-        finally:
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
         until(lambda: requests.get(f"{node.url}/healthz", timeout=30).status_code == 200, 30, "healthy again")
         assert post(node.url, "hung", "after")["id"] > 1
         assert "Traceback" not in node.log()
@@ -551,25 +545,14 @@ def test_a_worker_that_cannot_start_on_a_hung_postgresql_leaves_no_connection_be
     opened is closed. The connections it had begun are gone once the server runs again
     (left to the garbage collector, such a pool kept them until collected, and was then
     closed from one of its own threads: a traceback in the log)."""
-    server = PostgresServer().start()
-    url = server.new_database()
-    database = url.rsplit("/", 1)[1]
-    node = None
-    try:
-        node = BrokerProcess(tmp_path / "n.db", database_url=url, workers=1).start()
+    with _one_worker_node(tmp_path) as (server, node, database):
         post(node.url, "hung", "before")
-        frozen = server.processes()
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with _hung(server):
             worker = _new_worker(node)
             reply = requests.post(f"{node.url}/messages/hung", json={"sender": "s", "message": "m"}, timeout=60)
             assert reply.status_code == 503, (reply.status_code, reply.text)
             begun = _ports_connected_to(worker, server.port)
             assert begun, "the failed start's pool had begun connecting"
-        finally:
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
         until(lambda: requests.get(f"{node.url}/healthz", timeout=30).status_code == 200, 30, "healthy again")
         assert post(node.url, "hung", "after")["id"] == 2
 
@@ -580,10 +563,6 @@ def test_a_worker_that_cannot_start_on_a_hung_postgresql_leaves_no_connection_be
         until(lambda: not left(), 15, "the failed start's connections closed")
         time.sleep(1)
         assert not left() and "Traceback" not in node.log()
-    finally:
-        if node is not None:
-            node.stop()
-        server.stop()
 
 
 def test_a_burst_of_first_requests_starts_a_worker_once(tmp_path):
@@ -591,12 +570,7 @@ def test_a_burst_of_first_requests_starts_a_worker_once(tmp_path):
     one of them starts the worker, the others wait for that start, so the worker holds
     one pool and one listener. Each used to start one of its own, all but the last left
     open: a burst of 1,000 watchers on two workers used up the server's connections."""
-    server = PostgresServer().start()
-    url = server.new_database()
-    database = url.rsplit("/", 1)[1]
-    node = None
-    try:
-        node = BrokerProcess(tmp_path / "n.db", database_url=url, workers=1).start()
+    with _one_worker_node(tmp_path) as (server, node, database):
         _new_worker(node)
         with ThreadPoolExecutor(100) as pool:
             replies = list(pool.map(lambda _: requests.get(f"{node.url}/messages/burst", timeout=60), range(100)))
@@ -605,10 +579,36 @@ def test_a_burst_of_first_requests_starts_a_worker_once(tmp_path):
         # (The killed worker's connections end once the server reads their end.)
         until(lambda: int(server.psql(sql)) <= DEFAULT_POOL_SIZE + 1, 10, "one pool and one listener")
         assert "Traceback" not in node.log()
+
+
+@contextlib.contextmanager
+def _one_worker_node(tmp_path):
+    """(server, node, database name): a PostgreSQL server of its own, and a node of one
+    worker on a new database of it; both stopped after."""
+    server = PostgresServer().start()
+    node = None
+    try:
+        url = server.new_database()
+        node = BrokerProcess(tmp_path / "n.db", database_url=url, workers=1).start()
+        yield server, node, url.rsplit("/", 1)[1]
     finally:
         if node is not None:
             node.stop()
         server.stop()
+
+
+@contextlib.contextmanager
+def _hung(server):
+    """The server's processes stopped (SIGSTOP: TCP still answers for them), and let run
+    again after."""
+    frozen = server.processes()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
 
 
 def _new_worker(node):

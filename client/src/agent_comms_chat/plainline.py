@@ -48,19 +48,22 @@ def _items(pattern):
 class PlainLines:
     def __init__(self, doc, program="agent-chat"):
         self.usage = usage = Usage(doc, program)
+        # Each line's items, with what _alone makes of each: read once, used twice below.
+        lines = {
+            command: [(item, _alone(item)) for item in _items(pattern)] for command, pattern in usage.patterns.items()
+        }
         # Options docopt gives a list (or a count) in every reading: repeatable ("[--tag T]...")
         # or named twice in a usage line.
         self.repeatable = set()
-        for pattern in usage.patterns.values():
+        for command, pattern in usage.patterns.items():
             named = usage.options_in(pattern)
-            groups = [_alone(item) for item in _items(pattern)]
-            self.repeatable.update(group[0] for group in groups if group and group[1])
+            self.repeatable.update(alone[0] for _, alone in lines[command] if alone and alone[1])
             self.repeatable.update(option for option in named if named.count(option) > 1)
         self.empty = self._empty()
         # command: (its arguments in order, {option standing alone in its line: repeatable})
         self.plain = {}
-        for command, pattern in usage.patterns.items():
-            plain = self._plain(program, command, pattern)
+        for command, items in lines.items():
+            plain = self._plain(program, command, items)
             if plain is not None:
                 self.plain[command] = plain
 
@@ -91,14 +94,13 @@ class PlainLines:
         return empty
 
     @staticmethod
-    def _plain(program, command, pattern):
-        """(arguments, options standing alone) of a plain usage line; None for another."""
-        items = _items(pattern)
-        if items[:3] != [program, "[options]", command]:
+    def _plain(program, command, items):
+        """(arguments, options standing alone) of a plain usage line, given as its items and
+        what _alone made of each; None for another line."""
+        if [item for item, _ in items[:3]] != [program, "[options]", command]:
             return None
         arguments, alone = [], {}
-        for item in items[3:]:
-            option = _alone(item)
+        for item, option in items[3:]:
             if option and option[0] in alone:
                 return None  # an option named twice in a line: docopt counts it
             if option:
