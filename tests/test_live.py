@@ -226,9 +226,9 @@ def test_posts_that_arrive_while_the_writer_waits_for_the_lock_share_its_commit(
     from agent_comms_broker.store import Post, Store
 
     path = str(tmp_path / "m.db")
-    writer = Store(path, writers_queue=True)
+    writer = Store(path, writers_queue=True, thread=ThreadPool(1))
     commits = []
-    committer = GroupCommitter(writer, commits.append, call=ThreadPool(1).apply)
+    committer = GroupCommitter(writer, commits.append)
     other = open(path + "-writers", "rb")  # another worker, committing
     fcntl.flock(other, fcntl.LOCK_EX)
     try:
@@ -244,3 +244,106 @@ def test_posts_that_arrive_while_the_writer_waits_for_the_lock_share_its_commit(
     ids = [greenlet.value[0].id for greenlet in (first, *later)]
     assert ids == [1, 2, 3, 4] and commits == [4]
     writer.close()
+
+
+def _committers_store(path):
+    """A worker's committer store as wsgi.Runtime opens it: a connection of its own, the
+    workers' turn file, and a thread for its waits (without fsync here: a commit's time
+    is the pause the tests put before it)."""
+    from gevent.threadpool import ThreadPool
+
+    from agent_comms_broker.store import Store
+
+    return Store(path, synchronous="OFF", writers_queue=True, thread=ThreadPool(1))
+
+
+def test_a_committers_store_waits_for_the_lock_in_its_thread_and_commits_there_only_on_a_slow_disk(tmp_path):
+    """While another worker holds the write lock the committer's store waits for it in
+    its thread (the worker's event loop goes on); a quick commit runs where the
+    statements do, and commits that take a millisecond or more (a slow disk's fsync,
+    stood in for by a pause before each COMMIT) go to the thread too, until they are
+    quick again."""
+    import fcntl
+
+    import gevent
+
+    from agent_comms_broker.store import Post
+
+    path = str(tmp_path / "m.db")
+    store = _committers_store(path)
+    caller = threading.get_ident()
+    ran, pause = [], [0.0]
+
+    def traced(statement):  # runs in the thread that runs the statement
+        if statement in ("BEGIN IMMEDIATE", "COMMIT"):
+            ran.append((statement, "caller" if threading.get_ident() == caller else "thread"))
+        if statement == "COMMIT":
+            time.sleep(pause[0])
+
+    store._db.set_trace_callback(traced)
+
+    def post(text):
+        ran.clear()
+        store.append([Post("c", "a", text)])
+        return dict(ran)
+
+    assert post("quick") == {"BEGIN IMMEDIATE": "caller", "COMMIT": "caller"}
+
+    other = open(path + "-writers", "rb")  # another worker, committing
+    fcntl.flock(other, fcntl.LOCK_EX)
+    ran.clear()
+    waiting = gevent.spawn(store.append, [Post("c", "a", "after the other")])
+    gevent.sleep(0.2)
+    assert not waiting.ready() and ran == []  # the thread waits; this loop runs on
+    fcntl.flock(other, fcntl.LOCK_UN)
+    other.close()
+    waiting.get(timeout=10)
+    assert dict(ran) == {"BEGIN IMMEDIATE": "thread", "COMMIT": "caller"}
+
+    pause[0] = 0.005
+    slow = [post(f"slow {n}") for n in range(4)]
+    assert slow[0] == {"BEGIN IMMEDIATE": "caller", "COMMIT": "caller"}  # measured so far: quick
+    assert slow[-1] == {"BEGIN IMMEDIATE": "thread", "COMMIT": "thread"}
+    pause[0] = 0.0
+    quick = [post(f"quick again {n}") for n in range(20)]
+    assert quick[0] == {"BEGIN IMMEDIATE": "thread", "COMMIT": "thread"}
+    assert quick[-1] == {"BEGIN IMMEDIATE": "caller", "COMMIT": "caller"}
+    assert len(store.latest("c", 100).messages) == 26
+    store.close()
+
+
+def test_a_write_stopped_while_it_waits_for_the_lock_leaves_the_lock_free(tmp_path):
+    """A write whose greenlet is killed while its thread waits for the lock (a worker
+    stopping) does not keep the lock once the thread gets it: another worker writes, and
+    the store still does; the stopped post is not stored."""
+    import fcntl
+
+    import gevent
+
+    from agent_comms_broker.store import Post, Store
+
+    path = str(tmp_path / "m.db")
+    store = _committers_store(path)
+    other = open(path + "-writers", "rb")
+    fcntl.flock(other, fcntl.LOCK_EX)
+    waiting = gevent.spawn(store.append, [Post("c", "a", "stopped")])
+    gevent.sleep(0.2)
+    waiting.kill()
+    fcntl.flock(other, fcntl.LOCK_UN)
+    deadline = time.monotonic() + 5
+    while True:  # the thread takes the lock, then gives it back
+        gevent.sleep(0.05)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.monotonic() < deadline, "the stopped write kept the workers' turn"
+    fcntl.flock(other, fcntl.LOCK_UN)
+    other.close()
+    another = Store(path, busy_deadline=2)  # StoreBusy if SQLite's lock were still held
+    another.append([Post("c", "b", "another worker")])
+    store.append([Post("c", "a", "this worker again")])
+    texts = [message.message for message in another.latest("c", 10).messages]
+    assert texts == ["another worker", "this worker again"]
+    another.close()
+    store.close()

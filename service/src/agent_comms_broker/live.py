@@ -221,14 +221,14 @@ class GroupCommitter:
     coordination writes (takes, claims, dones, releases, read positions), each of which
     runs in a savepoint of its own so that one refused leaves the others be.
 
-    With `call` (a thread pool's apply), each transaction runs in that pool's thread, on
-    `store`'s own connection: the worker's event loop keeps reading requests and writing
-    replies while SQLite writes and fsyncs, and those requests join the next group."""
+    On SQLite `store` is a connection of the committer's own, which waits for the write
+    lock and commits in a thread (store/sqlite.py): the worker's event loop keeps reading
+    requests and writing replies while the other worker writes and while SQLite fsyncs,
+    and those requests join the next group."""
 
-    def __init__(self, store, on_commit, max_channels=0, max_agents=0, max_database=0, call=None):
+    def __init__(self, store, on_commit, max_channels=0, max_agents=0, max_database=0):
         self.store = store
         self.on_commit = on_commit
-        self._call = self._in(call) if call else (lambda function, args: function(*args))
         self.caps = {"max_channels": max_channels, "max_agents": max_agents, "max_database": max_database}
         self._queue = collections.deque()
         self._ready = Event()
@@ -262,8 +262,8 @@ class GroupCommitter:
                     self._commit_work(self._group(WORK))
 
     def _group(self, kind):
-        """The next writes of a kind, taken from the queue (for posts, in the committer's
-        thread once it holds the write lock)."""
+        """The next writes of a kind, taken from the queue (for posts, once the committer
+        holds the write lock)."""
         group, size = [], 0
         while (
             self._queue
@@ -285,11 +285,8 @@ class GroupCommitter:
             group.extend(self._group(POSTS))
             return self._batch(group)
 
-        def append():
-            return self.store.append_gathered(gather, **self.caps)
-
         try:
-            stored = self._call(append, ())
+            stored = self.store.append_gathered(gather, **self.caps)
         except REFUSED as error:
             self._refused(group, error)
             return
@@ -327,7 +324,7 @@ class GroupCommitter:
     def _commit(self, group):
         """Commit this group of posts (one post, when a group was refused)."""
         try:
-            stored = self._call(self._append, self._batch(group))
+            stored = self._append(*self._batch(group))
         except REFUSED as error:
             self._refused(group, error)
             return
@@ -337,31 +334,12 @@ class GroupCommitter:
             return
         self._committed(group, stored)
 
-    @staticmethod
-    def _in(call):
-        """`call` (a thread pool's apply) that hands back what the function raised as it
-        is, raised again here: the pool would also print each as a traceback."""
-
-        def outcome(function, args):
-            try:
-                return function(*args), None
-            except BaseException as error:  # raised again in the greenlet that waits
-                return None, error
-
-        def run(function, args):
-            value, error = call(outcome, (function, args))
-            if error is not None:
-                raise error
-            return value
-
-        return run
-
     def _append(self, batch, capped):
         return self.store.append(batch, capped=capped, **self.caps)
 
     def _commit_work(self, group):
         try:
-            outcomes = self._call(self.store.write_batch, ([item[1][0] for item in group],))
+            outcomes = self.store.write_batch([item[1][0] for item in group])
         except BaseException as error:
             for _, _, result, _ in group:
                 result.set_exception(error)

@@ -8,7 +8,6 @@ committer, made on its first request.
 
 import os
 import threading
-import time
 
 import gevent
 import gevent.event
@@ -95,8 +94,7 @@ class Runtime:
                 started.set(None)  # started, or its greenlet killed: the others look again
 
     def _open_stores(self):
-        """The store, the group committer's store (the same one on PostgreSQL) and how the
-        committer calls it."""
+        """The store, and the group committer's store (the same one on PostgreSQL)."""
         settings = self.settings
         if settings.database_url:
             # Imported here, in the worker, after gevent has patched it (store/postgres.py).
@@ -111,25 +109,27 @@ class Runtime:
                 migrate_schema=False,
                 bounded=lambda seconds: gevent.Timeout(seconds, TimeoutError),
             )
-            return store, store, None
+            return store, store
         store = Store(settings.db, settings.synchronous, sleep=gevent.sleep, max_attempts=settings.max_attempts)
         try:
-            # The group committer writes on a connection of its own, in a thread of its own.
+            # The group committer writes on a connection of its own, and waits for the
+            # write lock (and commits on a slow disk) in a thread of its own.
             writer = Store(
                 settings.db,
                 settings.synchronous,
-                sleep=time.sleep,
+                sleep=gevent.sleep,
                 max_attempts=settings.max_attempts,
                 writers_queue=True,
+                thread=gevent.threadpool.ThreadPool(1),
             )
         except BaseException:
             store.close()
             raise
-        return store, writer, gevent.threadpool.ThreadPool(1).apply
+        return store, writer
 
     def _start(self):
         settings = self.settings
-        store, writer, call = self._open_stores()
+        store, writer = self._open_stores()
         try:
             # The hub reads where the store stands: when the database does not answer (a
             # server that hangs or restarts), the start fails, and the worker's next
@@ -149,7 +149,6 @@ class Runtime:
             settings.max_channels,
             settings.max_agents,
             settings.max_database,
-            call=call,
         )
         self.retention = run_retention(self.store, settings, alive=lambda: self.alive())
         self.notifier = None
