@@ -3,7 +3,7 @@ loopback, temporary SQLite files), measures each figure against its target, prin
 summary table and writes bench/results/latest.json.
 
 Usage: run.py [--only NAMES] [--seconds S] [--wrk-threads N] [--watchers N] [--messages N]
-              [--rate R] [--big-store N] [--keep]
+              [--rate R] [--big-store N] [--fsync-delay-ms MS] [--keep]
 
 Scenarios, in order: idle (cold start, idle memory), cli (agent-chat send and read),
 publish (beside the stack's floor: the same Bottle and gunicorn answering a hello POST,
@@ -22,6 +22,7 @@ import argparse
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,8 +77,27 @@ def parse_args(argv=None):
     parser.add_argument("--messages", type=int, default=100, help="messages posted in the fan-out [100]")
     parser.add_argument("--rate", type=float, default=20.0, help="fan-out posts per second [20]")
     parser.add_argument("--big-store", type=int, default=1_000_000, help="messages in the big store [1000000]")
+    parser.add_argument(
+        "--fsync-delay-ms",
+        type=float,
+        default=0.0,
+        help="make every fsync of the run MS longer, as on a slow disk (bench/slow_fsync.c, built with cc) [0]",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (databases, logs)")
     return parser.parse_args(argv)
+
+
+def slow_fsync(workdir, delay_ms):
+    """Preload bench/slow_fsync.c into every process the run starts, so that each fsync
+    and fdatasync takes `delay_ms` longer."""
+    library = workdir / "slow_fsync.so"
+    source = Path(__file__).resolve().parent / "slow_fsync.c"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise SystemExit("bench: --fsync-delay-ms needs a C compiler (apt-get install gcc)")
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"], check=True)
+    os.environ["LD_PRELOAD"] = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), str(library)]))
+    os.environ["BENCH_FSYNC_DELAY_US"] = str(round(delay_ms * 1000))
 
 
 def stop_on_sigterm():
@@ -99,6 +119,9 @@ def main(argv=None):
     workdir = Path(tempfile.mkdtemp(prefix="agent-comms-bench-"))
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"agent-comms benchmark: {os.cpu_count()} CPUs, load average {load}; working in {workdir}", flush=True)
+    if args.fsync_delay_ms:
+        slow_fsync(workdir, args.fsync_delay_ms)
+        print(f"every fsync made {args.fsync_delay_ms:g} ms longer (bench/slow_fsync.c)", flush=True)
     try:
         for name in chosen:
             print(f"\n[{name}]", flush=True)
