@@ -315,35 +315,38 @@ def test_a_committers_store_waits_for_the_lock_in_its_thread_and_commits_there_o
 def test_a_write_stopped_while_it_waits_for_the_lock_leaves_the_lock_free(tmp_path):
     """A write whose greenlet is killed while its thread waits for the lock (a worker
     stopping) does not keep the lock once the thread gets it: another worker writes, and
-    the store still does; the stopped post is not stored."""
+    the store still does, also at once, while its thread still has the stopped write's
+    steps to finish (twenty times); the stopped post is not stored."""
     import fcntl
 
     import gevent
 
     from agent_comms_broker.store import Post, Store
 
-    path = str(tmp_path / "m.db")
-    store = _committers_store(path)
-    other = open(path + "-writers", "rb")
-    fcntl.flock(other, fcntl.LOCK_EX)
-    waiting = gevent.spawn(store.append, [Post("c", "a", "stopped")])
-    gevent.sleep(0.2)
-    waiting.kill()
-    fcntl.flock(other, fcntl.LOCK_UN)
-    deadline = time.monotonic() + 5
-    while True:  # the thread takes the lock, then gives it back
-        gevent.sleep(0.05)
-        try:
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            assert time.monotonic() < deadline, "the stopped write kept the workers' turn"
-    fcntl.flock(other, fcntl.LOCK_UN)
-    other.close()
-    another = Store(path, busy_deadline=2)  # StoreBusy if SQLite's lock were still held
-    another.append([Post("c", "b", "another worker")])
-    store.append([Post("c", "a", "this worker again")])
-    texts = [message.message for message in another.latest("c", 10).messages]
-    assert texts == ["another worker", "this worker again"]
-    another.close()
-    store.close()
+    for n in range(20):
+        path = str(tmp_path / f"{n}.db")
+        store = _committers_store(path)
+        other = open(path + "-writers", "rb")
+        fcntl.flock(other, fcntl.LOCK_EX)
+        waiting = gevent.spawn(store.append, [Post("c", "a", "stopped")])
+        gevent.sleep(0.02)
+        waiting.kill()
+        fcntl.flock(other, fcntl.LOCK_UN)
+        store.append([Post("c", "a", "this worker at once", tags=("t1", "t2"))])
+        deadline = time.monotonic() + 5
+        while True:  # the lock is free again
+            gevent.sleep(0.01)
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the stopped write kept the workers' turn"
+        fcntl.flock(other, fcntl.LOCK_UN)
+        other.close()
+        another = Store(path, busy_deadline=2)  # StoreBusy if SQLite's lock were still held
+        another.append([Post("c", "b", "another worker")])
+        store.append([Post("c", "a", "this worker again")])
+        texts = [message.message for message in another.latest("c", 10).messages]
+        assert texts == ["this worker at once", "another worker", "this worker again"]
+        another.close()
+        store.close()

@@ -67,6 +67,7 @@ class Store(Search, SQLStore):
         # a write waits there for the lock, and commits there on a slow disk (_write).
         self._thread = thread
         self._commit_seconds = 0.0  # how long commits take, smoothed
+        self._behind = None  # a task of a stopped write, left to the thread (_thread_behind)
         self._writers = None
         if writers_queue and not (path == ":memory:" or path.startswith("file:")):
             self._writers = os.open(path + "-writers", os.O_RDWR | os.O_CREAT, 0o600)
@@ -115,7 +116,7 @@ class Store(Search, SQLStore):
         interpreter lock back from the loop."""
 
         def transaction():
-            slow = self._thread is not None and self._commit_seconds >= SLOW_COMMIT
+            slow = self._thread is not None and (self._commit_seconds >= SLOW_COMMIT or self._thread_behind())
             if self._thread is None:
                 self._begin()
             elif slow or not self._begin(wait=False):
@@ -157,15 +158,28 @@ class Store(Search, SQLStore):
         except BaseException as error:
             if not isinstance(error, Exception):
                 # Stopped while the thread waited (a GreenletExit): the thread may still
-                # get the lock, and must not keep it. Its next task runs after this one.
-                self._thread.spawn(self._release)
+                # get the lock, and must not keep it. Its tasks run in turn.
+                self._behind = self._thread.spawn(_outcome, self._release)
             raise
 
     def _in_thread(self, function):
-        value, error = self._thread.apply(_outcome, (function,))
+        task = self._thread.spawn(_outcome, function)
+        try:
+            value, error = task.get()
+        except BaseException:
+            self._behind = task  # stopped while it runs: it goes on, on this connection
+            raise
         if error is not None:
             raise error
         return value
+
+    def _thread_behind(self):
+        """Whether a write that was stopped left the thread a task still to finish: until
+        it has, every step of the next writes goes to the thread too (after it), so that
+        no two threads use the connection at once."""
+        if self._behind is not None and self._behind.ready():
+            self._behind = None
+        return self._behind is not None
 
     def _commit(self):
         started = time.monotonic()
