@@ -240,15 +240,19 @@ class GroupCommitter:
         token); a token holder's posts always go in."""
         return self._submit(POSTS, entries, capped)
 
-    def run(self, work):
+    def run(self, work, timeout=None):
         """Run work(db) (a store's *_work) in the next group's transaction; returns what
-        it returned once committed, or raises what it raised."""
-        return self._submit(WORK, [work], None)
+        it returned once committed, or raises what it raised. With `timeout`, StoreBusy
+        if it is not committed within that many seconds (it stays queued: for writes
+        that are best effort)."""
+        return self._submit(WORK, [work], None, timeout)
 
-    def _submit(self, kind, items, capped):
+    def _submit(self, kind, items, capped, timeout=None):
         result = AsyncResult()
         self._queue.append((kind, items, result, capped))
         self._ready.set()
+        if timeout is not None and not result.wait(timeout) and not result.ready():
+            raise StoreBusy(f"not committed within {timeout:g} s")
         return result.get()
 
     def _run(self):

@@ -14,6 +14,9 @@ log = logging.getLogger("agent_comms_broker.http")
 
 # Reads naming an agent refresh its last-seen at most this often (per worker).
 TOUCH_INTERVAL = 1.0
+# How long a request waits for its agent's record; past it the record still goes in with
+# the group commit, and the request goes on.
+TOUCH_WAIT = 0.5
 # The agents that hold tokens are re-read at most this often (per worker).
 TOKEN_AGENTS_INTERVAL = 1.0
 
@@ -53,8 +56,11 @@ class Broker:
         now = time.time()
         if agent is None or now - self._last_touch.get(agent, 0) < TOUCH_INTERVAL:
             return
+        # In the group commit: a write of its own would wait for SQLite's lock between
+        # the committers' turns, and did, up to its deadline, under a steady load.
+        work = self.store.touch_agent_work(agent, now, max_agents=self.settings.max_agents, register=register)
         try:
-            self.store.touch_agent(agent, now, max_agents=self.settings.max_agents, register=register)
+            self.committer.run(work, timeout=TOUCH_WAIT)
         except (StoreBusy, StoreFull) as error:
             log.warning("could not record agent %s as seen: %s", agent, error)
             return

@@ -184,6 +184,10 @@ class StoreContract(abc.ABC):
         """Record an agent as seen; best effort."""
 
     @abc.abstractmethod
+    def touch_agent_work(self, agent_id, now=None, max_agents=0, register=True):
+        """touch_agent as a work for write_batch (the group commit)."""
+
+    @abc.abstractmethod
     def channels(self, after="", limit=-1):
         """(name, message count, last activity) by name."""
 
@@ -219,6 +223,10 @@ class StoreContract(abc.ABC):
     @abc.abstractmethod
     def touch_token(self, token_id, now=None, busy_deadline=0.5):
         """Record a token's last use; best effort."""
+
+    @abc.abstractmethod
+    def touch_token_work(self, token_id, now=None):
+        """touch_token as a work for write_batch."""
 
     # -- agents' public keys (agent_keys.py) ----------------------------------------------
 

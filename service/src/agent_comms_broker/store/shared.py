@@ -261,8 +261,12 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
 
     def touch_agent(self, agent_id, now=None, busy_deadline=0.5, max_agents=0, register=True):
         """Record that an agent was seen (it read, or watched). Best effort: it gives up
-        on a locked database sooner than a post does. An agent not known yet is registered
-        only with `register`, and with max_agents only while the cap is not reached."""
+        on a locked database sooner than a post does."""
+        self._write(self.touch_agent_work(agent_id, now, max_agents, register), busy_deadline)
+
+    def touch_agent_work(self, agent_id, now=None, max_agents=0, register=True):
+        """An agent not known yet is registered only with `register`, and with max_agents
+        only while the cap is not reached."""
         seen = time.time() if now is None else now
 
         def work(db):
@@ -271,7 +275,7 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
             if not max_agents or db.execute(self.sql.COUNT_AGENTS).fetchone()[0] < max_agents:
                 db.execute(self.sql.UPSERT_AGENT_SEEN, (agent_id, seen, seen))
 
-        self._write(work, busy_deadline)
+        return work
 
     def forget_idle_agents(self, idle_since):
         """Forget the agents not seen since `idle_since` that no token names; returns how
@@ -497,5 +501,8 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
 
     def touch_token(self, token_id, now=None, busy_deadline=0.5):
         """Record a token's last use; best effort, like touch_agent."""
+        self._write(self.touch_token_work(token_id, now), busy_deadline)
+
+    def touch_token_work(self, token_id, now=None):
         stamp = time.time() if now is None else now
-        self._write(lambda db: db.execute(self.sql.TOUCH_TOKEN, (stamp, token_id)), busy_deadline)
+        return lambda db: db.execute(self.sql.TOUCH_TOKEN, (stamp, token_id)).rowcount
