@@ -56,17 +56,18 @@ class Broker:
         now = time.time()
         if agent is None or now - self._last_touch.get(agent, 0) < TOUCH_INTERVAL:
             return
+        # Once an interval whatever comes of it: a record that waits past TOUCH_WAIT is
+        # still queued, and requests that came meanwhile must not queue more of them.
+        if len(self._last_touch) >= 10000:
+            self._last_touch.clear()
+        self._last_touch[agent] = now
         # In the group commit: a write of its own would wait for SQLite's lock between
         # the committers' turns, and did, up to its deadline, under a steady load.
         work = self.store.touch_agent_work(agent, now, max_agents=self.settings.max_agents, register=register)
         try:
             self.committer.run(work, timeout=TOUCH_WAIT)
         except (StoreBusy, StoreFull) as error:
-            log.warning("could not record agent %s as seen: %s", agent, error)
-            return
-        self._last_touch[agent] = now
-        if len(self._last_touch) > 10000:
-            self._last_touch.clear()
+            log.warning("agent %s: its last-seen is not recorded (yet): %s", agent, error)
 
     def touch_reader(self):
         """The agent of this request (its token's, else its X-Agent-ID), recorded as seen.
