@@ -31,9 +31,10 @@ LOGGED_AGENT_MAX = 130
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agent-comms"'}
 # A token's last use is recorded at most this often (per worker).
 TOKEN_TOUCH_INTERVAL = 60.0
-# How long a request waits for its token's last use to be recorded (in the group commit,
-# as Broker.touch does an agent's); past it the request goes on.
-TOKEN_TOUCH_WAIT = 0.5
+# How long a request waits for a best-effort record (its token's last use; its agent's
+# last-seen, Broker.touch) in the group commit; past it the record stays queued and the
+# request goes on.
+TOUCH_WAIT = 0.5
 
 
 def unauthorized(text):
@@ -193,6 +194,6 @@ class AccessPlugin:
         self._touched[token.id] = now
         runtime = self.runtime()
         try:
-            runtime.committer.run(runtime.store.touch_token_work(token.id, now), timeout=TOKEN_TOUCH_WAIT)
+            runtime.committer.run(runtime.store.touch_token_work(token.id, now), timeout=TOUCH_WAIT)
         except Exception as error:  # best effort: a busy or full disk never fails a request
             log.warning("could not record token %s as used: %s", token.id, error)

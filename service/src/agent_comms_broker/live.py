@@ -251,8 +251,10 @@ class GroupCommitter:
         result = AsyncResult()
         self._queue.append((kind, items, result, capped))
         self._ready.set()
-        if timeout is not None and not result.wait(timeout) and not result.ready():
-            raise StoreBusy(f"not committed within {timeout:g} s")
+        if timeout is not None:
+            result.wait(timeout)  # its value may be None: ready() tells
+            if not result.ready():
+                raise StoreBusy(f"not committed within {timeout:g} s")
         return result.get()
 
     def _run(self):

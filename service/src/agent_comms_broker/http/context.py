@@ -6,7 +6,7 @@ import time
 
 from bottle import HTTPError
 
-from ..access import caller, limit_key, too_many
+from ..access import TOUCH_WAIT, caller, limit_key, too_many
 from ..store import StoreBusy, StoreFull
 from .validate import header, look_alike, validate_agent_id
 
@@ -14,9 +14,6 @@ log = logging.getLogger("agent_comms_broker.http")
 
 # Reads naming an agent refresh its last-seen at most this often (per worker).
 TOUCH_INTERVAL = 1.0
-# How long a request waits for its agent's record; past it the record still goes in with
-# the group commit, and the request goes on.
-TOUCH_WAIT = 0.5
 # The agents that hold tokens are re-read at most this often (per worker).
 TOKEN_AGENTS_INTERVAL = 1.0
 

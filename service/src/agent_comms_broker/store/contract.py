@@ -221,12 +221,8 @@ class StoreContract(abc.ABC):
         """The agents that hold an active token."""
 
     @abc.abstractmethod
-    def touch_token(self, token_id, now=None, busy_deadline=0.5):
-        """Record a token's last use; best effort."""
-
-    @abc.abstractmethod
     def touch_token_work(self, token_id, now=None):
-        """touch_token as a work for write_batch."""
+        """A work for write_batch recording a token's last use; best effort."""
 
     # -- agents' public keys (agent_keys.py) ----------------------------------------------
 

@@ -499,10 +499,7 @@ class SQLStore(AgentKeys, Coordination, NotifyRecords, StoreContract):
         stamp = time.time() if now is None else now
         return {row[0] for row in self._read(lambda db: db.execute(self.sql.SELECT_TOKEN_AGENTS, (stamp,)).fetchall())}
 
-    def touch_token(self, token_id, now=None, busy_deadline=0.5):
-        """Record a token's last use; best effort, like touch_agent."""
-        self._write(self.touch_token_work(token_id, now), busy_deadline)
-
     def touch_token_work(self, token_id, now=None):
+        """Record a token's last use (best effort: the broker waits for it briefly)."""
         stamp = time.time() if now is None else now
         return lambda db: db.execute(self.sql.TOUCH_TOKEN, (stamp, token_id)).rowcount
